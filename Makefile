@@ -1,0 +1,26 @@
+# Each target sets itself up: a virtual environment with torch 2.13.0 (CPU wheel) and d9d built against it.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.d9d-installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,finetune]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info d9d/_C*.so
