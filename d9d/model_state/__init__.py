@@ -1,0 +1,1 @@
+"""Model state: declarative state-dict transforms (mappers) and checkpoint I/O."""

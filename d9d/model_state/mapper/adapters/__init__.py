@@ -1,0 +1,5 @@
+"""Builders of common mappers."""
+
+from d9d.model_state.mapper.adapters.module import identity_mapper_from_module
+
+__all__ = ["identity_mapper_from_module"]

@@ -1,0 +1,6 @@
+"""Leaf mappers: each does one transform."""
+
+from d9d.model_state.mapper.leaf.identity import ModelStateMapperIdentity
+from d9d.model_state.mapper.leaf.rename import ModelStateMapperRename
+
+__all__ = ["ModelStateMapperIdentity", "ModelStateMapperRename"]

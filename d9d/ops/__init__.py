@@ -1,0 +1,5 @@
+"""LoRA compute ops. ``lora_linear`` is what ``LoRALinear.forward`` calls; the merge ops fold adapters in place."""
+
+from d9d.ops.lora import lora_linear, lora_merge_, lora_unmerge_
+
+__all__ = ["lora_linear", "lora_merge_", "lora_unmerge_"]

@@ -1,0 +1,54 @@
+"""The LoRA wrapper of an ``nn.Linear``."""
+
+import math
+
+import torch
+from torch import nn
+
+from d9d.ops import lora_linear
+from d9d.peft.lora.config import LoRAParameters
+from d9d.peft.lora.merge import merge_lora_weight_
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + scale * B A dropout(x)`` around a frozen ``nn.Linear`` kept as ``base``.
+
+    ``lora_A`` (r x in) starts Kaiming-uniform and ``lora_B`` (out x r) at zero, so a fresh wrapper computes exactly
+    what the base layer computed. A bias stays in ``base``.
+    """
+
+    def __init__(self, base_layer: nn.Linear, params: LoRAParameters):
+        """Args:
+        base_layer: The layer to wrap; it becomes ``self.base`` (same object, same parameters).
+        params: Rank, scale, dropout and adapter dtype.
+        """
+        super().__init__()
+        self.base = base_layer
+        dtype = getattr(torch, params.dtype) if params.dtype else base_layer.weight.dtype
+        device = base_layer.weight.device
+        self.lora_A = nn.Parameter(torch.empty(params.r, base_layer.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.empty(base_layer.out_features, params.r, dtype=dtype, device=device))
+        self.r = params.r
+        self.scale = params.alpha / (math.sqrt(params.r) if params.use_rslora else params.r)
+        self.dropout = params.dropout
+        self.reset_lora_parameters()
+
+    @torch.no_grad()
+    def reset_lora_parameters(self) -> None:
+        """Kaiming-uniform ``lora_A``, zero ``lora_B`` (also used after a meta-device model is materialized)."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lora_linear(
+            x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scale, self.dropout, self.training
+        )
+
+    @torch.no_grad()
+    def merge_with_base_(self) -> nn.Linear:
+        """Folds ``scale * B A`` into ``base.weight`` in place (sharded weights stay sharded) and returns ``base``."""
+        merge_lora_weight_(self.base.weight, self.lora_A, self.lora_B, self.scale)
+        return self.base
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scale={self.scale:g}, dropout={self.dropout:g}"

@@ -1,0 +1,23 @@
+"""Finding and replacing submodules by qualified name."""
+
+import re
+
+from torch import nn
+
+
+def match_modules(module: nn.Module, pattern: re.Pattern, method_name: str) -> list[tuple[str, nn.Module]]:
+    """Submodules (not the root) whose qualified name ``fullmatch``-es ``pattern``, in definition order.
+
+    Raises:
+        ValueError: If nothing matches; the message names the method and pattern.
+    """
+    matched = [(name, m) for name, m in module.named_modules() if name and pattern.fullmatch(name)]
+    if not matched:
+        raise ValueError(f"{method_name}: module_name_pattern {pattern.pattern!r} matches no module of the model")
+    return matched
+
+
+def replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Puts ``new`` at qualified ``name`` under ``root``."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name), child, new)
