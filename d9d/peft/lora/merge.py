@@ -22,7 +22,8 @@ def merge_lora_weight_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch
     if any(not isinstance(p, Shard | Replicate) or (isinstance(p, Shard) and p.dim != 0) for p in weight.placements):
         raise ValueError(f"cannot merge LoRA into a weight placed as {weight.placements}; expected Shard(0)/Replicate")
     a_full = _full(lora_A)
-    if isinstance(lora_B, DTensor) and lora_B.placements == weight.placements and lora_B.device_mesh == weight.device_mesh:
+    same_layout = isinstance(lora_B, DTensor) and lora_B.device_mesh == weight.device_mesh
+    if same_layout and lora_B.placements == weight.placements:
         b_local = lora_B.to_local()
     else:
         # B is laid out differently from W: take W's rows of the full B (B is small: out x r).
