@@ -13,7 +13,7 @@ def match_modules(module: nn.Module, pattern: re.Pattern, method_name: str) -> l
     """
     matched = [(name, m) for name, m in module.named_modules() if name and pattern.fullmatch(name)]
     if not matched:
-        raise ValueError(f"{method_name}: module_name_pattern {pattern.pattern!r} matches no module of the model")
+        raise ValueError(f"{method_name}: module_name_pattern '{pattern.pattern}' matches no module of the model")
     return matched
 
 
