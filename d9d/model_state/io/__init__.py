@@ -1,0 +1,17 @@
+"""Checkpoint I/O in the Hugging Face safetensors layout, streamed through mappers, for sharded or plain models."""
+
+from d9d.model_state.io.layout import INDEX_FILE, SINGLE_FILE, TensorInfo, read_layout
+from d9d.model_state.io.load import load_model_state
+from d9d.model_state.io.model_keys import adapter_state_keys, checkpoint_mapper_for
+from d9d.model_state.io.save import save_model_state
+
+__all__ = [
+    "INDEX_FILE",
+    "SINGLE_FILE",
+    "TensorInfo",
+    "adapter_state_keys",
+    "checkpoint_mapper_for",
+    "load_model_state",
+    "read_layout",
+    "save_model_state",
+]

@@ -1,0 +1,162 @@
+"""Streaming a Hugging Face-layout checkpoint into a model (sharded or not) through a mapper."""
+
+import contextlib
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from tqdm import tqdm
+
+from d9d.model_state.io.layout import INDEX_FILE, SINGLE_FILE, TensorInfo, group_order_key, read_layout
+from d9d.model_state.io.model_keys import adapter_state_keys, alias_groups, model_state
+from d9d.model_state.mapper import ModelStateMapper, StateGroup
+from d9d.parallel.process_group import is_main_rank
+
+_MAX_LISTED = 10
+
+
+def load_model_state(
+    src_dir: str | Path,
+    mapper: ModelStateMapper,
+    device: torch.device | str,
+    model: nn.Module,
+    show_progress: bool = True,
+) -> None:
+    """Loads a checkpoint into ``model`` in place, streaming one mapper group at a time.
+
+    The whole plan is validated first, on every rank, from the file headers alone and before any tensor is read:
+    every key the mapper reads exists in the checkpoint; every checkpoint key is read; every key the mapper
+    produces is a key of ``model``'s state and every key of the model is produced (except PEFT adapter parameters,
+    which a pretrained checkpoint lacks and which keep their initialization, and tied weights, of which one name
+    suffices); and the mapper, dry-run on ``meta`` tensors of the header shapes, gives each key the model's full
+    (global) shape. Every rank reaches the same verdict without communicating, so a bad checkpoint fails
+    everywhere and nothing hangs.
+
+    Then each group reads only its input tensors (the files are memory-mapped and closed after each group, so a
+    rank's memory grows by about one group's tensors, never by a file or the model), applies the mapper and copies
+    the result into the model, cast to the model tensor's dtype. For a DTensor parameter (FSDP2), only this rank's
+    shard is copied, cut locally from the full tensor: loading communicates nothing and never materializes the
+    whole model. Call it on every rank with the same arguments.
+
+    Args:
+        src_dir: The checkpoint folder (``model.safetensors``, or shards plus ``model.safetensors.index.json``).
+        mapper: Maps checkpoint keys to ``model``'s state keys (see
+            :func:`d9d.model_state.io.checkpoint_mapper_for` for a PEFT-injected model).
+        device: Where the read tensors go before the mapper runs (``"cpu"``, or the GPU to run the mapper there).
+        model: The model to fill, with its parameters allocated (see ``d9d.parallel.materialize_model``).
+        show_progress: Show a progress bar on the main rank.
+
+    Raises:
+        FileNotFoundError: If the folder has no checkpoint or its index names a missing file.
+        ValueError: If the plan does not validate; the message names each offending key (and its file) or file.
+    """
+    src = Path(src_dir)
+    layout = read_layout(src)
+    targets = model_state(model)
+    groups = _validate_plan(src, layout, mapper, targets, adapter_state_keys(model))
+
+    def first_file(group: StateGroup) -> str:
+        return min(layout[k].file for k in group.inputs) if group.inputs else ""
+
+    groups.sort(key=lambda g: (first_file(g), group_order_key(g)))
+    progress = tqdm(groups, desc=f"loading {src.name}", unit="group", disable=not (show_progress and is_main_rank()))
+    for group in progress:
+        _load_group(src, layout, group, device, mapper, targets)
+
+
+@torch.no_grad()
+def _load_group(src: Path, layout: dict[str, TensorInfo], group: StateGroup, device: torch.device | str,
+                mapper: ModelStateMapper, targets: dict[str, torch.Tensor]) -> None:
+    # A function of its own so that every full tensor it touched is freed when it returns.
+    outputs = mapper.apply(_read_group(src, layout, group, device))
+    for key, value in outputs.items():
+        _copy_into(targets[key], value, key)
+
+
+def _read_group(src: Path, layout: dict[str, TensorInfo], group: StateGroup,
+                device: torch.device | str) -> dict[str, torch.Tensor]:
+    # Files are opened per group: safetensors memory-maps them, and the touched pages stay resident until the
+    # file is closed, so a file kept open for its whole walk would cost its full size in memory.
+    files = sorted({layout[k].file for k in group.inputs})
+    with contextlib.ExitStack() as stack:
+        try:
+            handles = {f: stack.enter_context(safe_open(src / f, framework="pt", device="cpu")) for f in files}
+            return {k: handles[layout[k].file].get_tensor(k).to(device) for k in group.inputs}
+        except SafetensorError as e:
+            raise ValueError(f"cannot read {sorted(group.inputs)} from {files} under {src}: {e}") from e
+
+
+def _copy_into(target: torch.Tensor, value: torch.Tensor, key: str) -> None:
+    if isinstance(target, DTensor):
+        local = target.to_local()
+        if isinstance(value, DTensor):  # the mapper distributed it already (ModelStateMapperDistribute)
+            if value.placements != target.placements or value.device_mesh != target.device_mesh:
+                raise ValueError(f"{key!r}: the mapper produced a DTensor placed as {value.placements}, the model "
+                                 f"holds it as {target.placements}")
+            local.copy_(value.to_local())
+        else:
+            local.copy_(_local_part(value, target))
+    else:
+        target.copy_(value.full_tensor() if isinstance(value, DTensor) else value)
+
+
+def _local_part(full: torch.Tensor, like: DTensor) -> torch.Tensor:
+    """This rank's part of ``full`` laid out as ``like``: a view, cut without communication."""
+    if all(type(p) in (Shard, Replicate) for p in like.placements):
+        local_shape, offset = compute_local_shape_and_global_offset(full.shape, like.device_mesh, like.placements)
+        part = full
+        for dim, (size, start) in enumerate(zip(local_shape, offset, strict=True)):
+            if size != full.shape[dim]:
+                part = part.narrow(dim, start, size)
+        return part
+    # Other placements (strided shards of FSDP2 + tensor parallel): let DTensor cut it, still locally.
+    return distribute_tensor(full.to(like.to_local().device), like.device_mesh, like.placements,
+                             src_data_rank=None).to_local()
+
+
+def _validate_plan(src: Path, layout: dict[str, TensorInfo], mapper: ModelStateMapper,
+                   targets: dict[str, torch.Tensor], optional: frozenset[str]) -> list[StateGroup]:
+    groups = list(mapper.state_dependency_groups())
+    where = src / (INDEX_FILE if (src / INDEX_FILE).is_file() else SINGLE_FILE)
+    problems: list[str] = []
+
+    needed = frozenset().union(*(g.inputs for g in groups))
+    missing = sorted(needed - layout.keys())
+    if missing:
+        problems.append(f"missing key(s) in checkpoint {where}: {_listed(missing)} (the mapper reads them)")
+    unexpected = sorted(layout.keys() - needed)
+    if unexpected:
+        named = [f"{k!r} (in {layout[k].file})" for k in unexpected[:_MAX_LISTED]]
+        problems.append(f"unexpected key(s) in checkpoint {src}: {', '.join(named)}"
+                        f"{' ...' if len(unexpected) > _MAX_LISTED else ''} (no mapper group reads them)")
+
+    produced = frozenset().union(*(g.outputs for g in groups))
+    unknown = sorted(produced - targets.keys())
+    if unknown:
+        problems.append(f"the mapper produces key(s) the model does not have: {_listed(unknown)}")
+    not_loaded = [aliases[0] for aliases in alias_groups(targets)
+                  if not produced.intersection(aliases) and not optional.issuperset(aliases)]
+    if not_loaded:
+        problems.append(f"model key(s) that no mapper group produces: {_listed(not_loaded)}")
+
+    if not missing:  # shapes: dry-run each group on meta tensors of the header shapes and dtypes
+        for group in sorted(groups, key=group_order_key):
+            produced_meta = mapper.apply({k: layout[k].meta() for k in group.inputs})
+            for key, value in sorted(produced_meta.items()):
+                target = targets.get(key)
+                if target is not None and tuple(value.shape) != tuple(target.shape):
+                    files = sorted({layout[k].file for k in group.inputs})
+                    problems.append(
+                        f"shape mismatch for {key!r}: the checkpoint gives {tuple(value.shape)} (from "
+                        f"{sorted(group.inputs)} in {', '.join(files)}), the model expects {tuple(target.shape)}"
+                    )
+    if problems:
+        raise ValueError(f"cannot load checkpoint {src}:\n  " + "\n  ".join(problems))
+    return groups
+
+
+def _listed(keys: list[str]) -> str:
+    return ", ".join(repr(k) for k in keys[:_MAX_LISTED]) + (" ..." if len(keys) > _MAX_LISTED else "")

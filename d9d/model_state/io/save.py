@@ -1,0 +1,166 @@
+"""Writing a model (sharded or not) as a Hugging Face-layout checkpoint, streaming and atomically."""
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch import nn
+from torch.distributed.tensor import DTensor
+from tqdm import tqdm
+
+from d9d.model_state.io.layout import INDEX_FILE, SINGLE_FILE, group_order_key, shard_file_name
+from d9d.model_state.io.model_keys import alias_groups, model_state
+from d9d.model_state.mapper import ModelStateMapper, StateGroup
+from d9d.model_state.mapper.leaf import ModelStateMapperIdentity
+
+
+@dataclasses.dataclass
+class _PlannedFile:
+    name: str
+    groups: list[StateGroup]
+    weight_bytes: int
+
+
+def save_model_state(
+    dest_dir: str | Path,
+    mapper: ModelStateMapper | None,
+    model: nn.Module,
+    shard_size_gb: float = 4.0,
+    show_progress: bool = True,
+) -> None:
+    """Writes ``model``'s state, through ``mapper``, as a Hugging Face checkpoint in ``dest_dir``.
+
+    Works in a single process, and called by every rank on a model with DTensor (FSDP2) parameters. Groups are
+    walked in one deterministic order (layers consecutive) and packed into files of at most ``shard_size_gb``
+    (a group is never split), named ``model-00001-of-00003.safetensors`` plus ``model.safetensors.index.json``, or a
+    single ``model.safetensors``. File ``i`` belongs to rank ``i % world_size``. For each group, every rank gathers
+    its DTensor inputs (``full_tensor()``, a collective) and applies the mapper; only the file's owner keeps the
+    result, and writes the file when its last group is done. So a rank holds its shards plus at most one file's
+    tensors and one group's gathered inputs: with a small ``shard_size_gb`` the export proceeds about one layer at
+    a time and no rank ever holds the model.
+
+    The export is atomic: files go to a temporary sibling folder ``.<name>.d9d-tmp``; after every rank finished,
+    rank 0 writes the index and renames the folder to ``dest_dir`` (replacing an existing one). A run killed
+    midway leaves no ``dest_dir`` that looks complete, and the next run removes its stale temporary folder.
+    ``dest_dir``'s parent must be one file system shared by all ranks. Write other files (config, tokenizer) into
+    ``dest_dir`` after this returns.
+
+    Args:
+        dest_dir: The checkpoint folder to create.
+        mapper: Maps ``model``'s state keys to the checkpoint's keys; ``None`` writes the state as it is (one name
+            per tied tensor).
+        model: The model; on every rank when it is sharded.
+        shard_size_gb: The largest file size, in GB (10^9 bytes).
+        show_progress: Show a progress bar on the main rank.
+
+    Raises:
+        ValueError: If ``mapper`` reads a key the model's state lacks (the message names it) or ``shard_size_gb`` is
+            not positive.
+    """
+    if shard_size_gb <= 0:
+        raise ValueError(f"shard_size_gb must be positive, got {shard_size_gb}")
+    state = model_state(model)
+    if mapper is None:
+        mapper = ModelStateMapperIdentity(aliases[0] for aliases in alias_groups(state))
+    missing = sorted(mapper.input_keys() - state.keys())
+    if missing:
+        raise ValueError(f"save_model_state: the mapper reads key(s) the model's state lacks: {missing[:10]}")
+    files = _plan_files(mapper, state, int(shard_size_gb * 1e9))
+
+    distributed = dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    dest = Path(dest_dir)
+    tmp = dest.parent / f".{dest.name}.d9d-tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier(distributed)
+
+    total_groups = sum(len(f.groups) for f in files)
+    progress = tqdm(total=total_groups, desc=f"saving {dest.name}", unit="group",
+                    disable=not (show_progress and rank == 0))
+    weight_map: dict[str, str] = {}
+    for i, planned in enumerate(files):
+        _write_file(planned, mapper, state, tmp, owner=i % world == rank, progress=progress)
+        weight_map.update((k, planned.name) for group in planned.groups for k in group.outputs)
+    progress.close()
+    _barrier(distributed)  # every file is written
+
+    if rank == 0:
+        if len(files) > 1:
+            index = {"metadata": {"total_size": sum(f.weight_bytes for f in files)},
+                     "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        _replace_dir(tmp, dest)
+    _barrier(distributed)  # nobody returns before dest exists
+
+
+@torch.no_grad()
+def _write_file(planned: _PlannedFile, mapper: ModelStateMapper, state: dict[str, torch.Tensor], folder: Path,
+                owner: bool, progress: tqdm) -> None:
+    """Walks the file's groups (gathering DTensors: every rank takes part); the owner keeps them and writes."""
+    kept: dict[str, torch.Tensor] = {}
+    for group in planned.groups:
+        _gather_group(group, mapper, state, kept if owner else None)
+        progress.update(1)
+    if owner:
+        save_file(kept, folder / planned.name, metadata={"format": "pt"})
+
+
+def _gather_group(group: StateGroup, mapper: ModelStateMapper, state: dict[str, torch.Tensor],
+                  kept: dict[str, torch.Tensor] | None) -> None:
+    # A function of its own so that the gathered tensors are freed on return unless ``kept`` holds them.
+    inputs = {k: _full(state[k]) for k in group.inputs}  # collective: same order on every rank
+    if kept is not None:
+        for key, value in mapper.apply(inputs).items():
+            kept[key] = _owned_cpu(_full(value), kept)
+
+
+def _plan_files(mapper: ModelStateMapper, state: dict[str, torch.Tensor], limit: int) -> list[_PlannedFile]:
+    """Packs groups, in order, into files of at most ``limit`` bytes, sized by dry-running on ``meta`` tensors."""
+    planned: list[tuple[list[StateGroup], int]] = [([], 0)]
+    for group in sorted(mapper.state_dependency_groups(), key=group_order_key):
+        meta = {k: torch.empty(state[k].shape, dtype=state[k].dtype, device="meta") for k in group.inputs}
+        size = sum(v.numel() * v.element_size() for v in mapper.apply(meta).values())
+        groups, used = planned[-1]
+        if groups and used + size > limit:
+            planned.append(([], 0))
+            groups, used = planned[-1]
+        groups.append(group)
+        planned[-1] = (groups, used + size)
+    count = len(planned)
+    return [_PlannedFile(name=SINGLE_FILE if count == 1 else shard_file_name(i, count), groups=g, weight_bytes=b)
+            for i, (g, b) in enumerate(planned)]
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _owned_cpu(t: torch.Tensor, kept: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``t`` on the CPU, contiguous, and sharing no storage with ``kept`` (safetensors refuses shared tensors)."""
+    t = t.detach().to("cpu").contiguous()
+    ptr = t.untyped_storage().data_ptr()
+    whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    if not whole or any(v.untyped_storage().data_ptr() == ptr for v in kept.values()):
+        t = t.clone()
+    return t
+
+
+def _barrier(distributed: bool) -> None:
+    if distributed:
+        dist.barrier()
+
+
+def _replace_dir(tmp: Path, dest: Path) -> None:
+    """Renames ``tmp`` to ``dest``; an existing ``dest`` is moved aside first and removed after."""
+    old = dest.parent / f".{dest.name}.d9d-old"
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,39 @@
+"""Process-group setup for scripts and tests launched by ``torchrun``."""
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+def init_distributed(timeout: timedelta = timedelta(minutes=10)) -> DeviceMesh:
+    """Initializes the default process group from ``torchrun``'s environment and returns a 1-D mesh over all ranks.
+
+    The backend follows the hardware: NCCL with one GPU per local rank when CUDA is available, gloo on the CPU.
+    Already-initialized process groups are reused. The timeout bounds every collective, so a rank that dies or
+    diverges makes the others fail instead of hanging forever (tests use a short one).
+
+    Args:
+        timeout: How long a collective may wait for the other ranks.
+
+    Raises:
+        RuntimeError: If the ``torchrun`` environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ...) is missing.
+    """
+    missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing and not dist.is_initialized():
+        raise RuntimeError(f"init_distributed needs the torchrun environment; missing variable(s) {missing}")
+    if torch.cuda.is_available():
+        device_type = "cuda"
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        device_type = "cpu"
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=timeout)
+    return init_device_mesh(device_type, (dist.get_world_size(),))
+
+
+def is_main_rank() -> bool:
+    """True on rank 0, and in a process that is not part of a process group."""
+    return not dist.is_initialized() or dist.get_rank() == 0

@@ -1,0 +1,162 @@
+"""Worker run by ``torchrun`` from ``test_distributed.py``: one process of a multi-rank scenario.
+
+Usage: ``worker.py WORKDIR SCENARIO [SCENARIO ...]``. Scenarios read inputs the test prepared under WORKDIR and
+write what the test compares under WORKDIR.
+"""
+
+import json
+import os
+import re
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.fsdp import MixedPrecisionPolicy
+
+sys.path.insert(0, str(Path(__file__).parent))  # tiny_llama next to this file
+
+from tiny_llama import Block, TinyLlama, TinyLlamaConfig
+
+import d9d.model_state.io.save as save_module
+from d9d.model_state.io import checkpoint_mapper_for, load_model_state, save_model_state
+from d9d.parallel import init_distributed, init_empty_parameters, materialize_model, shard_model
+from d9d.peft import inject_peft_and_freeze, merge_peft
+from d9d.peft.all import PeftStackConfig, peft_method_from_config
+from d9d.peft.full_tune import FullTuneConfig
+from d9d.peft.lora import LoRAConfig, LoRAParameters
+
+STEPS = 3
+GLOBAL_BATCH = 4
+SEQ = 12
+BAD_CASES = ("missing_key", "unexpected_key", "shape_mismatch", "truncated_file", "index_missing_file",
+             "unlisted_in_index")
+
+
+def peft_config(lora_dtype: str | None = None) -> PeftStackConfig:
+    return PeftStackConfig(methods=[
+        LoRAConfig(module_name_pattern=re.compile(r".*attention\..*_proj"),
+                   params=LoRAParameters(r=3, alpha=6, dropout=0.0, dtype=lora_dtype)),
+        FullTuneConfig(module_name_pattern=re.compile(r".*norm")),
+    ])
+
+
+def data(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1234)
+    train = torch.randint(0, vocab, (GLOBAL_BATCH, SEQ + 1), generator=g)
+    evaluation = torch.randint(0, vocab, (2, SEQ), generator=g)
+    return train, evaluation
+
+
+def build_sharded(ckpt: Path, dtype: torch.dtype = torch.float32, lora_dtype: str | None = None,
+                  mp_policy: MixedPrecisionPolicy | None = None):
+    """Meta init, inject, shard, materialize, load: nothing is ever materialized in full."""
+    torch.manual_seed(0)  # same adapter init on every rank and every world size
+    with init_empty_parameters():
+        model = TinyLlama(TinyLlamaConfig()).to(dtype)
+    method = peft_method_from_config(peft_config(lora_dtype))
+    injection = inject_peft_and_freeze(method, model)
+    shard_model(model, Block, mp_policy=mp_policy)
+    materialize_model(model, "cpu")
+    load_model_state(ckpt, checkpoint_mapper_for(model, injection), "cpu", model, show_progress=False)
+    return model, method
+
+
+def train(model: torch.nn.Module, steps: int = STEPS) -> list[float]:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tokens, _ = data(TinyLlamaConfig().vocab)
+    local = tokens.chunk(world)[rank]  # each rank its equal part of the same global batch
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        logits = model(local[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), local[:, 1:].flatten())
+        loss.backward()  # FSDP2 averages gradients over ranks: the global mean, as every part has equal size
+        opt.step()
+        opt.zero_grad()
+        reported = loss.detach().clone()
+        dist.all_reduce(reported)
+        losses.append(reported.item() / world)
+    return losses
+
+
+def scenario_train(work: Path, tag: str) -> None:
+    out = work / tag
+    model, method = build_sharded(work / "base")
+    losses = train(model)
+    _, evaluation = data(TinyLlamaConfig().vocab)
+    with torch.no_grad():
+        adapted = model(evaluation)
+    save_model_state(out / "trained", None, model, shard_size_gb=20e-6, show_progress=False)
+    merge_peft(method, model)
+    save_model_state(out / "export", None, model, shard_size_gb=30e-6, show_progress=False)
+    if dist.get_rank() == 0:
+        torch.save(adapted, out / "adapted_logits.pt")
+        (out / "losses.json").write_text(json.dumps(losses))
+
+
+def scenario_mixed_dtype(work: Path, tag: str) -> None:
+    """bfloat16 base, float32 adapters, bfloat16 norms trained by FullTune: with and without an mp policy."""
+    results = {}
+    for name, policy in (("none", None),
+                         ("bf16_compute", MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                               reduce_dtype=torch.float32))):
+        model, method = build_sharded(work / "base", dtype=torch.bfloat16, lora_dtype="float32", mp_policy=policy)
+        lora_a = model.layers[0].attention.q_proj.lora_A
+        norm = model.layers[0].attention_norm.weight
+        before = lora_a.full_tensor().clone()
+        losses = train(model, steps=2)
+        moved = (lora_a.full_tensor() - before).abs().max().item()
+        merge_peft(method, model)
+        results[name] = {"losses": losses, "lora_dtype": str(lora_a.dtype), "norm_dtype": str(norm.dtype),
+                         "adapter_moved": moved,
+                         "merged_dtype": str(model.layers[0].attention.q_proj.weight.dtype)}
+    if dist.get_rank() == 0:
+        (work / tag / "mixed_dtype.json").write_text(json.dumps(results))
+
+
+def scenario_bad(work: Path, tag: str) -> None:
+    errors = {}
+    for case in BAD_CASES:
+        try:
+            build_sharded(work / "bad" / case)
+            errors[case] = None
+        except (ValueError, FileNotFoundError) as e:
+            errors[case] = f"{type(e).__name__}: {e}"
+    dist.barrier()  # every rank got here: nobody hangs on a bad checkpoint
+    (work / tag / f"bad_errors_rank{dist.get_rank()}.json").write_text(json.dumps(errors))
+
+
+def scenario_export(work: Path, tag: str) -> None:
+    model, method = build_sharded(work / "base")
+    merge_peft(method, model)
+    if os.environ.get("D9D_TEST_KILL_RANK") == str(dist.get_rank()):
+        original = save_module.save_file
+
+        def save_then_die(*args, **kwargs):
+            original(*args, **kwargs)
+            os._exit(1)  # killed mid-export, after writing one file
+
+        save_module.save_file = save_then_die
+    save_model_state(work / tag / "export", None, model, shard_size_gb=20e-6, show_progress=False)
+
+
+SCENARIOS = {"train": scenario_train, "mixed_dtype": scenario_mixed_dtype, "bad": scenario_bad,
+             "export": scenario_export}
+
+
+def main() -> None:
+    work, tag, names = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    init_distributed(timeout=timedelta(seconds=60))
+    (work / tag).mkdir(parents=True, exist_ok=True)
+    try:
+        for name in names:
+            SCENARIOS[name](work, tag)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
