@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 from tqdm import tqdm
 
 from d9d.model_state.io.layout import INDEX_FILE, SINGLE_FILE, group_order_key, shard_file_name
@@ -85,7 +85,7 @@ def save_model_state(
                     disable=not (show_progress and rank == 0))
     weight_map: dict[str, str] = {}
     for i, planned in enumerate(files):
-        _write_file(planned, mapper, state, tmp, owner=i % world == rank, progress=progress)
+        _write_file(planned, mapper, state, tmp, owner=i % world, progress=progress)
         weight_map.update((k, planned.name) for group in planned.groups for k in group.outputs)
     progress.close()
     _barrier(distributed)  # every file is written
@@ -101,23 +101,57 @@ def save_model_state(
 
 @torch.no_grad()
 def _write_file(planned: _PlannedFile, mapper: ModelStateMapper, state: dict[str, torch.Tensor], folder: Path,
-                owner: bool, progress: tqdm) -> None:
-    """Walks the file's groups (gathering DTensors: every rank takes part); the owner keeps them and writes."""
+                owner: int, progress: tqdm) -> None:
+    """Walks the file's groups, gathering DTensors onto the file's owner (every rank takes part); the owner writes."""
+    is_owner = not dist.is_initialized() or dist.get_rank() == owner
     kept: dict[str, torch.Tensor] = {}
     for group in planned.groups:
-        _gather_group(group, mapper, state, kept if owner else None)
+        _gather_group(group, mapper, state, owner, kept if is_owner else None)
         progress.update(1)
-    if owner:
+    if is_owner:
         save_file(kept, folder / planned.name, metadata={"format": "pt"})
 
 
-def _gather_group(group: StateGroup, mapper: ModelStateMapper, state: dict[str, torch.Tensor],
+def _gather_group(group: StateGroup, mapper: ModelStateMapper, state: dict[str, torch.Tensor], owner: int,
                   kept: dict[str, torch.Tensor] | None) -> None:
     # A function of its own so that the gathered tensors are freed on return unless ``kept`` holds them.
-    inputs = {k: _full(state[k]) for k in group.inputs}  # collective: same order on every rank
+    inputs = {k: _gather_to_owner(state[k], owner) for k in sorted(group.inputs)}  # collective: same order everywhere
     if kept is not None:
         for key, value in mapper.apply(inputs).items():
             kept[key] = _owned_cpu(_full(value), kept)
+
+
+def _gather_to_owner(t: torch.Tensor, owner: int) -> torch.Tensor | None:
+    """The full tensor on rank ``owner`` (``None`` elsewhere): only the owner ever holds it.
+
+    Row-sharded DTensors on a 1-D mesh over all ranks (FSDP2's layout) are sent to the owner, which receives them
+    into one buffer; other layouts fall back to ``full_tensor()`` on every rank.
+    """
+    if not isinstance(t, DTensor):
+        return t
+    mesh = t.device_mesh
+    if mesh.ndim != 1 or tuple(t.placements) != (Shard(0),) or mesh.size() != dist.get_world_size():
+        full = t.full_tensor()
+        return full if dist.get_rank() == owner else None
+    world, rows = mesh.size(), t.shape[0]
+    per_rank = -(-rows // world)  # Shard(0) chunks like torch.chunk: every rank but the tail ones holds per_rank
+    local = t.to_local()
+    if local.shape[0] != per_rank:
+        padded = local.new_zeros((per_rank, *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        local = padded
+    local = local.contiguous()
+    # Point-to-point straight into the owner's buffer: gloo's ``gather`` would stage a second full copy.
+    if dist.get_rank() != owner:
+        dist.send(local, dst=owner)
+        return None
+    buffer = local.new_empty((per_rank * world, *local.shape[1:]))
+    for source, chunk in enumerate(buffer.chunk(world)):
+        if source == owner:
+            chunk.copy_(local)
+        else:
+            dist.recv(chunk, src=source)
+    return buffer[:rows]
 
 
 def _plan_files(mapper: ModelStateMapper, state: dict[str, torch.Tensor], limit: int) -> list[_PlannedFile]:
