@@ -1,0 +1,96 @@
+"""Command line: ``python -m d9d.finetune --config run.json`` (under ``torchrun`` for several processes)."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from d9d.finetune.config import FinetuneConfig
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m d9d.finetune",
+        description="Fine-tune a Hugging Face model with a d9d PEFT stack under FSDP2 (launch with torchrun for "
+        "several processes). Without --config the default demo run is used.",
+    )
+    p.add_argument("--config", type=Path, help="JSON file with a FinetuneConfig (unknown keys are rejected)")
+    p.add_argument("--work-dir", type=Path, help="override work_dir")
+    p.add_argument("--steps", type=int, help="override steps")
+    p.add_argument("--resume", action="store_true", help="override checkpoint.resume to true")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    return p
+
+
+def load_config(path: Path | None, overrides: dict) -> FinetuneConfig:
+    """The config from ``path`` (or the defaults) with top-level ``overrides`` applied, validated once.
+
+    Raises:
+        ValueError: If the file is missing or not JSON.
+        pydantic.ValidationError: If a key is unknown or a value is invalid (the error names it).
+    """
+    raw: dict = {}
+    if path is not None:
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {str(path)!r} is not valid JSON: {e}") from e
+        if not isinstance(raw, dict):
+            raise ValueError(f"config file {str(path)!r} must hold a JSON object, got {type(raw).__name__}")
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return FinetuneConfig.model_validate(raw)
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}): {err.error_count()} error(s)"]
+    for e in err.errors():
+        where = ".".join(str(part) for part in e["loc"]) or "<root>"
+        got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
+        lines.append(f"  {where}: {e['msg']}{got}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses arguments, validates the config and runs; returns the process exit status."""
+    args = _parser().parse_args(argv)
+    overrides: dict = {}
+    if args.work_dir is not None:
+        overrides["work_dir"] = str(args.work_dir)
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    if args.resume:
+        overrides["checkpoint.resume"] = True
+    source = str(args.config) if args.config else "defaults"
+    try:
+        cfg = load_config(args.config, overrides)
+    except ValidationError as e:
+        print(_format_validation_error(e, source), file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(cfg.model_dump_json(indent=2))
+        return 0
+    from d9d.finetune.run import run_finetune
+
+    try:
+        run_finetune(cfg)
+    except (ValueError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

@@ -1,0 +1,115 @@
+"""After training: the PEFT-format adapter, the merged Hugging Face checkpoint, and the check that both reproduce
+the adapted model."""
+
+import dataclasses
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from d9d.finetune.model import BuiltModel, ModelSource, auto_model_class
+from d9d.model_state.io import save_model_state
+from d9d.peft import merge_peft
+from d9d.peft.all import AnyPeftConfig, PeftStackConfig
+from d9d.peft.lora import LoRAConfig
+from d9d.peft.lora.peft_format import save_peft_adapter
+
+PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "masked_lm": None}
+
+
+def lora_configs(config: AnyPeftConfig) -> list[LoRAConfig]:
+    """Every LoRA config of a (possibly nested) stack, in order."""
+    if isinstance(config, LoRAConfig):
+        return [config]
+    if isinstance(config, PeftStackConfig):
+        return [c for sub in config.methods for c in lora_configs(sub)]
+    return []
+
+
+def export_peft(built: BuiltModel, source: ModelSource, peft_config: AnyPeftConfig, dest: Path) -> tuple[Path | None,
+                                                                                                         str]:
+    """Writes the LoRA part in PEFT's format (every rank calls it). Returns the folder (None if no LoRA) and a note.
+
+    Fully-tuned modules go into PEFT's ``modules_to_save`` when PEFT can express them; otherwise the adapter
+    holds LoRA only and the note says so (the merged export always holds everything).
+    """
+    configs = lora_configs(peft_config)
+    if not configs:
+        return None, "no LoRA in the PEFT config: no PEFT adapter written"
+    kwargs = {"lora_configs": configs, "base_model_name_or_path": str(source.path.resolve()),
+              "task_type": PEFT_TASK_TYPES[source.task]}
+    try:
+        return save_peft_adapter(built.model, dest, **kwargs), ""
+    except ValueError as e:
+        path = save_peft_adapter(built.model, dest, include_modules_to_save=False, **kwargs)
+        return path, f"PEFT adapter holds LoRA only; fully-tuned weights are in the merged export ({e})"
+
+
+@torch.no_grad()
+def model_logits(model: nn.Module, input_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Eval-mode logits (float32, CPU) of ``input_ids``; a collective on a sharded model."""
+    model.eval()
+    return model(input_ids=input_ids.to(device)).logits.float().cpu()
+
+
+def export_merged(built: BuiltModel, source: ModelSource, dest: Path, shard_size_gb: float, tokenizer,
+                  show_progress: bool) -> Path:
+    """Merges the adapters into the sharded weights and writes a Hugging Face checkpoint (every rank calls it).
+
+    The weights are written shard-wise by every rank (``save_model_state``); rank 0 then adds ``config.json`` and
+    the tokenizer files. After this the model has its original architecture; it no longer trains.
+    """
+    merge_peft(built.method, built.model)
+    save_model_state(dest, None, built.model, shard_size_gb=shard_size_gb, show_progress=show_progress)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        config = built.hf_config
+        config.architectures = [built.architecture]
+        if built.tied.ties:
+            config.tie_word_embeddings = False  # both copies are saved; they may differ after training
+        config.save_pretrained(dest)
+        tokenizer.save_pretrained(dest)
+    if dist.is_initialized():
+        dist.barrier()
+    return dest
+
+
+@dataclasses.dataclass(frozen=True)
+class Reproduction:
+    """How closely a reloaded export reproduces the adapted model's logits."""
+
+    what: str
+    max_abs_diff: float
+    max_rel_diff: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_rel_diff < 1e-4
+
+    def __str__(self) -> str:
+        verdict = "OK" if self.ok else "MISMATCH"
+        return f"{self.what}: max abs diff {self.max_abs_diff:.2e}, max rel diff {self.max_rel_diff:.2e} [{verdict}]"
+
+
+def _compare(what: str, got: torch.Tensor, expected: torch.Tensor) -> Reproduction:
+    diff = (got - expected).abs().max().item()
+    return Reproduction(what, diff, diff / max(expected.abs().max().item(), 1e-12))
+
+
+@torch.no_grad()
+def verify_exports(source: ModelSource, merged_dir: Path, adapter_dir: Path | None, dtype: torch.dtype,
+                   input_ids: torch.Tensor, expected: torch.Tensor) -> list[Reproduction]:
+    """Reloads the exports with plain ``transformers`` / ``peft`` in this process and compares their logits."""
+    cls = auto_model_class(source.task)
+    merged = cls.from_pretrained(merged_dir, dtype=dtype).eval()
+    results = [_compare(f"merged export ({cls.__name__}.from_pretrained)", merged(input_ids=input_ids).logits.float(),
+                        expected)]
+    del merged
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        base = cls.from_pretrained(source.path, dtype=dtype)
+        peft_model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+        results.append(_compare("PEFT adapter (PeftModel.from_pretrained)",
+                                peft_model(input_ids=input_ids).logits.float(), expected))
+    return results

@@ -1,0 +1,277 @@
+"""LoRA adapters in Hugging Face PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+A d9d LoRA layer at qualified name ``X`` (``X.lora_A`` is r x in, ``X.lora_B`` is out x r) is PEFT's
+``base_model.model.X.lora_A.weight`` / ``...lora_B.weight`` with the same shapes and the same scale
+(``lora_alpha / r``, or ``/ sqrt(r)`` with ``use_rslora``). Layers of one stack may differ in rank and scale:
+PEFT's ``rank_pattern`` / ``alpha_pattern`` carry the exceptions. Fully-tuned modules that PEFT can express go into
+``modules_to_save`` (PEFT stores their weights as ``base_model.model.<module>.<param>``).
+
+Both directions work on FSDP2-sharded models: export gathers the (small) adapters, import keeps each rank's shard.
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from d9d.peft.lora.config import LoRAConfig
+from d9d.peft.lora.layer import LoRALinear
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "load_peft_adapter", "peft_adapter_state", "save_peft_adapter"]
+
+
+def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach()
+
+
+def _modules_to_save(model: nn.Module, lora: dict[str, LoRALinear]) -> dict[str, nn.Module]:
+    """Modules whose parameters all train, outside LoRA layers: PEFT's ``modules_to_save``.
+
+    Raises:
+        ValueError: If a trainable non-adapter parameter cannot be expressed (it lives inside a LoRA layer, or its
+            module also holds frozen parameters); the message names it.
+    """
+    inside_lora = {id(p) for m in lora.values() for p in (m.lora_A, m.lora_B)}
+    chosen: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        direct = dict(module.named_parameters(recurse=False))
+        trainable = [n for n, p in direct.items() if p.requires_grad and id(p) not in inside_lora]
+        if not trainable:
+            continue
+        qualified = [f"{name}.{n}" if name else n for n in trainable]
+        if any(name == lname or name.startswith(lname + ".") for lname in lora):
+            raise ValueError(
+                f"trainable parameter(s) {qualified} live inside a LoRA layer; PEFT's format cannot save a LoRA "
+                "layer's base weights. Do not full-tune modules that LoRA wraps, or export without modules_to_save"
+            )
+        frozen = [n for n, p in direct.items() if not p.requires_grad]
+        if frozen or not name:
+            raise ValueError(
+                f"module {name or '<root>'!r} trains {trainable} but not {frozen}; PEFT's modules_to_save trains "
+                "whole modules"
+            )
+        chosen[name] = module
+    return chosen
+
+
+def peft_adapter_state(
+    model: nn.Module, include_modules_to_save: bool = True
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The adapter tensors under PEFT's keys (full tensors) and the ``modules_to_save`` names.
+
+    A collective on sharded models: every rank must call it; every rank gets the full (small) tensors.
+
+    Raises:
+        ValueError: If the model has no LoRA layer, or a trainable parameter cannot be expressed (see above).
+    """
+    lora = _lora_layers(model)
+    if not lora:
+        raise ValueError("the model has no LoRA layer to export")
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in lora.items():
+        state[f"{PREFIX}{name}.lora_A.weight"] = _full(layer.lora_A).cpu().contiguous()
+        state[f"{PREFIX}{name}.lora_B.weight"] = _full(layer.lora_B).cpu().contiguous()
+    saved = _modules_to_save(model, lora) if include_modules_to_save else {}
+    for name, module in saved.items():
+        for pname, param in module.named_parameters(recurse=False):
+            state[f"{PREFIX}{name}.{pname}"] = _full(param).cpu().contiguous()
+    return state, sorted(saved)
+
+
+def _lora_configs(configs: Iterable[LoRAConfig]) -> list[LoRAConfig]:
+    return [c for c in configs if isinstance(c, LoRAConfig)]
+
+
+def _use_rslora_of(name: str, configs: list[LoRAConfig]) -> bool:
+    matches = [c for c in configs if c.module_name_pattern.fullmatch(name)]
+    if len(matches) != 1:
+        raise ValueError(f"LoRA layer {name!r} is matched by {len(matches)} of the given LoRA configs; expected one")
+    return matches[0].params.use_rslora
+
+
+def _adapter_config(
+    lora: dict[str, LoRALinear],
+    lora_configs: list[LoRAConfig] | None,
+    modules_to_save: list[str],
+    base_model_name_or_path: str | None,
+    task_type: str | None,
+) -> dict:
+    rslora = {n: _use_rslora_of(n, lora_configs) if lora_configs else False for n in lora}
+    if len(set(rslora.values())) > 1:
+        raise ValueError("PEFT's format has one use_rslora for all layers; the stack mixes rsLoRA and plain LoRA")
+    use_rslora = next(iter(rslora.values()))
+    alpha = {n: m.scale * (math.sqrt(m.r) if use_rslora else m.r) for n, m in lora.items()}
+    alpha = {n: round(a, 6) if abs(a - round(a, 6)) < 1e-9 else a for n, a in alpha.items()}
+    ranks = {n: m.r for n, m in lora.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    lora_alpha = Counter(alpha.values()).most_common(1)[0][0]
+    dropout = Counter(m.dropout for m in lora.values()).most_common(1)[0][0]
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": dropout,
+        "use_rslora": use_rslora,
+        "target_modules": sorted(lora),
+        # PEFT matches pattern keys as regexes against module names: escape the names.
+        "rank_pattern": {re.escape(n): v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {re.escape(n): v for n, v in alpha.items() if v != lora_alpha},
+        "modules_to_save": modules_to_save or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_dora": False,
+        "revision": None,
+    }
+
+
+def save_peft_adapter(
+    model: nn.Module,
+    dest_dir: str | os.PathLike,
+    lora_configs: Iterable[LoRAConfig] | None = None,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+    include_modules_to_save: bool = True,
+) -> Path:
+    """Writes the model's LoRA adapters in PEFT's format, atomically (a temporary folder renamed when complete).
+
+    On a sharded model every rank must call it (the adapters are gathered); rank 0 writes.
+
+    Args:
+        model: A model with d9d ``LoRALinear`` layers (the model PEFT will wrap, so the names match).
+        dest_dir: The adapter folder (replaced if it exists).
+        lora_configs: The LoRA configs that were injected, to record ``use_rslora`` faithfully; ``None`` writes
+            ``use_rslora: false`` with ``lora_alpha = scale * r`` (the same scale).
+        base_model_name_or_path: Recorded for ``PeftModel.from_pretrained`` users.
+        task_type: PEFT's task type, e.g. ``"CAUSAL_LM"``; ``None`` for a plain ``PeftModel``.
+        include_modules_to_save: Save fully-tuned modules as PEFT ``modules_to_save``.
+
+    Returns:
+        ``dest_dir`` as a ``Path``.
+
+    Raises:
+        ValueError: If the model cannot be expressed in PEFT's format; the message names the layer or parameter.
+    """
+    from safetensors.torch import save_file
+
+    dest = Path(dest_dir)
+    state, modules_to_save = peft_adapter_state(model, include_modules_to_save)
+    lora = _lora_layers(model)
+    config = _adapter_config(
+        lora, _lora_configs(lora_configs) if lora_configs is not None else None, modules_to_save,
+        base_model_name_or_path, task_type,
+    )
+    names = [n for n, _ in model.named_modules()]
+    for target in modules_to_save:
+        clashes = [n for n in names if n.endswith(target) and n != target]
+        if clashes:
+            raise ValueError(f"modules_to_save entry {target!r} would also match {clashes[:3]} in PEFT (suffix match)")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    if dist.is_initialized():
+        dist.barrier()
+    return dest
+
+
+def _peft_scale(config: dict, name: str, r: int) -> float:
+    alpha = config.get("lora_alpha", 8)
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", name):
+            alpha = value
+            break
+    return alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+
+
+@torch.no_grad()
+def load_peft_adapter(model: nn.Module, src_dir: str | os.PathLike, check_scale: bool = True) -> None:
+    """Loads a PEFT-format LoRA adapter into a d9d LoRA-injected model (sharded or not), in place.
+
+    Every LoRA layer of the model must get both matrices from the file, and every tensor of the file must land
+    in the model, with the same shape. Call it on every rank of a sharded model (each keeps its shard).
+
+    Args:
+        model: The injected model; its LoRA layers must sit at the names the adapter was trained on.
+        src_dir: Folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
+        check_scale: Refuse adapters whose ``lora_alpha`` / ``r`` / ``use_rslora`` give a different scale than
+            the model's LoRA layers (the outputs would silently differ).
+
+    Raises:
+        ValueError: If the files are missing, the adapter is not plain LoRA, or keys, shapes or scales disagree;
+            the message names the file, key or layer.
+    """
+    from safetensors.torch import load_file
+
+    src = Path(src_dir)
+    config_path, weights_path = src / ADAPTER_CONFIG, src / ADAPTER_WEIGHTS
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise ValueError(f"PEFT adapter folder {str(src)!r} has no {path.name}")
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{config_path}: peft_type is {config.get('peft_type')!r}; only 'LORA' adapters load")
+    for key, plain in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none")):
+        if config.get(key, plain) != plain:
+            raise ValueError(f"{config_path}: {key}={config[key]!r} is not supported (expected {plain!r})")
+    state = load_file(str(weights_path))
+    lora = _lora_layers(model)
+    params = dict(model.named_parameters())
+    targets: dict[str, torch.Tensor] = {}
+    for name, layer in lora.items():
+        targets[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A
+        targets[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B
+    for module in config.get("modules_to_save") or []:
+        for pname, param in params.items():
+            if pname.startswith(module + "."):
+                targets[f"{PREFIX}{pname}"] = param
+    missing = sorted(targets.keys() - state.keys())
+    unexpected = sorted(state.keys() - targets.keys())
+    if missing:
+        raise ValueError(f"{weights_path}: missing key(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} for "
+                         f"the model's LoRA layers")
+    if unexpected:
+        raise ValueError(f"{weights_path}: unexpected key(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+                         " that match no LoRA layer or modules_to_save parameter of the model")
+    for key, param in targets.items():
+        if tuple(state[key].shape) != tuple(param.shape):
+            raise ValueError(f"{weights_path}: {key!r} has shape {tuple(state[key].shape)}, the model's parameter "
+                             f"has {tuple(param.shape)}")
+    if check_scale:
+        for name, layer in lora.items():
+            scale = _peft_scale(config, name, layer.r)
+            if not math.isclose(scale, layer.scale, rel_tol=1e-6):
+                raise ValueError(f"{config_path}: LoRA layer {name!r} has scale {scale:g} in the adapter but "
+                                 f"{layer.scale:g} in the model (check lora_alpha, r and use_rslora)")
+    for key, param in targets.items():
+        value = state[key].to(param.dtype)
+        if isinstance(param, DTensor):
+            shard = distribute_tensor(value.to(param.to_local().device), param.device_mesh, param.placements,
+                                      src_data_rank=None)
+            param.to_local().copy_(shard.to_local())
+        else:
+            param.copy_(value.to(param.device))

@@ -1,0 +1,57 @@
+"""Config validation and the CLI's error reporting: unknown keys and bad values are named, no traceback."""
+
+import pytest
+from pydantic import ValidationError
+
+from d9d.finetune import FinetuneConfig, load_config
+from tests.finetune.runner import finetune, write_config
+
+pytestmark = pytest.mark.local
+
+
+def test_defaults_are_valid_and_round_trip():
+    cfg = FinetuneConfig()
+    again = FinetuneConfig.model_validate_json(cfg.model_dump_json())
+    assert again == cfg
+    assert again.peft_config().methods[0].module_name_pattern.fullmatch("model.layers.0.self_attn.q_proj")
+
+
+@pytest.mark.parametrize(
+    ("config", "named"),
+    [
+        ({"stepz": 3}, "stepz"),
+        ({"optimizer": {"lr": -1}}, "optimizer.lr"),
+        ({"data": {"seq_len": 4}}, "data.seq_len"),
+        ({"model": {"kind": "generated_llama", "hidden_size": 130, "num_heads": 4}}, "num_heads"),
+        ({"peft": {"kind": "lora", "module_name_pattern": ".*", "params": {"r": 0, "alpha": 1}}}, "peft.lora.params.r"),
+        ({"peft": {"kind": "lorra"}}, "peft"),
+        ({"checkpoint": {"resume": "maybe"}}, "checkpoint.resume"),
+    ],
+)
+def test_bad_config_is_rejected_naming_the_field(config, named):
+    with pytest.raises(ValidationError) as info:
+        FinetuneConfig.model_validate(config)
+    assert named in str(info.value).replace("\n", " ").replace(" ", "") or named in str(info.value)
+
+
+def test_cli_reports_bad_config_cleanly(tmp_path):
+    bad = write_config(tmp_path / "bad.json", {"steps": 0, "optimiser": {"lr": 1e-3}})
+    proc = finetune(bad, nproc=None, expect_rc=2)
+    assert "Traceback" not in proc.stderr
+    assert "optimiser" in proc.stderr
+    assert "steps" in proc.stderr
+
+
+def test_cli_reports_missing_and_malformed_files(tmp_path):
+    proc = finetune(tmp_path / "nope.json", nproc=None, expect_rc=2)
+    assert "nope.json" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    (tmp_path / "broken.json").write_text("{not json")
+    proc = finetune(tmp_path / "broken.json", nproc=None, expect_rc=2)
+    assert "not valid JSON" in proc.stderr
+
+
+def test_overrides_apply_to_nested_fields(tmp_path):
+    cfg = load_config(write_config(tmp_path / "c.json", {"steps": 5}), {"checkpoint.resume": True, "steps": 7})
+    assert cfg.steps == 7
+    assert cfg.checkpoint.resume
