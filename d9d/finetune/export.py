@@ -11,33 +11,21 @@ from torch import nn
 from d9d.finetune.model import BuiltModel, ModelSource, auto_model_class
 from d9d.model_state.io import save_model_state
 from d9d.peft import merge_peft
-from d9d.peft.all import AnyPeftConfig, PeftStackConfig
-from d9d.peft.lora import LoRAConfig
+from d9d.peft.lora import LoRALinear
 from d9d.peft.lora.peft_format import save_peft_adapter
 
 PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "masked_lm": None}
 
 
-def lora_configs(config: AnyPeftConfig) -> list[LoRAConfig]:
-    """Every LoRA config of a (possibly nested) stack, in order."""
-    if isinstance(config, LoRAConfig):
-        return [config]
-    if isinstance(config, PeftStackConfig):
-        return [c for sub in config.methods for c in lora_configs(sub)]
-    return []
-
-
-def export_peft(built: BuiltModel, source: ModelSource, peft_config: AnyPeftConfig, dest: Path) -> tuple[Path | None,
-                                                                                                         str]:
+def export_peft(built: BuiltModel, source: ModelSource, dest: Path) -> tuple[Path | None, str]:
     """Writes the LoRA part in PEFT's format (every rank calls it). Returns the folder (None if no LoRA) and a note.
 
     Fully-tuned modules go into PEFT's ``modules_to_save`` when PEFT can express them; otherwise the adapter
     holds LoRA only and the note says so (the merged export always holds everything).
     """
-    configs = lora_configs(peft_config)
-    if not configs:
+    if not any(isinstance(m, LoRALinear) for m in built.model.modules()):
         return None, "no LoRA in the PEFT config: no PEFT adapter written"
-    kwargs = {"lora_configs": configs, "base_model_name_or_path": str(source.path.resolve()),
+    kwargs = {"base_model_name_or_path": str(source.path.resolve()),
               "task_type": PEFT_TASK_TYPES[source.task]}
     try:
         return save_peft_adapter(built.model, dest, **kwargs), ""

@@ -119,7 +119,7 @@ def run_finetune(cfg: FinetuneConfig) -> RunSummary:
                    f"{log.seconds:.1f}s, {log.tokens / max(log.seconds, 1e-9):,.0f} tok/s")
 
     notes: list[str] = []
-    adapter_dir, note = export_peft(built, source, cfg.peft_config(), cfg.peft_adapter_dir())
+    adapter_dir, note = export_peft(built, source, cfg.peft_adapter_dir())
     if note:
         notes.append(note)
         _say(main, f"[d9d] note: {note}")

@@ -1,7 +1,10 @@
-"""LoRA apply and merge (plain PyTorch for now; the fused extension replaces these bodies)."""
+"""LoRA apply and merge on the fused kernels of ``d9d._C`` (``torch.ops.d9d.*``)."""
 
 import torch
-import torch.nn.functional as F
+
+from d9d.ops._registration import draw_seed, no_seed
+
+__all__ = ["dropout_mask", "lora_linear", "lora_merge_", "lora_unmerge_"]
 
 
 def lora_linear(
@@ -14,19 +17,57 @@ def lora_linear(
     dropout: float,
     training: bool,
 ) -> torch.Tensor:
-    """``x W^T + b + scale * dropout(x) A^T B^T``; dropout is applied only when ``training``."""
-    base = F.linear(x, weight, bias)
-    xd = F.dropout(x, p=dropout, training=training) if dropout > 0 else x
-    return base + scale * F.linear(F.linear(xd.to(lora_A.dtype), lora_A), lora_B).to(base.dtype)
+    """``x W^T + b + scale * dropout(x) A^T B^T`` in one fused op; dropout is applied only when ``training``.
+
+    The LoRA term is accumulated into the base output (no ``N x out`` temporary), and with dropout the mask is
+    regenerated from a seed in the backward, so neither the mask nor the dropped-out ``x`` is kept for it.
+
+    Args:
+        x: Input of shape ``(..., in)``.
+        weight: Base weight ``(out, in)`` in ``x``'s dtype; meant to be frozen (its gradient, if asked for, is an
+            extra GEMM).
+        bias: Base bias ``(out,)`` in ``x``'s dtype, or ``None``.
+        lora_A: Down projection ``(r, in)``; cast to ``x``'s dtype here, so gradients reach float32 adapters.
+        lora_B: Up projection ``(out, r)``; cast like ``lora_A``.
+        scale: Multiplier of the LoRA term (``alpha / r`` or ``alpha / sqrt(r)``).
+        dropout: Dropout probability on the LoRA branch's input, in ``[0, 1)``.
+        training: Whether dropout is active.
+
+    Returns:
+        The output, of shape ``(..., out)``.
+    """
+    if lora_A.dtype != x.dtype:
+        lora_A = lora_A.to(x.dtype)
+    if lora_B.dtype != x.dtype:
+        lora_B = lora_B.to(x.dtype)
+    p = float(dropout) if training and dropout > 0 else 0.0
+    seed = draw_seed() if p > 0 else no_seed()
+    y, _ = torch.ops.d9d.lora_forward(x, weight, bias, lora_A, lora_B, float(scale), p, seed)
+    return y
 
 
 @torch.no_grad()
 def lora_merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> None:
-    """``W += scale * B A`` in place."""
-    weight.addmm_(lora_B.to(weight.dtype), lora_A.to(weight.dtype), alpha=scale)
+    """``W += scale * B A`` in place, accumulating the GEMM straight into ``W`` (no ``out x in`` temporary).
+
+    Args:
+        weight: Base weight ``(out, in)``, modified in place.
+        lora_A: Down projection ``(r, in)``, any floating dtype (cast to ``weight``'s).
+        lora_B: Up projection ``(out, r)``, any floating dtype (cast to ``weight``'s).
+        scale: Multiplier of the LoRA term.
+    """
+    torch.ops.d9d.lora_merge_(weight, lora_A, lora_B, float(scale))
 
 
 @torch.no_grad()
 def lora_unmerge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> None:
-    """``W -= scale * B A`` in place (the inverse of :func:`lora_merge_`)."""
-    weight.addmm_(lora_B.to(weight.dtype), lora_A.to(weight.dtype), alpha=-scale)
+    """``W -= scale * B A`` in place (the inverse of :func:`lora_merge_`); arguments as there."""
+    torch.ops.d9d.lora_unmerge_(weight, lora_A, lora_B, float(scale))
+
+
+def dropout_mask(x: torch.Tensor, dropout: float, seed: torch.Tensor) -> torch.Tensor:
+    """The keep mask (bool, ``x``'s shape) that the fused ops draw for ``seed``; for tests and debugging.
+
+    Element ``(row, col)`` of ``x`` viewed as ``(N, in)`` depends only on ``(seed, row, col)``.
+    """
+    return torch.ops.d9d.dropout_mask(x, float(dropout), seed)

@@ -54,7 +54,7 @@ def test_d9d_adapter_loads_in_peft_with_identical_outputs(tmp_path, with_norms, 
     model = _tiny_llama()
     inject_peft_and_freeze(peft_method_from_config(cfg), model)
     _perturb(model)
-    save_peft_adapter(model, tmp_path / "adapter", lora_configs=cfg.methods, base_model_name_or_path="tiny",
+    save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path="tiny",
                       task_type="CAUSAL_LM")
     written = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())
     assert written["peft_type"] == "LORA"
@@ -91,7 +91,7 @@ def test_import_rejects_mismatches_naming_them(tmp_path):
     model = _tiny_llama()
     cfg = LoRAConfig(module_name_pattern=re.compile(r".*\.q_proj"), params=LoRAParameters(r=4, alpha=8))
     inject_peft_and_freeze(peft_method_from_config(cfg), model)
-    save_peft_adapter(model, tmp_path / "ok", lora_configs=[cfg])
+    save_peft_adapter(model, tmp_path / "ok")
 
     other = _tiny_llama()
     inject_peft_and_freeze(peft_method_from_config(

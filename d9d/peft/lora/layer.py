@@ -29,6 +29,8 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(params.r, base_layer.in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.empty(base_layer.out_features, params.r, dtype=dtype, device=device))
         self.r = params.r
+        self.alpha = params.alpha
+        self.use_rslora = params.use_rslora
         self.scale = params.alpha / (math.sqrt(params.r) if params.use_rslora else params.r)
         self.dropout = params.dropout
         self.reset_lora_parameters()

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 from collections import Counter
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -23,7 +22,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from d9d.peft.lora.config import LoRAConfig
 from d9d.peft.lora.layer import LoRALinear
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -95,30 +93,17 @@ def peft_adapter_state(
     return state, sorted(saved)
 
 
-def _lora_configs(configs: Iterable[LoRAConfig]) -> list[LoRAConfig]:
-    return [c for c in configs if isinstance(c, LoRAConfig)]
-
-
-def _use_rslora_of(name: str, configs: list[LoRAConfig]) -> bool:
-    matches = [c for c in configs if c.module_name_pattern.fullmatch(name)]
-    if len(matches) != 1:
-        raise ValueError(f"LoRA layer {name!r} is matched by {len(matches)} of the given LoRA configs; expected one")
-    return matches[0].params.use_rslora
-
-
 def _adapter_config(
     lora: dict[str, LoRALinear],
-    lora_configs: list[LoRAConfig] | None,
     modules_to_save: list[str],
     base_model_name_or_path: str | None,
     task_type: str | None,
 ) -> dict:
-    rslora = {n: _use_rslora_of(n, lora_configs) if lora_configs else False for n in lora}
-    if len(set(rslora.values())) > 1:
+    rslora = {m.use_rslora for m in lora.values()}
+    if len(rslora) > 1:
         raise ValueError("PEFT's format has one use_rslora for all layers; the stack mixes rsLoRA and plain LoRA")
-    use_rslora = next(iter(rslora.values()))
-    alpha = {n: m.scale * (math.sqrt(m.r) if use_rslora else m.r) for n, m in lora.items()}
-    alpha = {n: round(a, 6) if abs(a - round(a, 6)) < 1e-9 else a for n, a in alpha.items()}
+    use_rslora = rslora.pop()
+    alpha = {n: m.alpha for n, m in lora.items()}
     ranks = {n: m.r for n, m in lora.items()}
     r = Counter(ranks.values()).most_common(1)[0][0]
     lora_alpha = Counter(alpha.values()).most_common(1)[0][0]
@@ -148,7 +133,6 @@ def _adapter_config(
 def save_peft_adapter(
     model: nn.Module,
     dest_dir: str | os.PathLike,
-    lora_configs: Iterable[LoRAConfig] | None = None,
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
     include_modules_to_save: bool = True,
@@ -160,8 +144,6 @@ def save_peft_adapter(
     Args:
         model: A model with d9d ``LoRALinear`` layers (the model PEFT will wrap, so the names match).
         dest_dir: The adapter folder (replaced if it exists).
-        lora_configs: The LoRA configs that were injected, to record ``use_rslora`` faithfully; ``None`` writes
-            ``use_rslora: false`` with ``lora_alpha = scale * r`` (the same scale).
         base_model_name_or_path: Recorded for ``PeftModel.from_pretrained`` users.
         task_type: PEFT's task type, e.g. ``"CAUSAL_LM"``; ``None`` for a plain ``PeftModel``.
         include_modules_to_save: Save fully-tuned modules as PEFT ``modules_to_save``.
@@ -177,10 +159,7 @@ def save_peft_adapter(
     dest = Path(dest_dir)
     state, modules_to_save = peft_adapter_state(model, include_modules_to_save)
     lora = _lora_layers(model)
-    config = _adapter_config(
-        lora, _lora_configs(lora_configs) if lora_configs is not None else None, modules_to_save,
-        base_model_name_or_path, task_type,
-    )
+    config = _adapter_config(lora, modules_to_save, base_model_name_or_path, task_type)
     names = [n for n, _ in model.named_modules()]
     for target in modules_to_save:
         clashes = [n for n in names if n.endswith(target) and n != target]
