@@ -52,10 +52,19 @@ def prepare_model_source(cfg: FinetuneConfig) -> ModelSource:
         return ModelSource(source.path, source.tokenizer_path or source.path, source.task)
     path = cfg.work_dir / "base_model"
     prepare = _generate_llama if isinstance(source, GeneratedLlamaSource) else _prepare_minilm
+    error = None
     if not dist.is_initialized() or dist.get_rank() == 0:
-        prepare(source, path)
+        try:
+            prepare(source, path)
+        except Exception as e:  # every rank must learn of it, or the others would wait out the timeout
+            if not dist.is_initialized():
+                raise
+            error = f"{type(e).__name__}: {e}"
     if dist.is_initialized():
-        dist.barrier()
+        status = [error]
+        dist.broadcast_object_list(status, src=0)
+        if status[0] is not None:
+            raise RuntimeError(f"rank 0 failed to prepare the base model in {path}: {status[0]}")
     return ModelSource(path, path, "causal_lm" if isinstance(source, GeneratedLlamaSource) else "masked_lm")
 
 
