@@ -5,8 +5,9 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
+from d9d.dtensor import is_meta, local_part
 from d9d.peft.lora import LoRALinear
 
 
@@ -61,9 +62,13 @@ def materialize_model(model: nn.Module, device: torch.device | str, allow_uninit
             them, so they would hold garbage); by default they are an error.
 
     Raises:
-        ValueError: If a non-persistent buffer is on ``meta`` and ``allow_uninitialized_buffers`` is False; the
-            message names it.
+        ValueError: If a parameter is not on ``meta`` (``to_empty`` would wipe its values), or a non-persistent
+            buffer is on ``meta`` and ``allow_uninitialized_buffers`` is False; the message names it.
     """
+    real_params = [name for name, p in model.named_parameters() if not is_meta(p)]
+    if real_params:
+        raise ValueError(f"parameter(s) {real_params[:5]} are not on the meta device; materialize_model would "
+                         "overwrite them with uninitialized memory (build the model under init_empty_parameters())")
     real_buffers: dict[str, torch.Tensor] = {}
     garbage: list[str] = []
     for module_name, module in model.named_modules():
@@ -101,5 +106,4 @@ def _reset_lora_unsharded(layer: LoRALinear) -> None:
     finally:
         layer._parameters.update(sharded)
     for n, p in sharded.items():
-        shard = distribute_tensor(full[n].detach(), p.device_mesh, p.placements, src_data_rank=None)
-        p.to_local().copy_(shard.to_local())
+        p.to_local().copy_(local_part(full[n].detach(), p))

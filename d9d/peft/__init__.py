@@ -1,7 +1,7 @@
 """Parameter-efficient fine-tuning: the method interface and the inject / merge entry points."""
 
 from d9d.peft.applicator import inject_peft_and_freeze, merge_peft
-from d9d.peft.base import PeftInjectionResult, PeftMethod, PeftPlan
+from d9d.peft.base import PeftInjectionResult, PeftMethod, PeftPlan, PlannedPeftMethod
 from d9d.peft.summary import ParameterCount, count_parameters
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "PeftInjectionResult",
     "PeftMethod",
     "PeftPlan",
+    "PlannedPeftMethod",
     "count_parameters",
     "inject_peft_and_freeze",
     "merge_peft",

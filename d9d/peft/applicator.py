@@ -1,6 +1,7 @@
 """The public entry points: inject a method and freeze the rest; merge it back."""
 
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from d9d.model_state.mapper import ModelStateMapper
 from d9d.model_state.mapper.compose import ModelStateMapperParallel
@@ -31,4 +32,9 @@ def merge_peft(method: PeftMethod, module: nn.Module) -> None:
 
     Works on FSDP2-sharded weights without gathering them. A second call raises ``RuntimeError``.
     """
+    # Parameters FSDP2 still holds gathered (``reshard_after_forward=False``) are temporary copies: a merge into
+    # them would be lost on the next reshard, so put every module back on its sharded parameters first.
+    for submodule in module.modules():
+        if isinstance(submodule, FSDPModule):
+            submodule.reshard()
     method.merge(module)

@@ -49,27 +49,24 @@ class PeftPlan:
 
 
 class PeftMethod(abc.ABC, Generic[TConfig]):
-    """A parameter-efficient fine-tuning method: plans, injects into and merges out of a module.
+    """A parameter-efficient fine-tuning method: injects into and merges out of a module.
 
     A method instance is bound to the one module it injected into: it records what it changed, and ``merge``
     undoes exactly that.
+
+    Two optional hooks let a stack validate all of its methods before any of them changes the model:
+    :meth:`plan` (resolve and validate on the untouched module) with :meth:`apply_plan` (carry it out), and
+    :meth:`check_merge`. A method that implements only ``inject`` / ``merge`` / ``from_config`` still works in a
+    stack; it is then validated only when its turn comes.
     """
 
     @abc.abstractmethod
-    def plan(self, module: nn.Module) -> PeftPlan:
-        """Resolves and validates what ``inject`` would do, without changing ``module``.
+    def inject(self, module: nn.Module) -> PeftInjectionResult:
+        """Modifies ``module`` in place (for example wraps layers) and says what to train and how to load.
 
         Raises:
-            ValueError: If the method's request cannot be carried out on ``module``; the message names why.
+            ValueError: If the request cannot be carried out on ``module``; nothing is changed then.
         """
-
-    @abc.abstractmethod
-    def apply_plan(self, module: nn.Module, plan: PeftPlan) -> PeftInjectionResult:
-        """Carries out a plan made by :meth:`plan` on the same module."""
-
-    def inject(self, module: nn.Module) -> PeftInjectionResult:
-        """Validates, then modifies ``module`` in place (for example wraps layers)."""
-        return self.apply_plan(module, self.plan(module))
 
     @abc.abstractmethod
     def merge(self, module: nn.Module) -> None:
@@ -83,3 +80,27 @@ class PeftMethod(abc.ABC, Generic[TConfig]):
     @abc.abstractmethod
     def from_config(cls, config: TConfig) -> Self:
         """Builds the method from its pydantic config."""
+
+    def plan(self, module: nn.Module) -> PeftPlan:
+        """Resolves and validates what ``inject`` would do, without changing ``module`` (default: nothing known)."""
+        return PeftPlan(method_name=type(self).__name__)
+
+    def apply_plan(self, module: nn.Module, plan: PeftPlan) -> PeftInjectionResult:
+        """Carries out a plan made by :meth:`plan` on the same module (default: :meth:`inject`)."""
+        return self.inject(module)
+
+    def check_merge(self, module: nn.Module) -> None:
+        """Raises what :meth:`merge` would raise, without changing ``module`` (default: no check)."""
+
+
+class PlannedPeftMethod(PeftMethod[TConfig]):
+    """A method whose injection is a :meth:`plan` followed by :meth:`apply_plan`; both must be implemented."""
+
+    @abc.abstractmethod
+    def plan(self, module: nn.Module) -> PeftPlan: ...
+
+    @abc.abstractmethod
+    def apply_plan(self, module: nn.Module, plan: PeftPlan) -> PeftInjectionResult: ...
+
+    def inject(self, module: nn.Module) -> PeftInjectionResult:
+        return self.apply_plan(module, self.plan(module))

@@ -6,10 +6,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
+from d9d.dtensor import full_tensor, is_meta, local_part
 from d9d.model_state.io.layout import INDEX_FILE, SINGLE_FILE, TensorInfo, group_order_key, read_layout
 from d9d.model_state.io.model_keys import adapter_state_keys, alias_groups, model_state
 from d9d.model_state.mapper import ModelStateMapper, StateGroup
@@ -98,23 +98,9 @@ def _copy_into(target: torch.Tensor, value: torch.Tensor, key: str) -> None:
                                  f"holds it as {target.placements}")
             local.copy_(value.to_local())
         else:
-            local.copy_(_local_part(value, target))
+            local.copy_(local_part(value, target))
     else:
-        target.copy_(value.full_tensor() if isinstance(value, DTensor) else value)
-
-
-def _local_part(full: torch.Tensor, like: DTensor) -> torch.Tensor:
-    """This rank's part of ``full`` laid out as ``like``: a view, cut without communication."""
-    if all(type(p) in (Shard, Replicate) for p in like.placements):
-        local_shape, offset = compute_local_shape_and_global_offset(full.shape, like.device_mesh, like.placements)
-        part = full
-        for dim, (size, start) in enumerate(zip(local_shape, offset, strict=True)):
-            if size != full.shape[dim]:
-                part = part.narrow(dim, start, size)
-        return part
-    # Other placements (strided shards of FSDP2 + tensor parallel): let DTensor cut it, still locally.
-    return distribute_tensor(full.to(like.to_local().device), like.device_mesh, like.placements,
-                             src_data_rank=None).to_local()
+        target.copy_(full_tensor(value))
 
 
 def _validate_plan(src: Path, layout: dict[str, TensorInfo], mapper: ModelStateMapper,
@@ -141,6 +127,10 @@ def _validate_plan(src: Path, layout: dict[str, TensorInfo], mapper: ModelStateM
                   if not produced.intersection(aliases) and not optional.issuperset(aliases)]
     if not_loaded:
         problems.append(f"model key(s) that no mapper group produces: {_listed(not_loaded)}")
+    on_meta = sorted(k for k in produced & targets.keys() if is_meta(targets[k]))
+    if on_meta:
+        problems.append(f"model tensor(s) still on the meta device (a copy into them would be lost): "
+                        f"{_listed(on_meta)}; call d9d.parallel.materialize_model first")
 
     if not missing:  # shapes: dry-run each group on meta tensors of the header shapes and dtypes
         for group in sorted(groups, key=group_order_key):

@@ -12,6 +12,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 from tqdm import tqdm
 
+from d9d.dtensor import full_tensor
 from d9d.model_state.io.layout import INDEX_FILE, SINGLE_FILE, group_order_key, shard_file_name
 from d9d.model_state.io.model_keys import alias_groups, model_state
 from d9d.model_state.mapper import ModelStateMapper, StateGroup
@@ -37,9 +38,9 @@ def save_model_state(
     Works in a single process, and called by every rank on a model with DTensor (FSDP2) parameters. Groups are
     walked in one deterministic order (layers consecutive) and packed into files of at most ``shard_size_gb``
     (a group is never split), named ``model-00001-of-00003.safetensors`` plus ``model.safetensors.index.json``, or a
-    single ``model.safetensors``. File ``i`` belongs to rank ``i % world_size``. For each group, every rank gathers
-    its DTensor inputs (``full_tensor()``, a collective) and applies the mapper; only the file's owner keeps the
-    result, and writes the file when its last group is done. So a rank holds its shards plus at most one file's
+    single ``model.safetensors``. File ``i`` belongs to rank ``i % world_size``. For each group, the DTensor inputs
+    are gathered onto the file's owner only (every rank takes part), which applies the mapper, keeps the result
+    and writes the file when its last group is done. So a rank holds its shards plus at most one file's
     tensors and one group's gathered inputs: with a small ``shard_size_gb`` the export proceeds about one layer at
     a time and no rank ever holds the model.
 
@@ -118,7 +119,7 @@ def _gather_group(group: StateGroup, mapper: ModelStateMapper, state: dict[str, 
     inputs = {k: _gather_to_owner(state[k], owner) for k in sorted(group.inputs)}  # collective: same order everywhere
     if kept is not None:
         for key, value in mapper.apply(inputs).items():
-            kept[key] = _owned_cpu(_full(value), kept)
+            kept[key] = _owned_cpu(full_tensor(value), kept)
 
 
 def _gather_to_owner(t: torch.Tensor, owner: int) -> torch.Tensor | None:
@@ -130,7 +131,8 @@ def _gather_to_owner(t: torch.Tensor, owner: int) -> torch.Tensor | None:
     if not isinstance(t, DTensor):
         return t
     mesh = t.device_mesh
-    if mesh.ndim != 1 or tuple(t.placements) != (Shard(0),) or mesh.size() != dist.get_world_size():
+    # The fast path addresses ranks by their place in the mesh: only when that is their global rank.
+    if tuple(t.placements) != (Shard(0),) or mesh.mesh.tolist() != list(range(dist.get_world_size())):
         full = t.full_tensor()
         return full if dist.get_rank() == owner else None
     world, rows = mesh.size(), t.shape[0]
@@ -169,10 +171,6 @@ def _plan_files(mapper: ModelStateMapper, state: dict[str, torch.Tensor], limit:
     count = len(planned)
     return [_PlannedFile(name=SINGLE_FILE if count == 1 else shard_file_name(i, count), groups=g, weight_bytes=b)
             for i, (g, b) in enumerate(planned)]
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _owned_cpu(t: torch.Tensor, kept: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,5 +1,23 @@
 """Declarative state-dict transforms: interface, leaves, compositions and builders."""
 
 from d9d.model_state.mapper.abc import ModelStateMapper, StateGroup
+from d9d.model_state.mapper.adapters import identity_mapper_from_module
+from d9d.model_state.mapper.compose import ModelStateMapperParallel, ModelStateMapperSequential
+from d9d.model_state.mapper.leaf import (
+    ModelStateMapperDistribute,
+    ModelStateMapperGatherFullTensor,
+    ModelStateMapperIdentity,
+    ModelStateMapperRename,
+)
 
-__all__ = ["ModelStateMapper", "StateGroup"]
+__all__ = [
+    "ModelStateMapper",
+    "ModelStateMapperDistribute",
+    "ModelStateMapperGatherFullTensor",
+    "ModelStateMapperIdentity",
+    "ModelStateMapperParallel",
+    "ModelStateMapperRename",
+    "ModelStateMapperSequential",
+    "StateGroup",
+    "identity_mapper_from_module",
+]

@@ -6,12 +6,12 @@ from torch import nn
 from typing_extensions import Self
 
 from d9d.peft.all.config import AnyPeftConfig, PeftStackConfig
-from d9d.peft.base import PeftInjectionResult, PeftMethod, PeftPlan
+from d9d.peft.base import PeftInjectionResult, PeftMethod, PeftPlan, PlannedPeftMethod
 from d9d.peft.full_tune import FullTune, FullTuneConfig
 from d9d.peft.lora import LoRA, LoRAConfig
 
 
-class PeftStack(PeftMethod[PeftStackConfig]):
+class PeftStack(PlannedPeftMethod[PeftStackConfig]):
     """Applies several methods: plans them all on the untouched model, injects in order, merges in reverse order.
 
     Two methods of one stack may not wrap the same module. A FullTune that matches a layer another method wraps
@@ -61,7 +61,12 @@ class PeftStack(PeftMethod[PeftStackConfig]):
             mappers += result.load_state_mappers
         return PeftInjectionResult(parameters_to_train=list(trainable.values()), load_state_mappers=mappers)
 
+    def check_merge(self, module: nn.Module) -> None:
+        for method in self.methods:
+            method.check_merge(module)
+
     def merge(self, module: nn.Module) -> None:
+        self.check_merge(module)  # all parts first, so a refused merge leaves every part as it was
         for method in reversed(self.methods):
             method.merge(module)
 

@@ -1,9 +1,10 @@
 """Full-tune configuration."""
 
-import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
+
+from d9d.peft.module_match import ModuleNamePattern
 
 
 class FullTuneConfig(BaseModel):
@@ -12,4 +13,4 @@ class FullTuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["full_tune"] = "full_tune"
-    module_name_pattern: re.Pattern
+    module_name_pattern: ModuleNamePattern

@@ -3,12 +3,12 @@
 from torch import nn
 from typing_extensions import Self
 
-from d9d.peft.base import PeftInjectionResult, PeftMethod, PeftPlan
+from d9d.peft.base import PeftInjectionResult, PeftPlan, PlannedPeftMethod
 from d9d.peft.full_tune.config import FullTuneConfig
 from d9d.peft.module_match import match_modules
 
 
-class FullTune(PeftMethod[FullTuneConfig]):
+class FullTune(PlannedPeftMethod[FullTuneConfig]):
     """Marks every parameter of the matching modules trainable; the architecture is unchanged.
 
     Parameters are chosen by identity on the original model, so when another method of the stack wraps a matched
@@ -44,9 +44,12 @@ class FullTune(PeftMethod[FullTuneConfig]):
         self._injected = True
         return PeftInjectionResult(parameters_to_train=list(plan.trains), load_state_mappers=[])
 
-    def merge(self, module: nn.Module) -> None:
+    def check_merge(self, module: nn.Module) -> None:
         if not self._injected:
             raise RuntimeError(f"{self.name} cannot merge: it was never injected")
         if self._merged:
             raise RuntimeError(f"{self.name} was already merged")
+
+    def merge(self, module: nn.Module) -> None:
+        self.check_merge(module)
         self._merged = True  # the trained weights already live in the original modules

@@ -1,9 +1,10 @@
 """LoRA configuration."""
 
-import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from d9d.peft.module_match import ModuleNamePattern
 
 
 class LoRAParameters(BaseModel):
@@ -33,5 +34,5 @@ class LoRAConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["lora"] = "lora"
-    module_name_pattern: re.Pattern
+    module_name_pattern: ModuleNamePattern
     params: LoRAParameters

@@ -3,6 +3,7 @@
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from d9d.dtensor import full_tensor, local_part
 from d9d.ops import lora_merge_
 
 
@@ -17,21 +18,14 @@ def merge_lora_weight_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch
         ValueError: If ``weight`` is a DTensor placed in a way this local computation does not cover.
     """
     if not isinstance(weight, DTensor):
-        lora_merge_(weight, _full(lora_A), _full(lora_B), scale)
+        lora_merge_(weight, full_tensor(lora_A), full_tensor(lora_B), scale)
         return
     if any(not isinstance(p, Shard | Replicate) or (isinstance(p, Shard) and p.dim != 0) for p in weight.placements):
         raise ValueError(f"cannot merge LoRA into a weight placed as {weight.placements}; expected Shard(0)/Replicate")
-    a_full = _full(lora_A)
+    a_full = full_tensor(lora_A)
     same_layout = isinstance(lora_B, DTensor) and lora_B.device_mesh == weight.device_mesh
     if same_layout and lora_B.placements == weight.placements:
         b_local = lora_B.to_local()
-    else:
-        # B is laid out differently from W: take W's rows of the full B (B is small: out x r).
-        b_full = _full(lora_B)
-        b_local = DTensor.from_local(b_full, weight.device_mesh, [Replicate()] * weight.device_mesh.ndim)
-        b_local = b_local.redistribute(weight.device_mesh, weight.placements).to_local()
+    else:  # B is laid out differently from W: take W's rows of the full B (B is small: out x r)
+        b_local = local_part(full_tensor(lora_B), weight)
     lora_merge_(weight.to_local(), a_full, b_local, scale)
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
+from d9d.dtensor import full_tensor, local_part
 from d9d.peft.lora.layer import LoRALinear
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -33,10 +34,6 @@ __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "load_peft_adapter", "peft_adapt
 
 def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return (t.full_tensor() if isinstance(t, DTensor) else t).detach()
 
 
 def _modules_to_save(model: nn.Module, lora: dict[str, LoRALinear]) -> dict[str, nn.Module]:
@@ -84,12 +81,12 @@ def peft_adapter_state(
         raise ValueError("the model has no LoRA layer to export")
     state: dict[str, torch.Tensor] = {}
     for name, layer in lora.items():
-        state[f"{PREFIX}{name}.lora_A.weight"] = _full(layer.lora_A).cpu().contiguous()
-        state[f"{PREFIX}{name}.lora_B.weight"] = _full(layer.lora_B).cpu().contiguous()
+        state[f"{PREFIX}{name}.lora_A.weight"] = full_tensor(layer.lora_A).detach().cpu().contiguous()
+        state[f"{PREFIX}{name}.lora_B.weight"] = full_tensor(layer.lora_B).detach().cpu().contiguous()
     saved = _modules_to_save(model, lora) if include_modules_to_save else {}
     for name, module in saved.items():
         for pname, param in module.named_parameters(recurse=False):
-            state[f"{PREFIX}{name}.{pname}"] = _full(param).cpu().contiguous()
+            state[f"{PREFIX}{name}.{pname}"] = full_tensor(param).detach().cpu().contiguous()
     return state, sorted(saved)
 
 
@@ -249,8 +246,6 @@ def load_peft_adapter(model: nn.Module, src_dir: str | os.PathLike, check_scale:
     for key, param in targets.items():
         value = state[key].to(param.dtype)
         if isinstance(param, DTensor):
-            shard = distribute_tensor(value.to(param.to_local().device), param.device_mesh, param.placements,
-                                      src_data_rank=None)
-            param.to_local().copy_(shard.to_local())
+            param.to_local().copy_(local_part(value, param))
         else:
             param.copy_(value.to(param.device))

@@ -18,6 +18,7 @@ class ModelStateMapperParallel(ModelStateMapper):
             ValueError: If two parts read or produce the same key; the message names the key.
         """
         self._owner: dict[StateGroup, ModelStateMapper] = {}
+        self._by_inputs: dict[frozenset[str], tuple[ModelStateMapper, StateGroup]] = {}
         inputs: set[str] = set()
         outputs: set[str] = set()
         for mapper in mappers:
@@ -31,6 +32,7 @@ class ModelStateMapperParallel(ModelStateMapper):
                         raise ValueError(f"parallel mappers both produce output key {key!r}")
                     outputs.add(key)
                 self._owner[group] = mapper
+                self._by_inputs[group.inputs] = (mapper, group)
         self._mappers = list(mappers)
 
     @property
@@ -42,8 +44,7 @@ class ModelStateMapperParallel(ModelStateMapper):
         return frozenset(self._owner)
 
     def apply(self, group: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        key = frozenset(group)
-        for declared, mapper in self._owner.items():
-            if declared.inputs == key:
-                return mapper.apply(group)
-        raise KeyError(f"no parallel part declares a group with inputs {sorted(key)}")
+        part = self._by_inputs.get(frozenset(group))
+        if part is None:
+            raise KeyError(f"no parallel part declares a group with inputs {sorted(group)}")
+        return part[0].apply(group)

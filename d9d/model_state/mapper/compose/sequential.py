@@ -30,6 +30,7 @@ class ModelStateMapperSequential(ModelStateMapper):
                 raise ValueError(f"stage {i} reads key(s) {sorted(missing)} that stage {i - 1} does not produce")
         self._mappers = list(mappers)
         self._groups = self._fuse_groups()
+        self._by_inputs = {g.inputs: history for g, history in self._groups.items()}
 
     def _fuse_groups(self) -> dict[StateGroup, list[list[StateGroup]]]:
         # Connected components of "stage i+1 group reads what stage i group produced"; each component is one
@@ -69,14 +70,13 @@ class ModelStateMapperSequential(ModelStateMapper):
         return frozenset(self._groups)
 
     def apply(self, group: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        key = frozenset(group)
-        for declared, history in self._groups.items():
-            if declared.inputs == key:
-                state = dict(group)
-                for mapper, stage_groups in zip(self._mappers, history, strict=True):
-                    produced: dict[str, torch.Tensor] = {}
-                    for g in stage_groups:
-                        produced.update(mapper.apply({k: state[k] for k in g.inputs}))
-                    state = produced
-                return state
-        raise KeyError(f"no sequential group has inputs {sorted(key)}")
+        history = self._by_inputs.get(frozenset(group))
+        if history is None:
+            raise KeyError(f"no sequential group has inputs {sorted(group)}")
+        state = dict(group)
+        for mapper, stage_groups in zip(self._mappers, history, strict=True):
+            produced: dict[str, torch.Tensor] = {}
+            for g in stage_groups:
+                produced.update(mapper.apply({k: state[k] for k in g.inputs}))
+            state = produced
+        return state

@@ -6,6 +6,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, distribute_tensor
 
+from d9d.dtensor import full_tensor
 from d9d.model_state.mapper.abc import ModelStateMapper, StateGroup
 
 
@@ -64,4 +65,4 @@ class ModelStateMapperGatherFullTensor(ModelStateMapper):
         return frozenset(StateGroup(inputs=frozenset([k]), outputs=frozenset([k])) for k in self._keys)
 
     def apply(self, group: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in group.items()}
+        return {k: full_tensor(v) for k, v in group.items()}

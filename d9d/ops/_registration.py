@@ -1,0 +1,122 @@
+"""Loads ``d9d._C`` (the C++/CUDA kernels of ``torch.ops.d9d``) and registers their fake and autograd formulas."""
+
+import math
+from typing import Any
+
+import torch
+
+try:
+    import d9d._C  # noqa: F401  (importing it registers the ops with the dispatcher)
+except ImportError as error:
+    raise ImportError(
+        "d9d's compiled extension d9d._C is missing or failed to load "
+        f"({error}). Build it against the installed torch with `pip install --no-build-isolation -e .` "
+        "from the repository root."
+    ) from error
+
+__all__ = ["draw_seed", "no_seed"]
+
+
+def draw_seed() -> torch.Tensor:
+    """A fresh dropout seed from torch's default generator, so ``torch.manual_seed`` makes the masks reproducible.
+
+    The seed travels as a CPU int64 tensor rather than a Python int so that ``torch.compile`` traces it as data.
+    """
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64)
+
+
+def no_seed() -> torch.Tensor:
+    """The seed argument for calls without dropout (its value is ignored)."""
+    return torch.zeros(1, dtype=torch.int64)
+
+
+@torch.library.register_fake("d9d::lora_forward")
+def _lora_forward_fake(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    dropout: float,
+    seed: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    torch._check(x.dim() >= 1, lambda: "lora_forward: x must have at least 1 dimension")
+    torch._check(weight.shape[1] == x.shape[-1], lambda: f"lora_forward: weight must be out x in, got {weight.shape}")
+    torch._check(lora_A.shape[1] == x.shape[-1], lambda: f"lora_forward: lora_A must be r x in, got {lora_A.shape}")
+    torch._check(
+        lora_B.shape[0] == weight.shape[0], lambda: f"lora_forward: lora_B must be out x r, got {lora_B.shape}"
+    )
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    xa = x.new_empty((math.prod(x.shape[:-1]), lora_A.shape[0]))
+    return y, xa
+
+
+@torch.library.register_fake("d9d::lora_backward")
+def _lora_backward_fake(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    xa: torch.Tensor,
+    scale: float,
+    dropout: float,
+    seed: torch.Tensor,
+    need_grad_x: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_x = x.new_empty(x.shape) if need_grad_x else x.new_empty((0,))
+    return grad_x, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
+
+
+@torch.library.register_fake("d9d::lora_merge_")
+def _lora_merge_fake(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> None:
+    return None
+
+
+@torch.library.register_fake("d9d::lora_unmerge_")
+def _lora_unmerge_fake(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> None:
+    return None
+
+
+@torch.library.register_fake("d9d::dropout_mask")
+def _dropout_mask_fake(x: torch.Tensor, dropout: float, seed: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape, dtype=torch.bool)
+
+
+def _setup_lora_forward(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x, weight, bias, lora_A, lora_B, scale, dropout, seed = inputs
+    _, xa = output
+    # xa is an auxiliary output for the backward; only y carries gradients.
+    ctx.mark_non_differentiable(xa)
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
+    ctx.scale = scale
+    ctx.dropout = dropout
+    ctx.has_bias = bias is not None
+
+
+def _lora_forward_backward(
+    ctx: Any, grad_y: torch.Tensor, grad_xa: torch.Tensor | None
+) -> tuple[torch.Tensor | None, ...]:
+    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+    need_x, need_weight, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
+    grad_x, grad_A, grad_B = torch.ops.d9d.lora_backward(
+        grad_y, x, weight, lora_A, lora_B, xa, ctx.scale, ctx.dropout, seed, need_x
+    )
+    # The weight and bias are frozen in LoRA training; their gradients are plain GEMM / sum when asked for anyway.
+    grad_y2d = grad_y.reshape(-1, grad_y.shape[-1])
+    grad_weight = grad_y2d.t().mm(x.reshape(-1, x.shape[-1])) if need_weight else None
+    grad_bias = grad_y2d.sum(0) if need_bias and ctx.has_bias else None
+    return (
+        grad_x if need_x else None,
+        grad_weight,
+        grad_bias,
+        grad_A if need_A else None,
+        grad_B if need_B else None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd("d9d::lora_forward", _lora_forward_backward, setup_context=_setup_lora_forward)
