@@ -81,3 +81,11 @@ def test_invalid_regex_is_rejected():
 def test_empty_stack_is_rejected():
     with pytest.raises(ValidationError, match="methods"):
         PeftStackConfig(methods=[])
+
+
+def test_inline_flags_round_trip_and_compiled_flags_are_refused():
+    config = FullTuneConfig.model_validate_json(r'{"module_name_pattern": "(?i)layers\\.0\\.NORM"}')
+    assert config.module_name_pattern.fullmatch("layers.0.norm")
+    assert FullTuneConfig.model_validate_json(config.model_dump_json()) == config
+    with pytest.raises(ValidationError, match=r"module_name_pattern[\s\S]*IGNORECASE.*inline"):
+        FullTuneConfig(module_name_pattern=re.compile("NORM", re.IGNORECASE))

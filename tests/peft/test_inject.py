@@ -8,8 +8,8 @@ from torch import nn
 
 from d9d.model_state.mapper.compose import ModelStateMapperParallel
 from d9d.model_state.mapper.leaf import ModelStateMapperIdentity
-from d9d.peft import count_parameters, inject_peft_and_freeze
-from d9d.peft.all import PeftStackConfig, peft_method_from_config
+from d9d.peft import PeftInjectionResult, PeftMethod, count_parameters, inject_peft_and_freeze, merge_peft
+from d9d.peft.all import PeftStack, PeftStackConfig, peft_method_from_config
 from d9d.peft.full_tune import FullTuneConfig
 from d9d.peft.lora import LoRAConfig, LoRALinear, LoRAParameters
 from tests.conftest import TinyModel, assert_unchanged, snapshot
@@ -165,3 +165,77 @@ def test_method_injects_once(tiny_model):
     inject_peft_and_freeze(method, tiny_model)
     with pytest.raises(RuntimeError, match="already injected"):
         inject_peft_and_freeze(method, TinyModel())
+
+
+class TiedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 16)
+        self.head = nn.Linear(16, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+
+def test_lora_refuses_a_tied_weight():
+    model = TiedHead()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"'head' is shared as \['emb.weight', 'head.weight'\].*untie"):
+        inject_peft_and_freeze(peft_method_from_config(lora(re.compile("head"))), model)
+    assert_unchanged(model, before)
+
+
+def test_lora_refuses_a_module_registered_twice(tiny_model):
+    tiny_model.alias = tiny_model.layers[0].attention.q_proj
+    before = snapshot(tiny_model)
+    with pytest.raises(ValueError, match="registered under several names"):
+        inject_peft_and_freeze(peft_method_from_config(lora()), tiny_model)
+    assert_unchanged(tiny_model, before)
+
+
+def test_second_injection_does_not_wrap_inside_a_lora_layer(tiny_model):
+    inject_peft_and_freeze(peft_method_from_config(lora()), tiny_model)
+    before = snapshot(tiny_model)
+    with pytest.raises(ValueError, match=r"'layers\.0\.attention\.q_proj\.base' is inside a LoRALinear already"):
+        inject_peft_and_freeze(peft_method_from_config(lora()), tiny_model)
+    assert_unchanged(tiny_model, before)
+
+
+def test_linear_subclasses_are_left_alone():
+    model = nn.Module()
+    model.attn = nn.MultiheadAttention(16, 2)  # reads out_proj.weight directly: wrapping it would break forward
+    model.proj = nn.Linear(16, 16)
+    inject_peft_and_freeze(peft_method_from_config(lora(re.compile(r".*proj"))), model)
+    assert isinstance(model.proj, LoRALinear)
+    assert not isinstance(model.attn.out_proj, LoRALinear)
+    x = torch.randn(3, 2, 16)
+    model.attn(x, x, x)
+
+
+class OnlyInject(PeftMethod[FullTuneConfig]):
+    """A custom method written to the minimal contract: inject, merge, from_config."""
+
+    def __init__(self, config: FullTuneConfig):
+        self.config = config
+        self.merged = False
+
+    @classmethod
+    def from_config(cls, config: FullTuneConfig) -> "OnlyInject":
+        return cls(config)
+
+    def inject(self, module: nn.Module) -> PeftInjectionResult:
+        params = [p for n, m in module.named_modules() if self.config.module_name_pattern.fullmatch(n)
+                  for p in m.parameters()]
+        return PeftInjectionResult(parameters_to_train=params, load_state_mappers=[])
+
+    def merge(self, module: nn.Module) -> None:
+        self.merged = True
+
+
+def test_custom_method_with_minimal_contract_works_in_a_stack(tiny_model):
+    custom = OnlyInject(FullTuneConfig(module_name_pattern=re.compile(r"norm")))
+    stack = PeftStack([peft_method_from_config(lora()), custom])
+    inject_peft_and_freeze(stack, tiny_model)
+    trainable = {n for n, p in tiny_model.named_parameters() if p.requires_grad}
+    assert {"norm.weight", "norm.bias", "layers.0.attention.q_proj.lora_A"} <= trainable
+    assert "layers.0.attention_norm.weight" not in trainable
+    merge_peft(stack, tiny_model)
+    assert custom.merged

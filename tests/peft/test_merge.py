@@ -59,10 +59,20 @@ def test_merged_model_reproduces_adapted_model(adapter_dtype):
     assert (merged - adapted).abs().max() / adapted.abs().max() < 1e-5
 
 
-def test_merge_twice_is_refused():
+def perturb_adapters(model: nn.Module) -> None:
+    """Random non-zero adapters, so that a wrong or repeated merge changes the weights."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_()
+
+
+@pytest.mark.parametrize("config", [stack(), stack().methods[0]], ids=["stack", "lora-only"])
+def test_merge_twice_is_refused(config):
     model = TinyModel()
-    method = peft_method_from_config(stack())
+    method = peft_method_from_config(config)
     inject_peft_and_freeze(method, model)
+    perturb_adapters(model)
     merge_peft(method, model)
     weights = {n: p.clone() for n, p in model.state_dict().items()}
     with pytest.raises(RuntimeError, match="already merged"):
@@ -92,11 +102,17 @@ def test_merge_refuses_when_a_wrapped_layer_was_replaced():
     model = TinyModel()
     method = peft_method_from_config(stack())
     inject_peft_and_freeze(method, model)
+    perturb_adapters(model)
+    wrapper = model.layers[1].attention.v_proj
     model.layers[1].attention.v_proj = nn.Linear(16, 8)
     before = {n: p.clone() for n, p in model.state_dict().items()}
     with pytest.raises(RuntimeError, match=r"layers\.1\.attention\.v_proj' is no longer a LoRALinear"):
         merge_peft(method, model)
     assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+    # Nothing was marked merged either: once the layer is back, the merge goes through.
+    model.layers[1].attention.v_proj = wrapper
+    merge_peft(method, model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
 
 
 def test_merge_restores_original_state_dict_keys():
