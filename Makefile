@@ -3,9 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.d9d-installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean cpptest
 
-$(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
+$(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
 	$(PY) -m pip install -q torch==2.13.0
@@ -18,6 +18,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+# C++ unit tests of the ops (needs cmake and GoogleTest: apt-get install -y cmake libgtest-dev).
+cpptest: $(STAMP)
+	cmake -S . -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	cmake --build build/cmake
+	ctest --test-dir build/cmake --output-on-failure
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,232 @@
+// CPU kernels: the dropout mask passes (parallel over rows with at::parallel_for) and the CPU registrations.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../dropout_mask.h"
+#include "../lora.h"
+
+namespace d9d {
+namespace {
+
+// Groups of 8 columns whose mask bits are drawn in one batch (2048 columns, 4 KiB of bits on the stack).
+constexpr int64_t kBatchGroups = 256;
+
+// The hot loops are compiled for AVX-512 (x86-64-v4) and AVX2 as well, picked at load time (GCC function clones).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#define D9D_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define D9D_CPU_CLONES
+#endif
+
+// words[4 * j + w] = mask_bits(seed, row, group0 + j).words[w] for j < count. The same arithmetic as
+// at::philox_engine (checked against it in tests/cpp), written lane-parallel over groups so that it vectorizes.
+D9D_CPU_CLONES void philox_batch(uint64_t seed, int64_t row, int64_t group0, int64_t count,
+                                 uint32_t* __restrict__ words) {
+  constexpr uint32_t kMulA = 0xD2511F53;
+  constexpr uint32_t kMulB = 0xCD9E8D57;
+  constexpr uint32_t kKeyA = 0x9E3779B9;
+  constexpr uint32_t kKeyB = 0xBB67AE85;
+  const uint32_t key0 = static_cast<uint32_t>(seed);
+  const uint32_t key1 = static_cast<uint32_t>(seed >> 32);
+  const uint32_t row_lo = static_cast<uint32_t>(static_cast<uint64_t>(row));
+  const uint32_t row_hi = static_cast<uint32_t>(static_cast<uint64_t>(row) >> 32);
+  for (int64_t j = 0; j < count; ++j) {
+    const uint64_t group = static_cast<uint64_t>(group0 + j);
+    uint32_t c0 = static_cast<uint32_t>(group);
+    uint32_t c1 = static_cast<uint32_t>(group >> 32);
+    uint32_t c2 = row_lo;
+    uint32_t c3 = row_hi;
+    uint32_t k0 = key0;
+    uint32_t k1 = key1;
+#pragma GCC unroll 10
+    for (int round = 0; round < 10; ++round) {
+      const uint64_t p0 = static_cast<uint64_t>(kMulA) * c0;
+      const uint64_t p1 = static_cast<uint64_t>(kMulB) * c2;
+      const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+      const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+      c1 = static_cast<uint32_t>(p1);
+      c3 = static_cast<uint32_t>(p0);
+      c0 = n0;
+      c2 = n2;
+      k0 += kKeyA;
+      k1 += kKeyB;
+    }
+    words[4 * j] = c0;
+    words[4 * j + 1] = c1;
+    words[4 * j + 2] = c2;
+    words[4 * j + 3] = c3;
+  }
+}
+
+// Calls body(row, col0, n, draws) for blocks of up to 2048 columns of rows [0, rows), in parallel over rows;
+// draws[c] is the 16-bit draw of column col0 + c (see dropout_mask.h: in little-endian order, the 16-bit halves of
+// the Philox words of consecutive groups line up with consecutive columns).
+template <typename Body>
+void for_each_block(int64_t rows, int64_t cols, int64_t row0, uint64_t seed, const Body& body) {
+  const int64_t groups = (cols + kMaskGroup - 1) / kMaskGroup;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) uint32_t words[4 * kBatchGroups];
+    const auto* draws = reinterpret_cast<const uint16_t*>(words);
+    for (int64_t row = begin; row < end; ++row) {
+      for (int64_t group0 = 0; group0 < groups; group0 += kBatchGroups) {
+        const int64_t count = std::min(kBatchGroups, groups - group0);
+        philox_batch(seed, row0 + row, group0, count, words);
+        const int64_t col0 = group0 * kMaskGroup;
+        body(row, col0, std::min(count * kMaskGroup, cols - col0), draws);
+      }
+    }
+  });
+}
+
+// out[c] = x[c] * keep * scale for one span of a row, where keep = (draws[c] >= threshold).
+template <typename scalar_t, typename acc_t>
+void dropout_span(const scalar_t* x, scalar_t* out, const uint16_t* draws, int64_t n, uint32_t threshold,
+                  acc_t scale) {
+  for (int64_t c = 0; c < n; ++c) {
+    out[c] = static_cast<scalar_t>(static_cast<acc_t>(x[c]) * (draws[c] >= threshold ? scale : acc_t(0)));
+  }
+}
+
+// The same and grad[c] *= keep * scale, in one pass.
+template <typename scalar_t, typename acc_t>
+void dropout_backward_span(const scalar_t* x, scalar_t* out, scalar_t* grad, const uint16_t* draws, int64_t n,
+                           uint32_t threshold, acc_t scale) {
+  for (int64_t c = 0; c < n; ++c) {
+    const acc_t keep = draws[c] >= threshold ? scale : acc_t(0);
+    out[c] = static_cast<scalar_t>(static_cast<acc_t>(x[c]) * keep);
+    grad[c] = static_cast<scalar_t>(static_cast<acc_t>(grad[c]) * keep);
+  }
+}
+
+// float32 overloads of the two, cloned for the vector units like philox_batch.
+D9D_CPU_CLONES void dropout_span(const float* __restrict__ x, float* __restrict__ out, const uint16_t* draws,
+                                 int64_t n, uint32_t threshold, float scale) {
+  for (int64_t c = 0; c < n; ++c) {
+    out[c] = x[c] * (draws[c] >= threshold ? scale : 0.0f);
+  }
+}
+
+D9D_CPU_CLONES void dropout_backward_span(const float* __restrict__ x, float* __restrict__ out,
+                                          float* __restrict__ grad, const uint16_t* draws, int64_t n,
+                                          uint32_t threshold, float scale) {
+  for (int64_t c = 0; c < n; ++c) {
+    const float keep = draws[c] >= threshold ? scale : 0.0f;
+    out[c] = x[c] * keep;
+    grad[c] *= keep;
+  }
+}
+
+void dropout_rows_cpu(const at::Tensor& x, const at::Tensor& out, int64_t row0, const DropoutSpec& spec) {
+  const int64_t cols = x.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dropout_rows_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* src = x.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    const acc_t scale = static_cast<acc_t>(spec.scale);
+    const uint32_t threshold = spec.threshold;
+    for_each_block(x.size(0), cols, row0, spec.seed, [&](int64_t row, int64_t col0, int64_t n, const uint16_t* draws) {
+      const scalar_t* s = src + row * cols + col0;
+      scalar_t* d = dst + row * cols + col0;
+      dropout_span(s, d, draws, n, threshold, scale);
+    });
+  });
+}
+
+void dropout_rows_backward_cpu(const at::Tensor& x, const at::Tensor& out, const at::Tensor& grad, int64_t row0,
+                               const DropoutSpec& spec) {
+  const int64_t cols = x.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dropout_rows_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* src = x.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    scalar_t* grad_data = grad.mutable_data_ptr<scalar_t>();
+    const acc_t scale = static_cast<acc_t>(spec.scale);
+    const uint32_t threshold = spec.threshold;
+    for_each_block(x.size(0), cols, row0, spec.seed, [&](int64_t row, int64_t col0, int64_t n, const uint16_t* draws) {
+      const scalar_t* s = src + row * cols + col0;
+      scalar_t* d = dst + row * cols + col0;
+      scalar_t* g = grad_data + row * cols + col0;
+      dropout_backward_span(s, d, g, draws, n, threshold, scale);
+    });
+  });
+}
+
+void mask_rows_cpu(const at::Tensor& mask, const DropoutSpec& spec) {
+  const int64_t cols = mask.size(1);
+  bool* dst = mask.mutable_data_ptr<bool>();
+  const uint32_t threshold = spec.threshold;
+  for_each_block(mask.size(0), cols, 0, spec.seed, [&](int64_t row, int64_t col0, int64_t n, const uint16_t* draws) {
+    bool* d = dst + row * cols + col0;
+    for (int64_t c = 0; c < n; ++c) {
+      d[c] = draws[c] >= threshold;
+    }
+  });
+}
+
+// One parallel region for all blocks: each thread runs its share of blocks with single-threaded GEMMs (MKL and
+// oneDNN do not nest inside a parallel region), which keeps a block in that core's cache and avoids a fork/join per
+// block.
+void for_each_block_cpu(int64_t rows, int64_t step, BlockBody body) {
+  const int64_t blocks = (rows + step - 1) / step;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    // OpenMP workers do not inherit the caller's dispatch state: skip autograd as the calling kernel does.
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const int64_t worker = at::get_thread_num();
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t row0 = block * step;
+      body(row0, std::min(step, rows - row0), worker);
+    }
+  });
+}
+
+int64_t max_workers_cpu() {
+  return at::get_num_threads();
+}
+
+// Blocks of 1 MiB of float32: one block of each operand fits a core's L2 cache.
+constexpr DeviceKernels kCpuKernels{dropout_rows_cpu,   dropout_rows_backward_cpu, mask_rows_cpu, 1 << 18,
+                                    for_each_block_cpu, max_workers_cpu};
+
+std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                    const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                                    const at::Tensor& lora_B, double scale, double dropout,
+                                                    const at::Tensor& seed) {
+  return lora_forward(kCpuKernels, x, weight, bias, lora_A, lora_B, scale, dropout, seed);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
+                                                                 const at::Tensor& weight, const at::Tensor& lora_A,
+                                                                 const at::Tensor& lora_B, const at::Tensor& xa,
+                                                                 double scale, double dropout, const at::Tensor& seed,
+                                                                 bool need_grad_x) {
+  return lora_backward(kCpuKernels, grad_y, x, weight, lora_A, lora_B, xa, scale, dropout, seed, need_grad_x);
+}
+
+void lora_merge_cpu(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
+  lora_merge("lora_merge_", weight, lora_A, lora_B, scale, 1.0);
+}
+
+void lora_unmerge_cpu(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
+  lora_merge("lora_unmerge_", weight, lora_A, lora_B, scale, -1.0);
+}
+
+at::Tensor dropout_mask_cpu(const at::Tensor& x, double dropout, const at::Tensor& seed) {
+  return dropout_mask(kCpuKernels, x, dropout, seed);
+}
+
+}  // namespace
+}  // namespace d9d
+
+TORCH_LIBRARY_IMPL(d9d, CPU, m) {
+  m.impl("lora_forward", &d9d::lora_forward_cpu);
+  m.impl("lora_backward", &d9d::lora_backward_cpu);
+  m.impl("lora_merge_", &d9d::lora_merge_cpu);
+  m.impl("lora_unmerge_", &d9d::lora_unmerge_cpu);
+  m.impl("dropout_mask", &d9d::dropout_mask_cpu);
+}

@@ -1,0 +1,235 @@
+#include "lora.h"
+
+#include "dropout_mask.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace d9d {
+namespace {
+
+bool is_supported_dtype(at::ScalarType dtype) {
+  // float64 is there for gradcheck; training runs in float32, bfloat16 or float16.
+  return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble;
+}
+
+void check_same(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ", x.scalar_type(), ", got ",
+              t.scalar_type(), " (cast the adapters to the compute dtype first)");
+}
+
+// Checks x, weight, A and B of an apply op and returns (in, out, r).
+std::tuple<int64_t, int64_t, int64_t> check_apply(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                                  const at::Tensor& lora_A, const at::Tensor& lora_B) {
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension (..., in), got ", x.sizes());
+  TORCH_CHECK(is_supported_dtype(x.scalar_type()), op, ": x must be float32, bfloat16, float16 or float64, got ",
+              x.scalar_type());
+  const int64_t in = x.size(-1);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == in, op,
+              ": weight must be out x in (2D with in == x.size(-1) == ", in, "), got ", weight.sizes());
+  const int64_t out = weight.size(0);
+  TORCH_CHECK(lora_A.dim() == 2 && lora_A.size(1) == in, op,
+              ": lora_A must be r x in (2D with in == x.size(-1) == ", in, "), got ", lora_A.sizes());
+  const int64_t r = lora_A.size(0);
+  TORCH_CHECK(lora_B.dim() == 2 && lora_B.size(0) == out && lora_B.size(1) == r, op,
+              ": lora_B must be out x r (2D with out == weight.size(0) == ", out, " and r == lora_A.size(0) == ", r,
+              "), got ", lora_B.sizes());
+  check_same(op, "weight", weight, x);
+  check_same(op, "lora_A", lora_A, x);
+  check_same(op, "lora_B", lora_B, x);
+  return {in, out, r};
+}
+
+DropoutSpec make_spec(const char* op, double dropout, const at::Tensor& seed) {
+  TORCH_CHECK(std::isfinite(dropout) && dropout >= 0.0 && dropout < 1.0, op, ": dropout must be in [0, 1), got ",
+              dropout);
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(), op,
+              ": seed must be a CPU int64 tensor with one element, got ", seed.scalar_type(), " ", seed.sizes(),
+              " on ", seed.device());
+  DropoutSpec spec;
+  spec.seed = static_cast<uint64_t>(seed.contiguous().data_ptr<int64_t>()[0]);
+  spec.threshold = static_cast<uint32_t>(std::llround(dropout * kMaskLevels));
+  spec.scale = 1.0 / (1.0 - dropout);
+  return spec;
+}
+
+// Rows per block: about kernels.block_elements elements of the widest row-major operand.
+int64_t block_rows(const DeviceKernels& kernels, int64_t rows, int64_t width) {
+  return std::max<int64_t>(1, std::min<int64_t>(rows, kernels.block_elements / std::max<int64_t>(width, 1)));
+}
+
+// float32 accumulator for reduced-precision gradients summed over blocks.
+at::ScalarType accumulate_dtype(at::ScalarType dtype) {
+  return (dtype == at::kBFloat16 || dtype == at::kHalf) ? at::kFloat : dtype;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> lora_forward(const DeviceKernels& kernels, const at::Tensor& x,
+                                                const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                                const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+                                                double dropout, const at::Tensor& seed) {
+  constexpr const char* op = "lora_forward";
+  const auto [in, out, r] = check_apply(op, x, weight, lora_A, lora_B);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out, op, ": bias must be 1D of size out == weight.size(0) == ",
+                out, ", got ", bias->sizes());
+    check_same(op, "bias", *bias, x);
+  }
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  const DropoutSpec spec = make_spec(op, dropout, seed);
+
+  const at::Tensor x2d = x.reshape({-1, in}).contiguous();
+  const int64_t rows = x2d.size(0);
+  const int64_t workers = kernels.max_workers();
+  const int64_t step = block_rows(kernels, rows, std::max(in, out));
+  const at::Tensor xa = at::empty({rows, r}, x2d.options());
+  at::Tensor y = at::empty({rows, out}, x2d.options());
+  // With dropout, each block of x is dropped out into a small per-worker buffer (the mask is regenerated in
+  // backward). The bias rides along the skinny GEMM as an extra column, y = [xa, 1] [s B, bias]^T, so it costs no
+  // pass of its own.
+  const at::Tensor buffers =
+      dropout > 0.0 ? at::empty({workers, step, in}, x2d.options()) : at::empty({0}, x2d.options());
+  const at::Tensor xa_ones = has_bias ? at::ones({workers, step, r + 1}, x2d.options()) : at::empty({0}, x2d.options());
+  const at::Tensor B_bias = has_bias ? at::cat({lora_B * scale, bias->unsqueeze(1)}, 1) : at::Tensor();
+  kernels.for_each_block(rows, step, [&](int64_t row0, int64_t n, int64_t worker) {
+    at::Tensor source = x2d.narrow(0, row0, n);
+    if (dropout > 0.0) {
+      const at::Tensor dropped = buffers[worker].narrow(0, 0, n);
+      kernels.dropout_rows(source, dropped, row0, spec);
+      source = dropped;
+    }
+    at::Tensor xa_block = xa.narrow(0, row0, n);
+    at::mm_out(xa_block, source, lora_A.t());
+    at::Tensor y_block = y.narrow(0, row0, n);
+    if (has_bias) {
+      const at::Tensor xa_1 = xa_ones[worker].narrow(0, 0, n);
+      xa_1.narrow(1, 0, r).copy_(xa_block);
+      at::mm_out(y_block, xa_1, B_bias.t());
+    } else {
+      at::addmm_out(y_block, y_block, xa_block, lora_B.t(), /*beta=*/0, /*alpha=*/scale);  // ignores y's contents
+    }
+  });
+  // The base GEMM accumulates into the LoRA part (beta = 1): no N x out temporary.
+  y.addmm_(x2d, weight.t());
+  std::vector<int64_t> y_shape(x.sizes().begin(), x.sizes().end());
+  y_shape.back() = out;
+  return {y.view(y_shape), xa};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels& kernels, const at::Tensor& grad_y,
+                                                             const at::Tensor& x, const at::Tensor& weight,
+                                                             const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                             const at::Tensor& xa, double scale, double dropout,
+                                                             const at::Tensor& seed, bool need_grad_x) {
+  constexpr const char* op = "lora_backward";
+  const auto [in, out, r] = check_apply(op, x, weight, lora_A, lora_B);
+  TORCH_CHECK(grad_y.dim() == x.dim() && grad_y.sizes().slice(0, x.dim() - 1) == x.sizes().slice(0, x.dim() - 1) &&
+                  grad_y.size(-1) == out,
+              op, ": grad_y must be x's shape with the last dim out == ", out, ", got ", grad_y.sizes(), " for x ",
+              x.sizes());
+  check_same(op, "grad_y", grad_y, x);
+  const at::Tensor x2d = x.reshape({-1, in}).contiguous();
+  const int64_t rows = x2d.size(0);
+  TORCH_CHECK(xa.dim() == 2 && xa.size(0) == rows && xa.size(1) == r, op, ": xa must be N x r == [", rows, ", ", r,
+              "] (as returned by lora_forward), got ", xa.sizes());
+  check_same(op, "xa", xa, x);
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  const DropoutSpec spec = make_spec(op, dropout, seed);
+
+  const at::Tensor gy = grad_y.reshape({-1, out}).contiguous();
+  // dA and dB are sums over all rows: each worker accumulates its blocks (in float32 for the 16-bit dtypes), and the
+  // workers' sums are added at the end.
+  const int64_t workers = kernels.max_workers();
+  const auto acc_options = x2d.options().dtype(accumulate_dtype(x2d.scalar_type()));
+  const bool cast_acc = acc_options.dtype() != x2d.dtype();
+  const at::Tensor grad_A_acc = at::zeros({workers, r, in}, acc_options);
+  const at::Tensor grad_Bt_acc = at::zeros({workers, r, out}, acc_options);
+  const auto accumulate = [cast_acc](at::Tensor acc, const at::Tensor& a, const at::Tensor& b) {
+    if (cast_acc) {
+      acc.add_(at::mm(a, b));
+    } else {
+      acc.addmm_(a, b);
+    }
+  };
+  at::Tensor grad_x = need_grad_x ? at::empty({rows, in}, x2d.options()) : at::empty({0}, x.options());
+  const at::Tensor g = at::empty({rows, r}, x2d.options());
+  // Blocks of rows small enough to stay in cache, so that each block of dy and x is read from memory once by the
+  // LoRA GEMMs (and, with dropout, the mask of a block is drawn once, never stored).
+  const int64_t step = block_rows(kernels, rows, std::max(in, out));
+  const at::Tensor buffers =
+      dropout > 0.0 ? at::empty({workers, step, in}, x2d.options()) : at::empty({0}, x2d.options());
+  kernels.for_each_block(rows, step, [&](int64_t row0, int64_t n, int64_t worker) {
+    const at::Tensor gy_block = gy.narrow(0, row0, n);
+    const at::Tensor x_block = x2d.narrow(0, row0, n);
+    // g = s * dy B is the gradient w.r.t. xa; dB^T = xa^T dy (times s, applied once at the end).
+    at::Tensor g_block = g.narrow(0, row0, n);
+    at::mm_out(g_block, gy_block, lora_B);
+    g_block.mul_(scale);
+    accumulate(grad_Bt_acc[worker], xa.narrow(0, row0, n).t(), gy_block);
+    // The LoRA part of dx, g A; the base GEMM accumulates onto it after the loop.
+    at::Tensor dx_block = need_grad_x ? grad_x.narrow(0, row0, n) : at::Tensor();
+    if (need_grad_x) {
+      at::mm_out(dx_block, g_block, lora_A);
+    }
+    if (dropout == 0.0) {
+      accumulate(grad_A_acc[worker], g_block.t(), x_block);
+      return;
+    }
+    // Regenerate the block's mask: dropout(x) feeds dA, and the LoRA part of dx is masked in the same pass.
+    const at::Tensor dropped = buffers[worker].narrow(0, 0, n);
+    if (need_grad_x) {
+      kernels.dropout_rows_backward(x_block, dropped, dx_block, row0, spec);
+    } else {
+      kernels.dropout_rows(x_block, dropped, row0, spec);
+    }
+    accumulate(grad_A_acc[worker], g_block.t(), dropped);
+  });
+  if (need_grad_x) {
+    grad_x.addmm_(gy, weight);  // the base GEMM accumulates into the LoRA part (beta = 1)
+  }
+  at::Tensor grad_A = grad_A_acc.sum(0).to(x2d.scalar_type());
+  const at::Tensor grad_Bt = grad_Bt_acc.sum(0);
+  at::Tensor grad_B = grad_Bt.t().mul(scale).to(x2d.scalar_type()).contiguous();
+  return {need_grad_x ? grad_x.view(x.sizes()) : grad_x, grad_A, grad_B};
+}
+
+void lora_merge(const char* op, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                double scale, double sign) {
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be out x in (2D), got ", weight.sizes());
+  TORCH_CHECK(is_supported_dtype(weight.scalar_type()), op,
+              ": weight must be float32, bfloat16, float16 or float64, got ", weight.scalar_type());
+  const int64_t out = weight.size(0);
+  const int64_t in = weight.size(1);
+  TORCH_CHECK(lora_A.dim() == 2 && lora_A.size(1) == in, op, ": lora_A must be r x in (2D with in == weight.size(1) == ",
+              in, "), got ", lora_A.sizes());
+  const int64_t r = lora_A.size(0);
+  TORCH_CHECK(lora_B.dim() == 2 && lora_B.size(0) == out && lora_B.size(1) == r, op,
+              ": lora_B must be out x r (2D with out == weight.size(0) == ", out, " and r == lora_A.size(0) == ", r,
+              "), got ", lora_B.sizes());
+  TORCH_CHECK(lora_A.device() == weight.device(), op, ": lora_A must be on weight's device ", weight.device(),
+              ", got ", lora_A.device());
+  TORCH_CHECK(lora_B.device() == weight.device(), op, ": lora_B must be on weight's device ", weight.device(),
+              ", got ", lora_B.device());
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  // Casting the small adapters is cheap; the product goes straight into weight (beta = 1), with no out x in temporary.
+  weight.addmm_(lora_B.to(weight.scalar_type()), lora_A.to(weight.scalar_type()), /*beta=*/1, /*alpha=*/sign * scale);
+}
+
+at::Tensor dropout_mask(const DeviceKernels& kernels, const at::Tensor& x, double dropout, const at::Tensor& seed) {
+  constexpr const char* op = "dropout_mask";
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension (..., in), got ", x.sizes());
+  const DropoutSpec spec = make_spec(op, dropout, seed);
+  at::Tensor mask = at::empty(x.sizes(), x.options().dtype(at::kBool));
+  if (mask.numel() > 0) {
+    kernels.mask_rows(mask.view({-1, x.size(-1)}), spec);
+  }
+  return mask;
+}
+
+}  // namespace d9d

@@ -1,0 +1,65 @@
+// Device-independent LoRA ops. The GEMMs go through ATen (MKL / cuBLAS); the dropout mask passes and the way blocks
+// of rows are spread over workers are device-specific and come in through `DeviceKernels`.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/FunctionRef.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+namespace d9d {
+
+// Dropout as the kernels see it: keep an element iff its 16-bit draw >= threshold, then multiply by scale.
+struct DropoutSpec {
+  uint64_t seed = 0;
+  uint32_t threshold = 0;
+  double scale = 1.0;  // 1 / (1 - p)
+};
+
+// Work on rows [row0, row0 + n) of x, done by `worker` (< DeviceKernels::max_workers()).
+using BlockBody = c10::function_ref<void(int64_t row0, int64_t n, int64_t worker)>;
+
+// What differs between devices. In the mask passes every tensor is 2-D and row-major contiguous, and `row0` is the
+// global row index (over x's flattened leading dims) of the first row passed.
+struct DeviceKernels {
+  // out = x * keep * scale.
+  void (*dropout_rows)(const at::Tensor& x, const at::Tensor& out, int64_t row0, const DropoutSpec& spec);
+  // out = x * keep * scale and grad *= keep * scale, in one pass over the mask.
+  void (*dropout_rows_backward)(const at::Tensor& x, const at::Tensor& out, const at::Tensor& grad, int64_t row0,
+                                const DropoutSpec& spec);
+  // mask = keep (bool), for the whole input starting at row 0.
+  void (*mask_rows)(const at::Tensor& mask, const DropoutSpec& spec);
+  // Rows are processed in blocks of about this many elements (of the widest operand): small enough for a block of
+  // dy and x to stay in cache between the LoRA GEMMs that read it, and for the dropped-out copy of x to exist for
+  // one block only.
+  int64_t block_elements;
+  // Runs body over the blocks [0, step), [step, 2 step), ... covering `rows`; blocks of different workers may run
+  // concurrently, so each worker gets its own buffers and accumulators.
+  void (*for_each_block)(int64_t rows, int64_t step, BlockBody body);
+  // Upper bound on the worker index + 1.
+  int64_t (*max_workers)();
+};
+
+// y = x W^T + bias + scale * dropout(x) A^T B^T; also returns xa = dropout(x) A^T as (N, r) for the backward.
+std::tuple<at::Tensor, at::Tensor> lora_forward(const DeviceKernels& kernels, const at::Tensor& x,
+                                                const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                                const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+                                                double dropout, const at::Tensor& seed);
+
+// (grad_x, grad_A, grad_B) for a frozen weight and bias; grad_x is an empty tensor when need_grad_x is false.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels& kernels, const at::Tensor& grad_y,
+                                                             const at::Tensor& x, const at::Tensor& weight,
+                                                             const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                             const at::Tensor& xa, double scale, double dropout,
+                                                             const at::Tensor& seed, bool need_grad_x);
+
+// weight += sign * scale * B A in place (sign +1 merges, -1 unmerges).
+void lora_merge(const char* op, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                double scale, double sign);
+
+// The keep mask (bool, x's shape) that lora_forward and lora_backward use for this seed and dropout.
+at::Tensor dropout_mask(const DeviceKernels& kernels, const at::Tensor& x, double dropout, const at::Tensor& seed);
+
+}  // namespace d9d

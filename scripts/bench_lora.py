@@ -1,0 +1,257 @@
+"""Benchmarks the fused LoRA ops against the frozen base linear and the unfused LoRA form, side by side.
+
+For each dropout rate it times forward + backward (W frozen, x requires grad) of
+  base:    the frozen base linear alone,
+  unfused: ``base(x) + s * lora_B(lora_A(dropout(x)))`` with nn.Linear modules,
+  fused:   ``d9d.ops.lora_linear``,
+interleaving the variants so that machine noise hits them alike, and reports the median and the overhead over base.
+It also counts the bytes that autograd saves for backward (hooks on saved tensors, excluding x and parameters) and
+the bytes that merging allocates (fused ``lora_merge_`` vs ``W += s * (B @ A)``).
+
+    python scripts/bench_lora.py                                    # CPU, float32, the issue's shapes
+    python scripts/bench_lora.py --write BENCHMARKS.md              # also replace the table in that file
+    python scripts/bench_lora.py --device cuda --dtype bfloat16 --tokens 32768 --features 8192
+"""
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from d9d.ops import lora_linear, lora_merge_
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Setup:
+    """The shared tensors and modules of one benchmark configuration."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        """Builds x, the frozen base linear and the adapters on the requested device and dtype."""
+        torch.manual_seed(0)
+        self.device = torch.device(args.device)
+        self.dtype = DTYPES[args.dtype]
+        self.scale = args.alpha / args.rank
+        kwargs = {"device": self.device, "dtype": self.dtype}
+        self.x = torch.randn(args.tokens, args.features, requires_grad=True, **kwargs)
+        self.grad_y = torch.randn(args.tokens, args.out_features, **kwargs)
+        self.base = nn.Linear(args.features, args.out_features, **kwargs).requires_grad_(False)
+        self.lora_A = nn.Linear(args.features, args.rank, bias=False, **kwargs)
+        self.lora_B = nn.Linear(args.rank, args.out_features, bias=False, **kwargs)
+        nn.init.normal_(self.lora_B.weight, std=0.02)
+
+    def forward(self, variant: str, dropout: float) -> torch.Tensor:
+        """One forward of ``variant`` (base, unfused or fused) in training mode."""
+        if variant == "base":
+            return self.base(self.x)
+        if variant == "unfused":
+            xd = nn.functional.dropout(self.x, p=dropout, training=True) if dropout > 0 else self.x
+            return self.base(self.x) + self.scale * self.lora_B(self.lora_A(xd))
+        return lora_linear(
+            self.x,
+            self.base.weight,
+            self.base.bias,
+            self.lora_A.weight,
+            self.lora_B.weight,
+            self.scale,
+            dropout,
+            training=True,
+        )
+
+    def step(self, variant: str, dropout: float) -> None:
+        """Forward + backward, then drop the gradients so that no step accumulates into the previous one's."""
+        self.forward(variant, dropout).backward(self.grad_y)
+        self.x.grad = None
+        self.lora_A.weight.grad = None
+        self.lora_B.weight.grad = None
+
+    def saved_bytes(self, variant: str, dropout: float) -> int:
+        """Bytes of the distinct tensors autograd saves for backward, excluding x and the parameters."""
+        excluded = {t.untyped_storage().data_ptr() for t in (self.x, *self.base.parameters())}
+        excluded |= {p.untyped_storage().data_ptr() for p in (self.lora_A.weight, self.lora_B.weight)}
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in excluded:
+                seen[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = self.forward(variant, dropout)
+        y.backward(self.grad_y)
+        self.x.grad = None
+        return sum(seen.values())
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(
+    setup: Setup, cases: list[tuple[str, float]], repeats: int, warmup: int
+) -> dict[tuple[str, float], list[float]]:
+    """Seconds of one fwd+bwd step per case and repeat; each repeat runs every case once, in a shuffled order."""
+    for case in cases:
+        for _ in range(warmup):
+            setup.step(*case)
+    order = random.Random(0)
+    times: dict[tuple[str, float], list[float]] = {case: [] for case in cases}
+    for _ in range(repeats):
+        for case in order.sample(cases, len(cases)):
+            synchronize(setup.device)
+            start = time.perf_counter()
+            setup.step(*case)
+            synchronize(setup.device)
+            times[case].append(time.perf_counter() - start)
+    return times
+
+
+def paired_overhead(times: list[float], base: list[float]) -> float:
+    """Median over repeats of time / base time in the same repeat, minus one: robust to slow phases of the machine."""
+    return statistics.median(t / b for t, b in zip(times, base, strict=True)) - 1
+
+
+def allocated_bytes(fn: Callable[[], None], device: torch.device) -> int:
+    """Bytes allocated while ``fn`` runs: peak growth on CUDA, the sum of the allocations the profiler saw on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # keep the profiler's start/stop lines out of the table
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # Each op's own allocations are its positive self memory; frees show up as negative entries.
+    return sum(max(0, e.self_cpu_memory_usage) for e in prof.events())
+
+
+def merge_bytes(setup: Setup) -> tuple[int, int]:
+    """Bytes allocated by the fused merge and by the unfused ``W += s * (B @ A)``, on copies of the base weight."""
+    weight = setup.base.weight.detach().clone()
+    A = setup.lora_A.weight.detach()
+    B = setup.lora_B.weight.detach()
+
+    def unfused() -> None:
+        weight.add_(setup.scale * (B @ A))
+
+    fused = allocated_bytes(lambda: lora_merge_(weight, A, B, setup.scale), setup.device)
+    return fused, allocated_bytes(unfused, setup.device)
+
+
+def mib(n: int) -> str:
+    """Bytes in MiB, or KiB / B when that would round to zero."""
+    if n >= 2**20:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**10:.1f} KiB" if n >= 2**10 else f"{n} B"
+
+
+def report(args: argparse.Namespace) -> str:
+    """Runs every measurement and returns the markdown table."""
+    torch.set_num_threads(args.threads) if args.threads else None
+    setup = Setup(args)
+    dropouts = [0.0, args.dropout]
+    cases = [("base", 0.0)] + [(variant, p) for p in dropouts for variant in ("unfused", "fused")]
+    times = time_interleaved(setup, cases, args.repeats, args.warmup)
+    base = times[("base", 0.0)]
+    x_bytes = setup.x.numel() * setup.x.element_size()
+    lines = [
+        f"{args.device}, {args.dtype}, x {args.tokens} x {args.features}, W {args.out_features} x {args.features}, "
+        f"r = {args.rank}, forward + backward with W frozen ({torch.get_num_threads()} threads, torch "
+        f"{torch.__version__}); {args.repeats} repeats after {args.warmup} warm-up steps, every case once per repeat "
+        "in a shuffled order. Overhead: median over repeats of (step time / base step time of the same repeat) - 1. "
+        f"Saved bytes exclude x and parameters; x itself is {mib(x_bytes)}.",
+        "",
+        "| dropout | variant | median step (ms) | overhead over base | saved for backward |",
+        "| --- | --- | ---: | ---: | ---: |",
+        f"| - | base linear | {statistics.median(base) * 1e3:.1f} | - | {mib(setup.saved_bytes('base', 0.0))} |",
+    ]
+    overheads = {}
+    for p in dropouts:
+        for variant in ("unfused", "fused"):
+            overheads[(variant, p)] = paired_overhead(times[(variant, p)], base)
+            lines.append(
+                f"| {p:g} | {variant} | {statistics.median(times[(variant, p)]) * 1e3:.1f} | "
+                f"{100 * overheads[(variant, p)]:+.1f}% | {mib(setup.saved_bytes(variant, p))} |"
+            )
+    lines.append("")
+    ratios = "; ".join(
+        f"dropout {p:g}: fused overhead / unfused overhead = "
+        f"{overheads[('fused', p)] / overheads[('unfused', p)]:.2f}, fused step / unfused step = "
+        f"{paired_overhead(times[('fused', p)], times[('unfused', p)]) + 1:.3f}"
+        for p in dropouts
+    )
+    lines.append(f"Ratios: {ratios}.")
+    if args.targets:
+        targets = [float(t) / 100 for t in args.targets.split(",")]
+        verdicts = [
+            f"dropout {p:g}: at most +{100 * t:g}%: {'met' if overheads[('fused', p)] <= t else 'NOT met'} "
+            f"({100 * overheads[('fused', p)]:+.1f}%)"
+            for p, t in zip(dropouts, targets, strict=True)
+        ]
+        lines.append(f"Targets for the fused overhead: {'; '.join(verdicts)}.")
+    fused, unfused = merge_bytes(setup)
+    weight_bytes = setup.base.weight.numel() * setup.base.weight.element_size()
+    lines += [
+        "",
+        "| merge | bytes allocated | in units of W (out x in) |",
+        "| --- | ---: | ---: |",
+        f"| fused `lora_merge_` | {mib(fused)} | {fused / weight_bytes:.2f} |",
+        f"| unfused `W += s * (B @ A)` | {mib(unfused)} | {unfused / weight_bytes:.2f} |",
+    ]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, heading: str, command: str, table: str) -> None:
+    """Replaces the body of ``heading`` in ``path`` (up to the next ``## ``), leaving other sections as they are.
+
+    A missing section is inserted before the first other section.
+    """
+    lines = path.read_text().splitlines() if path.exists() else []
+    if heading not in lines:
+        first = next((i for i, line in enumerate(lines) if line.startswith("## ")), len(lines))
+        lines[first:first] = [heading, ""]
+    start = lines.index(heading) + 1
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
+    body = ["", f"Measured with `{command}`.", "", table, ""]
+    path.write_text("\n".join([*lines[:start], *body, *lines[end:]]).rstrip("\n") + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--features", type=int, default=2048)
+    parser.add_argument("--out-features", type=int, default=2048)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--alpha", type=float, default=32.0)
+    parser.add_argument("--dropout", type=float, default=0.05)
+    parser.add_argument("--repeats", type=int, default=25)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    parser.add_argument(
+        "--targets", default="3,8", help="fused overhead targets in percent for dropout 0 and --dropout ('' for none)"
+    )
+    parser.add_argument("--write", type=Path, help="markdown file whose section gets the table (e.g. BENCHMARKS.md)")
+    parser.add_argument("--section", default=None, help="section heading (default: ## LoRA ops (CPU|GPU))")
+    args = parser.parse_args()
+    table = report(args)
+    print(table)
+    if args.write:
+        heading = args.section or ("## LoRA ops (CPU)" if args.device == "cpu" else "## LoRA ops (GPU)")
+        write_section(args.write, heading, "python " + " ".join(["scripts/bench_lora.py", *sys.argv[1:]]), table)
+
+
+if __name__ == "__main__":
+    main()

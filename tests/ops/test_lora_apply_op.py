@@ -1,0 +1,267 @@
+"""The fused LoRA apply op (``lora_linear`` / ``d9d::lora_forward`` / ``d9d::lora_backward``) against references."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from d9d.ops import lora_linear
+from d9d.ops._registration import draw_seed
+from d9d.ops.lora import dropout_mask
+
+pytestmark = pytest.mark.local
+
+CUDA = pytest.param(
+    "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+)
+DEVICES = ["cpu", CUDA]
+# Largest error against the float64 reference, relative to the reference's largest magnitude: the reduced
+# precision dtypes round x, the adapters and the intermediates (xa, s * dy B) once each.
+TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+def make_inputs(shape, in_features=24, out_features=20, rank=4, *, dtype=torch.float32, device="cpu", bias=True):
+    """Fresh random inputs scaled so that every output and gradient is of order one."""
+    x = torch.randn(*shape, in_features, device=device, dtype=dtype)
+    weight = torch.randn(out_features, in_features, device=device, dtype=dtype) / in_features**0.5
+    b = torch.randn(out_features, device=device, dtype=dtype) if bias else None
+    lora_A = torch.randn(rank, in_features, device=device, dtype=dtype) / in_features**0.5
+    lora_B = torch.randn(out_features, rank, device=device, dtype=dtype) / rank**0.5
+    return x, weight, b, lora_A, lora_B
+
+
+def reference(x, weight, bias, lora_A, lora_B, scale, keep, dropout):
+    """``x W^T + b + s * dropout(x) A^T B^T`` in float64 with the given keep mask (None: no dropout)."""
+    x, weight, lora_A, lora_B = (t.double() for t in (x, weight, lora_A, lora_B))
+    xd = x if keep is None else x * keep / (1 - dropout)
+    return F.linear(x, weight, None if bias is None else bias.double()) + scale * (xd @ lora_A.T) @ lora_B.T
+
+
+def assert_close_scaled(got, want, tol):
+    """Every element within ``tol`` times the reference's largest magnitude (robust to cancellation)."""
+    assert got.shape == want.shape
+    error = (got.double() - want).abs().max().item()
+    assert error <= tol * max(want.abs().max().item(), 1.0), f"error {error} over {tol} x max |reference|"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(9,), (2, 5), (1, 3, 4)])
+def test_forward_and_backward_match_reference(device, dtype, dropout, bias, shape):
+    x, weight, b, lora_A, lora_B = make_inputs(shape, dtype=dtype, device=device, bias=bias)
+    x.requires_grad_()
+    lora_A.requires_grad_()
+    lora_B.requires_grad_()
+    torch.manual_seed(1234)
+    y = lora_linear(x, weight, b, lora_A, lora_B, 1.5, dropout, training=True)
+    torch.manual_seed(1234)
+    keep = dropout_mask(x, dropout, draw_seed()) if dropout > 0 else None
+
+    x64, A64, B64 = (t.detach().double().requires_grad_() for t in (x, lora_A, lora_B))
+    y64 = reference(x64, weight, b, A64, B64, 1.5, keep, dropout)
+    tol = TOLERANCES[dtype]
+    assert y.dtype == dtype
+    assert y.shape == (*shape, weight.shape[0])
+    assert_close_scaled(y, y64, tol)
+
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    y64.backward(grad_y.double())
+    for got, want in ((x.grad, x64.grad), (lora_A.grad, A64.grad), (lora_B.grad, B64.grad)):
+        assert got.dtype == dtype
+        assert_close_scaled(got, want, tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_inputs_spanning_many_blocks_and_threads_match_reference(dtype, dropout):
+    # The CPU kernels process 2^18-element blocks of rows spread over the threads: 3000 x 300 makes four blocks.
+    x, weight, b, lora_A, lora_B = make_inputs((3000,), 300, 260, 4, dtype=dtype)
+    params = [t.requires_grad_() for t in (x, lora_A, lora_B)]
+    seed = torch.tensor([11])
+    y = torch.ops.d9d.lora_forward(x, weight, b, lora_A, lora_B, 0.5, dropout, seed)[0]
+    keep = dropout_mask(x, dropout, seed) if dropout > 0 else None
+    refs = [t.detach().double().requires_grad_() for t in params]
+    y64 = reference(refs[0], weight, b, refs[1], refs[2], 0.5, keep, dropout)
+    assert_close_scaled(y, y64, TOLERANCES[dtype])
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    y64.backward(grad_y.double())
+    for got, want in zip(params, refs, strict=True):
+        assert_close_scaled(got.grad, want.grad, TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_adapters_on_bfloat16_activations_get_float32_grads(device):
+    x, weight, b, lora_A, lora_B = make_inputs((6,), device=device)
+    lora_A.requires_grad_()
+    lora_B.requires_grad_()
+    x16, weight16, b16 = x.bfloat16(), weight.bfloat16(), b.bfloat16()
+    y = lora_linear(x16, weight16, b16, lora_A, lora_B, 2.0, 0.0, training=True)
+    assert y.dtype == torch.bfloat16
+    y.sum().backward()
+    assert lora_A.grad.dtype == torch.float32
+    assert lora_B.grad.dtype == torch.float32
+    A64, B64 = (t.detach().double().requires_grad_() for t in (lora_A, lora_B))
+    reference(x16, weight16, b16, A64.bfloat16().double(), B64.bfloat16().double(), 2.0, None, 0.0).sum().backward()
+    assert_close_scaled(lora_A.grad, A64.grad, TOLERANCES[torch.bfloat16])
+    assert_close_scaled(lora_B.grad, B64.grad, TOLERANCES[torch.bfloat16])
+
+
+def test_eval_mode_and_zero_dropout_use_no_mask():
+    x, weight, b, lora_A, lora_B = make_inputs((2, 3))
+    want = reference(x, weight, b, lora_A, lora_B, 0.5, None, 0.0)
+    for dropout, training in ((0.4, False), (0.0, True)):
+        got = lora_linear(x, weight, b, lora_A, lora_B, 0.5, dropout, training)
+        assert_close_scaled(got, want, TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_gradcheck_float64(dropout):
+    x, weight, b, lora_A, lora_B = make_inputs((2, 3), 6, 5, 3, dtype=torch.float64)
+    seed = torch.tensor([42])
+    inputs = tuple(t.requires_grad_() for t in (x, weight, b, lora_A, lora_B))
+
+    def fn(x, weight, b, lora_A, lora_B):
+        return torch.ops.d9d.lora_forward(x, weight, b, lora_A, lora_B, 0.7, dropout, seed)[0]
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_backward_skips_grad_x_when_x_needs_none():
+    x, weight, b, lora_A, lora_B = make_inputs((4,))
+    _, xa = torch.ops.d9d.lora_forward(x, weight, b, lora_A, lora_B, 1.0, 0.2, torch.tensor([3]))
+    grad_y = torch.randn(4, weight.shape[0])
+    args = (grad_y, x, weight, lora_A, lora_B, xa, 1.0, 0.2, torch.tensor([3]))
+    grad_x, grad_A, grad_B = torch.ops.d9d.lora_backward(*args, False)
+    assert grad_x.numel() == 0
+    _, full_A, full_B = torch.ops.d9d.lora_backward(*args, True)
+    torch.testing.assert_close(grad_A, full_A)
+    torch.testing.assert_close(grad_B, full_B)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    x, weight, b, lora_A, lora_B = make_inputs((2, 3), 8, 6, 2, device=device)
+    seed = torch.tensor([7])
+    for dropout in (0.0, 0.3):
+        args = (x.requires_grad_(), weight, b, lora_A.requires_grad_(), lora_B.requires_grad_(), 1.3, dropout, seed)
+        torch.library.opcheck(torch.ops.d9d.lora_forward.default, args)
+        _, xa = torch.ops.d9d.lora_forward(*(t.detach() if isinstance(t, torch.Tensor) else t for t in args))
+        grad_y = torch.randn(2, 3, 6, device=device)
+        for need_grad_x in (True, False):
+            bwd = (grad_y, x.detach(), weight, lora_A.detach(), lora_B.detach(), xa, 1.3, dropout, seed, need_grad_x)
+            torch.library.opcheck(torch.ops.d9d.lora_backward.default, bwd)
+    torch.library.opcheck(torch.ops.d9d.dropout_mask.default, (x.detach(), 0.5, seed))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_compile_fullgraph_matches_eager(dropout):
+    x, weight, b, lora_A, lora_B = make_inputs((2, 5))
+    params = [lora_A.requires_grad_(), lora_B.requires_grad_()]
+
+    def forward(x):
+        return lora_linear(x, weight, b, lora_A, lora_B, 2.0, dropout, training=True).square().sum()
+
+    # aot_eager traces the fake kernels and the autograd formula into forward and backward graphs, like inductor,
+    # without spending the test's time on code generation.
+    compiled = torch.compile(forward, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (forward, compiled):
+        torch.manual_seed(0)
+        xi = x.clone().requires_grad_()
+        loss = fn(xi)
+        loss.backward()
+        results.append((loss.detach(), xi.grad, *(p.grad.clone() for p in params)))
+        for p in params:
+            p.grad = None
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_same_seed_same_mask_whatever_the_thread_count():
+    x, weight, b, lora_A, lora_B = make_inputs((300,), 77, 9, 3)
+    seed = torch.tensor([2**40 + 17])
+    masks, outputs = [], []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            masks.append(dropout_mask(x, 0.1, seed))
+            outputs.append(torch.ops.d9d.lora_forward(x, weight, b, lora_A, lora_B, 1.0, 0.1, seed)[0])
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(masks[0], masks[1])
+    torch.testing.assert_close(outputs[0], outputs[1])
+    # A row's mask depends only on its index, so a prefix of the rows gets a prefix of the mask.
+    assert torch.equal(dropout_mask(x[:50], 0.1, seed), masks[0][:50])
+    assert not torch.equal(dropout_mask(x, 0.1, torch.tensor([6])), masks[0])
+    assert abs(masks[0].float().mean().item() - 0.9) < 0.01
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_draws_the_cpu_mask():
+    x = torch.randn(129, 70)
+    seed = torch.tensor([2**33 + 5])
+    assert torch.equal(dropout_mask(x.cuda(), 0.3, seed).cpu(), dropout_mask(x, 0.3, seed))
+
+
+def test_manual_seed_makes_dropout_reproducible():
+    x, weight, b, lora_A, lora_B = make_inputs((40,))
+    outputs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        outputs.append(lora_linear(x, weight, b, lora_A, lora_B, 1.0, 0.5, training=True))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    assert not torch.equal(outputs[1], lora_linear(x, weight, b, lora_A, lora_B, 1.0, 0.5, training=True))
+
+
+def _forward_args(**changes):
+    x, weight, b, lora_A, lora_B = make_inputs((3,), 8, 6, 2)
+    args = {"x": x, "weight": weight, "bias": b, "lora_A": lora_A, "lora_B": lora_B}
+    args |= {"scale": 1.0, "dropout": 0.0, "seed": torch.tensor([1])}
+    return args | changes
+
+
+BAD_FORWARD = [
+    ({"lora_A": torch.randn(2, 7)}, r"lora_forward: lora_A must be r x in"),
+    ({"lora_A": torch.randn(2, 8, 1)}, r"lora_forward: lora_A must be r x in"),
+    ({"lora_B": torch.randn(6, 3)}, r"lora_forward: lora_B must be out x r"),
+    ({"weight": torch.randn(6, 9)}, r"lora_forward: weight must be out x in"),
+    ({"bias": torch.randn(5)}, r"lora_forward: bias must be 1D of size out"),
+    ({"weight": torch.randn(6, 8, dtype=torch.float64)}, r"lora_forward: weight must have x's dtype"),
+    ({"lora_B": torch.randn(6, 2).half()}, r"lora_forward: lora_B must have x's dtype"),
+    ({"x": torch.randn(3, 8).int()}, r"lora_forward: x must be float32, bfloat16, float16 or float64"),
+    ({"dropout": 1.0}, r"lora_forward: dropout must be in \[0, 1\)"),
+    ({"dropout": -0.1}, r"lora_forward: dropout must be in \[0, 1\)"),
+    ({"seed": torch.tensor([1.0])}, r"lora_forward: seed must be a CPU int64 tensor"),
+    ({"seed": torch.tensor([1, 2])}, r"lora_forward: seed must be a CPU int64 tensor"),
+    ({"scale": float("nan")}, r"lora_forward: scale must be finite"),
+]
+
+
+@pytest.mark.parametrize(("changes", "message"), BAD_FORWARD)
+def test_bad_forward_input_names_the_op_and_argument(changes, message):
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.d9d.lora_forward(**_forward_args(**changes))
+
+
+def test_bad_backward_input_names_the_op_and_argument():
+    args = _forward_args()
+    y, xa = torch.ops.d9d.lora_forward(**args)
+    bwd = (args["x"], args["weight"], args["lora_A"], args["lora_B"])
+    with pytest.raises(RuntimeError, match=r"lora_backward: grad_y must be x's shape"):
+        torch.ops.d9d.lora_backward(torch.randn(3, 5), *bwd, xa, 1.0, 0.0, args["seed"], True)
+    with pytest.raises(RuntimeError, match=r"lora_backward: xa must be N x r"):
+        torch.ops.d9d.lora_backward(torch.randn_like(y), *bwd, xa[:2], 1.0, 0.0, args["seed"], True)
+    with pytest.raises(RuntimeError, match=r"dropout_mask: dropout must be in \[0, 1\)"):
+        dropout_mask(args["x"], 2.0, args["seed"])
+
+
+def test_non_contiguous_x_is_handled():
+    x, weight, b, lora_A, lora_B = make_inputs((5, 4))
+    xt = x.transpose(0, 1)
+    got = lora_linear(xt, weight, b, lora_A, lora_B, 1.0, 0.0, training=False)
+    assert_close_scaled(got, reference(xt, weight, b, lora_A, lora_B, 1.0, None, 0.0), TOLERANCES[torch.float32])
