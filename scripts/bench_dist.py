@@ -12,7 +12,6 @@ import ctypes
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -238,18 +237,13 @@ def worker(args: argparse.Namespace) -> None:
 _WORKER_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "1048576"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def mb(n: int) -> str:
     return f"{n / 2**20:.1f}"
 
 
 def main() -> None:
     from d9d.model_state.io import save_model_state
+    from d9d.parallel import find_free_port
 
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
@@ -258,7 +252,7 @@ def main() -> None:
         rows = {}
         for approach in ("d9d", "gather"):
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-                   f"--master-port={free_port()}", __file__, "--worker", "--approach", approach,
+                   f"--master-port={find_free_port()}", __file__, "--worker", "--approach", approach,
                    "--ckpt", str(tmp / "ckpt"), "--out", str(tmp / f"out-{approach}"),
                    "--result", str(tmp / f"{approach}.json")]
             subprocess.run(cmd, check=True, timeout=900, env=_WORKER_ENV)

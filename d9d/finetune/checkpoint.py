@@ -10,10 +10,12 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from d9d.model_state.io.atomic import atomic_directory
+from d9d.parallel import barrier, is_main_rank
 
 _STEP_DIR = re.compile(r"step_(\d{8})")
 _OPTIONS = StateDictOptions(ignore_frozen_params=True)
@@ -26,15 +28,6 @@ def _trainable_model_state(model: nn.Module, optimizer: torch.optim.Optimizer) -
     return {k: v for k, v in model_sd.items() if k in trainable}, optim_sd
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, keep_last: int) -> Path:
     """Saves the trainable state after ``step`` completed steps into ``root/step_<step>``; all ranks call it.
 
@@ -42,19 +35,12 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
     """
     model_sd, optim_sd = _trainable_model_state(model, optimizer)
     final = root / f"step_{step:08d}"
-    tmp = root / f".step_{step:08d}.tmp"
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    dcp.save({"model": model_sd, "optim": optim_sd, "step": torch.tensor(step)}, checkpoint_id=tmp)
-    _barrier()
-    if _rank() == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+    with atomic_directory(final, collective=True) as tmp:
+        dcp.save({"model": model_sd, "optim": optim_sd, "step": torch.tensor(step)}, checkpoint_id=tmp)
+    if is_main_rank():
         for old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 

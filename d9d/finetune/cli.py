@@ -28,7 +28,8 @@ def load_config(path: Path | None, overrides: dict) -> FinetuneConfig:
     """The config from ``path`` (or the defaults) with top-level ``overrides`` applied, validated once.
 
     Raises:
-        ValueError: If the file is missing or not JSON.
+        ValueError: If the file is missing or not JSON, or an override goes through a field that is not an object
+            (the message names it).
         pydantic.ValidationError: If a key is unknown or a value is invalid (the error names it).
     """
     raw: dict = {}
@@ -44,8 +45,12 @@ def load_config(path: Path | None, overrides: dict) -> FinetuneConfig:
     for dotted, value in overrides.items():
         node = raw
         *parents, leaf = dotted.split(".")
-        for key in parents:
+        for depth, key in enumerate(parents):
             node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                field = ".".join(parents[: depth + 1])
+                raise ValueError(f"cannot set {dotted} (a command-line override): config field {field!r} is "
+                                 f"{json.dumps(node)}, not an object")
         node[leaf] = value
     return FinetuneConfig.model_validate(raw)
 

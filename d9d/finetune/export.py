@@ -5,11 +5,11 @@ import dataclasses
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from d9d.finetune.model import BuiltModel, ModelSource, auto_model_class
 from d9d.model_state.io import save_model_state
+from d9d.parallel import barrier, is_main_rank
 from d9d.peft import merge_peft
 from d9d.peft.lora import LoRALinear
 from d9d.peft.lora.peft_format import save_peft_adapter
@@ -50,15 +50,14 @@ def export_merged(built: BuiltModel, source: ModelSource, dest: Path, shard_size
     """
     merge_peft(built.method, built.model)
     save_model_state(dest, None, built.model, shard_size_gb=shard_size_gb, show_progress=show_progress)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if is_main_rank():
         config = built.hf_config
         config.architectures = [built.architecture]
         if built.tied.ties:
             config.tie_word_embeddings = False  # both copies are saved; they may differ after training
         config.save_pretrained(dest)
         tokenizer.save_pretrained(dest)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     return dest
 
 

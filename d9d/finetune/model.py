@@ -2,8 +2,6 @@
 
 import dataclasses
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -14,7 +12,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from d9d.finetune.config import FinetuneConfig, GeneratedLlamaSource, LocalModelSource, PackagedMiniLMSource
 from d9d.finetune.tied import TiedWeights, untie_weights
 from d9d.model_state.io import checkpoint_mapper_for, load_model_state
-from d9d.parallel import init_empty_parameters, materialize_model, shard_model
+from d9d.model_state.io.atomic import atomic_directory
+from d9d.parallel import init_empty_parameters, is_main_rank, materialize_model, shard_model
 from d9d.peft import PeftMethod, inject_peft_and_freeze
 from d9d.peft.all import peft_method_from_config
 
@@ -53,7 +52,7 @@ def prepare_model_source(cfg: FinetuneConfig) -> ModelSource:
     path = cfg.work_dir / "base_model"
     prepare = _generate_llama if isinstance(source, GeneratedLlamaSource) else _prepare_minilm
     error = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if is_main_rank():
         try:
             prepare(source, path)
         except Exception as e:  # every rank must learn of it, or the others would wait out the timeout
@@ -74,13 +73,10 @@ def _is_prepared(path: Path, spec: dict) -> bool:
 
 
 def _save_atomically(model, tokenizer, path: Path, spec: dict, max_shard_size_mb: float) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, max_shard_size=f"{int(max_shard_size_mb * 1024)}KB")
-    tokenizer.save_pretrained(tmp)
-    (tmp / GENERATED_MARKER).write_text(json.dumps(spec))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    with atomic_directory(path) as tmp:
+        model.save_pretrained(tmp, max_shard_size=f"{int(max_shard_size_mb * 1024)}KB")
+        tokenizer.save_pretrained(tmp)
+        (tmp / GENERATED_MARKER).write_text(json.dumps(spec))
 
 
 def _prepare_minilm(source: PackagedMiniLMSource, path: Path) -> None:

@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import os
-import socket
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -17,7 +16,7 @@ from d9d.finetune.data import PackedBatches, load_documents, pack_documents
 from d9d.finetune.export import export_merged, export_peft, model_logits, verify_exports
 from d9d.finetune.model import build_model, prepare_model_source
 from d9d.finetune.train import build_optimizer, train
-from d9d.parallel import init_distributed
+from d9d.parallel import find_free_port, init_distributed
 from d9d.peft import count_parameters
 from d9d.peft.lora.peft_format import load_peft_adapter
 
@@ -46,17 +45,11 @@ class RunSummary:
     reproduction: list[dict]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def setup_distributed(timeout_s: float):
     """The process group from torchrun's environment; a plain ``python`` run becomes a world of one."""
     if "RANK" not in os.environ and not dist.is_initialized():
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(find_free_port()))
     mesh = init_distributed(timeout=timedelta(seconds=timeout_s))
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return mesh, device

@@ -7,35 +7,15 @@ never silently replaced by the embedding.
 """
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from d9d.model_state.mapper import ModelStateMapper, StateGroup
+from d9d.model_state.io import read_layout
+from d9d.model_state.mapper import ModelStateMapper
 from d9d.model_state.mapper.compose import ModelStateMapperParallel, ModelStateMapperSequential
-from d9d.model_state.mapper.leaf import ModelStateMapperIdentity
-
-
-class ModelStateMapperDuplicate(ModelStateMapper):
-    """Produces ``source`` and each of its copies from the one tensor ``source`` (a tied checkpoint entry)."""
-
-    def __init__(self, source: str, copies: list[str]):
-        """Args:
-        source: The stored key.
-        copies: Keys that receive a clone of it.
-        """
-        self._source = source
-        self._copies = list(copies)
-
-    def state_dependency_groups(self) -> frozenset[StateGroup]:
-        outputs = frozenset([self._source, *self._copies])
-        return frozenset([StateGroup(inputs=frozenset([self._source]), outputs=outputs)])
-
-    def apply(self, group: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        tensor = group[self._source]
-        return {self._source: tensor, **{k: tensor.clone() for k in self._copies}}
+from d9d.model_state.mapper.leaf import ModelStateMapperDuplicate, ModelStateMapperIdentity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +26,7 @@ class TiedWeights:
 
     def loading_mapper(self, mapper: ModelStateMapper, checkpoint_dir: Path) -> ModelStateMapper:
         """``mapper`` preceded by a stage that fills the tied keys the checkpoint does not store from their source."""
-        stored = checkpoint_keys(checkpoint_dir)
+        stored = read_layout(checkpoint_dir).keys()
         needed = mapper.input_keys()
         fill: dict[str, list[str]] = {}
         for copy, source in self.ties.items():
@@ -79,17 +59,3 @@ def untie_weights(model: nn.Module) -> TiedWeights:
         owner._parameters[attr] = nn.Parameter(torch.empty_like(param, device=param.device),
                                                requires_grad=param.requires_grad)
     return TiedWeights(ties)
-
-
-def checkpoint_keys(checkpoint_dir: Path) -> set[str]:
-    """Every key of a Hugging Face checkpoint folder (sharded with an index, or one ``model.safetensors``)."""
-    from safetensors import safe_open
-
-    index = Path(checkpoint_dir) / "model.safetensors.index.json"
-    if index.is_file():
-        return set(json.loads(index.read_text())["weight_map"])
-    keys: set[str] = set()
-    for file in sorted(Path(checkpoint_dir).glob("*.safetensors")):
-        with safe_open(str(file), "pt") as f:
-            keys.update(f.keys())
-    return keys

@@ -1,6 +1,7 @@
-"""Process-group setup for scripts and tests launched by ``torchrun``."""
+"""Process-group setup for scripts and tests launched by ``torchrun``, and the rank-0 / barrier helpers."""
 
 import os
+import socket
 from datetime import timedelta
 
 import torch
@@ -37,3 +38,19 @@ def init_distributed(timeout: timedelta = timedelta(minutes=10)) -> DeviceMesh:
 def is_main_rank() -> bool:
     """True on rank 0, and in a process that is not part of a process group."""
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    """Waits for every rank of the default process group; a no-op in a process that is not part of one."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def find_free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that is free right now (for ``MASTER_PORT`` of a local launch).
+
+    The port is released before returning, so another process may take it first; local launchers accept that race.
+    """
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

@@ -1,24 +1,22 @@
 """Real multi-process runs under torchrun (gloo on the CPU): sharded load, training, merge and export."""
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_llama import TinyLlama, TinyLlamaConfig
-from worker import data, peft_config
 
 from d9d.model_state.io import load_model_state, save_model_state
 from d9d.model_state.mapper.adapters import identity_mapper_from_module
 from d9d.model_state.mapper.leaf import ModelStateMapperIdentity
+from d9d.parallel import find_free_port
 from d9d.peft import inject_peft_and_freeze, merge_peft
 from d9d.peft.all import peft_method_from_config
+from tests.distributed.worker import data, peft_config
+from tests.tiny_llama import TinyLlama, TinyLlamaConfig
+from tests.torchrun import Launch, wait_all
 
 pytestmark = pytest.mark.distributed
 
@@ -35,35 +33,11 @@ BAD = {  # case -> what its error message must name
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(work: Path, tag: str, scenarios: list[str], nproc: int = 2, nnodes: int = 1, node_rank: int = 0,
-             port: int | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
-           f"--node-rank={node_rank}", "--master-addr=127.0.0.1", f"--master-port={port or free_port()}",
-           str(WORKER), str(work), tag, *scenarios]
-    log = (work / f"{tag}-node{node_rank}.log").open("w")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-
-
-def wait(work: Path, tag: str, *procs: subprocess.Popen, expect_ok: bool = True) -> None:
-    for node_rank, proc in enumerate(procs):
-        try:
-            rc = proc.wait(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail(f"torchrun {tag} timed out; log:\n{log_tail(work, tag, node_rank)}")
-        if expect_ok and rc != 0:
-            pytest.fail(f"torchrun {tag} failed ({rc}); log:\n{log_tail(work, tag, node_rank)}")
-
-
-def log_tail(work: Path, tag: str, node_rank: int) -> str:
-    return (work / f"{tag}-node{node_rank}.log").read_text()[-6000:]
+             port: int | None = None, env: dict[str, str] | None = None) -> Launch:
+    """Starts the worker with ``scenarios`` in the background; its output goes to ``<work>/<tag>-node<N>.log``."""
+    return Launch([str(WORKER), str(work), tag, *scenarios], work / f"{tag}-node{node_rank}.log", nproc=nproc,
+                  nnodes=nnodes, node_rank=node_rank, port=port, env=env)
 
 
 def make_bad_checkpoints(base: Path, bad: Path) -> None:
@@ -96,20 +70,19 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_model_state(work / "base", None, TinyLlama(), shard_size_gb=20e-6, show_progress=False)  # 7 files
     make_bad_checkpoints(work / "base", work / "bad")
 
-    single = torchrun(work, "ws2", ["train", "mixed_dtype", "bad"])
+    single = torchrun(work, "ws2", ["train", "mixed_dtype", "bad", "no_reshard", "root_lora"])
     one = torchrun(work, "ws1", ["train"], nproc=1)
-    wait(work, "ws2", single)
-    wait(work, "ws1", one)
+    wait_all(single, one, timeout_s=TIMEOUT_S)
 
-    port = free_port()
+    port = find_free_port()
     nodes = [torchrun(work, "nodes2", ["train"], nproc=1, nnodes=2, node_rank=r, port=port) for r in (0, 1)]
     killed = torchrun(work, "atomic", ["export"], env={"D9D_TEST_KILL_RANK": "1"})
-    wait(work, "nodes2", *nodes)
-    wait(work, "atomic", killed, expect_ok=False)
+    wait_all(*nodes, timeout_s=TIMEOUT_S)
+    wait_all(killed, timeout_s=TIMEOUT_S, expect_ok=False)
     left = sorted(str(p.relative_to(work / "atomic")) for p in (work / "atomic").rglob("*"))
     (work / "atomic_killed.json").write_text(json.dumps(left))
     rerun = torchrun(work, "atomic", ["export"])  # same folder: it must clean the stale temporary folder
-    wait(work, "atomic", rerun)
+    wait_all(rerun, timeout_s=TIMEOUT_S)
     return work
 
 
@@ -131,7 +104,7 @@ def load_export(export: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-@pytest.mark.parametrize("tag", ["ws2", "nodes2", "ws1"])
+@pytest.mark.parametrize("tag", ["ws2", "nodes2", "ws1", "ws2/no_reshard", "ws2/root_lora"])
 def test_export_reproduces_adapted_model(runs: Path, tag: str) -> None:
     adapted = torch.load(runs / tag / "adapted_logits.pt")
     merged = logits_of_export(runs / tag / "export", eval_tokens())
@@ -193,3 +166,25 @@ def test_killed_export_leaves_no_complete_folder_and_rerun_succeeds(runs: Path) 
     assert {export / f for f in index["weight_map"].values()} == set(export.glob("*.safetensors"))
     assert not list((runs / "atomic").glob(".*d9d-tmp"))
     logits_of_export(export, eval_tokens())  # the rerun's export is complete and loads
+
+
+def test_merge_after_forward_without_reshard(runs: Path) -> None:
+    out = runs / "ws2" / "no_reshard"
+    assert json.loads((out / "facts.json").read_text())["gathered_before_merge"]  # the case under test happened
+    adapted = torch.load(out / "adapted_logits.pt")
+    torch.testing.assert_close(torch.load(out / "merged_model_logits.pt"), adapted, rtol=1e-5, atol=1e-5)
+    # Gathered or not after forward, the same training gives the same merged weights.
+    exported, reference = load_export(out / "export"), load_export(runs / "ws2" / "export")
+    assert exported.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(exported[key], reference[key], rtol=1e-6, atol=1e-6, msg=key)
+
+
+def test_lora_in_the_root_group_is_merged(runs: Path) -> None:
+    out = runs / "ws2" / "root_lora"
+    facts = json.loads((out / "facts.json").read_text())
+    assert facts["head_in_root_group"]
+    assert facts["head_is_lora"] == "LoRALinear"
+    assert facts["head_lora_b_moved"] > 0
+    base = load_export(runs / "base")["lm_head.weight"]
+    assert not torch.allclose(load_export(out / "export")["lm_head.weight"], base)  # the head's update is merged

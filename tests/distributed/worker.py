@@ -14,11 +14,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
+from torch.distributed.tensor import DTensor
 
-sys.path.insert(0, str(Path(__file__).parent))  # tiny_llama next to this file
-
-from tiny_llama import Block, TinyLlama, TinyLlamaConfig
+sys.path.insert(0, str(Path(__file__).parents[2]))  # the repository root: ``tests`` is a package there
 
 import d9d.model_state.io.save as save_module
 from d9d.model_state.io import checkpoint_mapper_for, load_model_state, save_model_state
@@ -27,6 +26,7 @@ from d9d.peft import inject_peft_and_freeze, merge_peft
 from d9d.peft.all import PeftStackConfig, peft_method_from_config
 from d9d.peft.full_tune import FullTuneConfig
 from d9d.peft.lora import LoRAConfig, LoRAParameters
+from tests.tiny_llama import Block, TinyLlama, TinyLlamaConfig
 
 STEPS = 3
 GLOBAL_BATCH = 4
@@ -35,9 +35,9 @@ BAD_CASES = ("missing_key", "unexpected_key", "shape_mismatch", "truncated_file"
              "unlisted_in_index")
 
 
-def peft_config(lora_dtype: str | None = None) -> PeftStackConfig:
+def peft_config(lora_dtype: str | None = None, lora_pattern: str = r".*attention\..*_proj") -> PeftStackConfig:
     return PeftStackConfig(methods=[
-        LoRAConfig(module_name_pattern=re.compile(r".*attention\..*_proj"),
+        LoRAConfig(module_name_pattern=re.compile(lora_pattern),
                    params=LoRAParameters(r=3, alpha=6, dropout=0.0, dtype=lora_dtype)),
         FullTuneConfig(module_name_pattern=re.compile(r".*norm")),
     ])
@@ -51,14 +51,15 @@ def data(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def build_sharded(ckpt: Path, dtype: torch.dtype = torch.float32, lora_dtype: str | None = None,
-                  mp_policy: MixedPrecisionPolicy | None = None):
+                  mp_policy: MixedPrecisionPolicy | None = None, config: PeftStackConfig | None = None,
+                  reshard_after_forward: bool = True):
     """Meta init, inject, shard, materialize, load: nothing is ever materialized in full."""
     torch.manual_seed(0)  # same adapter init on every rank and every world size
     with init_empty_parameters():
         model = TinyLlama(TinyLlamaConfig()).to(dtype)
-    method = peft_method_from_config(peft_config(lora_dtype))
+    method = peft_method_from_config(config or peft_config(lora_dtype))
     injection = inject_peft_and_freeze(method, model)
-    shard_model(model, Block, mp_policy=mp_policy)
+    shard_model(model, Block, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
     materialize_model(model, "cpu")
     load_model_state(ckpt, checkpoint_mapper_for(model, injection), "cpu", model, show_progress=False)
     return model, method
@@ -83,18 +84,58 @@ def train(model: torch.nn.Module, steps: int = STEPS) -> list[float]:
 
 
 def scenario_train(work: Path, tag: str) -> None:
-    out = work / tag
     model, method = build_sharded(work / "base")
     losses = train(model)
+    adapted = adapted_logits(model)
+    save_model_state(work / tag / "trained", None, model, shard_size_gb=20e-6, show_progress=False)
+    merge_and_export(model, method, adapted, work / tag)
+    if dist.get_rank() == 0:
+        (work / tag / "losses.json").write_text(json.dumps(losses))
+
+
+def adapted_logits(model: torch.nn.Module) -> torch.Tensor:
     _, evaluation = data(TinyLlamaConfig().vocab)
     with torch.no_grad():
-        adapted = model(evaluation)
-    save_model_state(out / "trained", None, model, shard_size_gb=20e-6, show_progress=False)
+        return model(evaluation)
+
+
+def merge_and_export(model: torch.nn.Module, method, adapted: torch.Tensor, out: Path) -> None:
+    """Merges on the shards, exports to ``out/export``; rank 0 keeps the adapted logits next to it."""
     merge_peft(method, model)
     save_model_state(out / "export", None, model, shard_size_gb=30e-6, show_progress=False)
     if dist.get_rank() == 0:
         torch.save(adapted, out / "adapted_logits.pt")
-        (out / "losses.json").write_text(json.dumps(losses))
+
+
+def scenario_no_reshard(work: Path, tag: str) -> None:
+    """``reshard_after_forward=False``: after a forward every group holds its parameters gathered; the merge must
+    still land in the shards (and so in the export)."""
+    out = work / tag / "no_reshard"
+    model, method = build_sharded(work / "base", reshard_after_forward=False)
+    train(model)
+    adapted = adapted_logits(model)  # no backward follows: the gathered parameters stay
+    weight = model.layers[0].attention.q_proj.base.weight
+    gathered = not isinstance(weight, DTensor)
+    merge_and_export(model, method, adapted, out)
+    merged = adapted_logits(model)  # the sharded model itself now computes with the merged weights
+    if dist.get_rank() == 0:
+        (out / "facts.json").write_text(json.dumps({"gathered_before_merge": gathered}))
+        torch.save(merged, out / "merged_model_logits.pt")
+
+
+def scenario_root_lora(work: Path, tag: str) -> None:
+    """LoRA on ``lm_head``, which no block holds: its weight and adapters live in the root FSDP group."""
+    out = work / tag / "root_lora"
+    config = peft_config(lora_pattern=r".*attention\..*_proj|lm_head")
+    model, method = build_sharded(work / "base", config=config)
+    head = model.lm_head
+    facts = {"head_in_root_group": not isinstance(head, FSDPModule) and isinstance(model, FSDPModule),
+             "head_is_lora": type(head).__name__}
+    train(model)
+    facts["head_lora_b_moved"] = head.lora_B.full_tensor().abs().max().item()
+    merge_and_export(model, method, adapted_logits(model), out)
+    if dist.get_rank() == 0:
+        (out / "facts.json").write_text(json.dumps(facts))
 
 
 def scenario_mixed_dtype(work: Path, tag: str) -> None:
@@ -144,7 +185,7 @@ def scenario_export(work: Path, tag: str) -> None:
 
 
 SCENARIOS = {"train": scenario_train, "mixed_dtype": scenario_mixed_dtype, "bad": scenario_bad,
-             "export": scenario_export}
+             "export": scenario_export, "no_reshard": scenario_no_reshard, "root_lora": scenario_root_lora}
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
-from d9d.finetune import FinetuneConfig, load_config
+from d9d.finetune import FinetuneConfig, load_config, main
 from tests.finetune.runner import finetune, write_config
 
 pytestmark = pytest.mark.local
@@ -55,3 +55,13 @@ def test_overrides_apply_to_nested_fields(tmp_path):
     cfg = load_config(write_config(tmp_path / "c.json", {"steps": 5}), {"checkpoint.resume": True, "steps": 7})
     assert cfg.steps == 7
     assert cfg.checkpoint.resume
+
+
+def test_override_through_a_non_object_field_is_a_clean_error(tmp_path, capsys):
+    config = write_config(tmp_path / "c.json", {"checkpoint": None})
+    with pytest.raises(ValueError, match=r"checkpoint\.resume.*'checkpoint' is null"):
+        load_config(config, {"checkpoint.resume": True})
+    assert main(["--config", str(config), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "'checkpoint'" in err
+    assert "Traceback" not in err

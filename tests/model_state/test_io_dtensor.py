@@ -1,6 +1,5 @@
 """DTensor mappers and I/O on an FSDP2-sharded model, in one process (a world of one, gloo)."""
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from d9d.model_state.io import load_model_state, save_model_state
 from d9d.model_state.mapper.adapters import identity_mapper_from_module
 from d9d.model_state.mapper.compose import ModelStateMapperSequential
 from d9d.model_state.mapper.leaf import ModelStateMapperDistribute, ModelStateMapperGatherFullTensor
-from d9d.parallel import shard_model
+from d9d.parallel import find_free_port, shard_model
 
 pytestmark = pytest.mark.local
 
@@ -24,10 +23,7 @@ pytestmark = pytest.mark.local
 def mesh() -> Iterator[DeviceMesh]:
     if dist.is_initialized():
         pytest.skip("a process group is already initialized in this process")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{find_free_port()}", rank=0, world_size=1)
     try:
         yield init_device_mesh("cpu", (1,))
     finally:

@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -13,6 +12,7 @@ from torch.distributed.tensor import DTensor, Shard
 from tqdm import tqdm
 
 from d9d.dtensor import full_tensor
+from d9d.model_state.io.atomic import atomic_directory
 from d9d.model_state.io.layout import INDEX_FILE, SINGLE_FILE, group_order_key, shard_file_name
 from d9d.model_state.io.model_keys import alias_groups, model_state
 from d9d.model_state.mapper import ModelStateMapper, StateGroup
@@ -44,11 +44,11 @@ def save_model_state(
     tensors and one group's gathered inputs: with a small ``shard_size_gb`` the export proceeds about one layer at
     a time and no rank ever holds the model.
 
-    The export is atomic: files go to a temporary sibling folder ``.<name>.d9d-tmp``; after every rank finished,
-    rank 0 writes the index and renames the folder to ``dest_dir`` (replacing an existing one). A run killed
-    midway leaves no ``dest_dir`` that looks complete, and the next run removes its stale temporary folder.
-    ``dest_dir``'s parent must be one file system shared by all ranks. Write other files (config, tokenizer) into
-    ``dest_dir`` after this returns.
+    The export is atomic (:func:`d9d.model_state.io.atomic.atomic_directory`): files and index go to a temporary
+    sibling folder ``.<name>.d9d-tmp``, which rank 0 renames to ``dest_dir`` (replacing an existing one) after
+    every rank finished. A run killed midway leaves no ``dest_dir`` that looks complete, and the next run removes
+    its stale temporary folder. ``dest_dir``'s parent must be one file system shared by all ranks. Write other
+    files (config, tokenizer) into ``dest_dir`` after this returns.
 
     Args:
         dest_dir: The checkpoint folder to create.
@@ -72,32 +72,21 @@ def save_model_state(
         raise ValueError(f"save_model_state: the mapper reads key(s) the model's state lacks: {missing[:10]}")
     files = _plan_files(mapper, state, int(shard_size_gb * 1e9))
 
-    distributed = dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     dest = Path(dest_dir)
-    tmp = dest.parent / f".{dest.name}.d9d-tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier(distributed)
-
     total_groups = sum(len(f.groups) for f in files)
-    progress = tqdm(total=total_groups, desc=f"saving {dest.name}", unit="group",
-                    disable=not (show_progress and rank == 0))
-    weight_map: dict[str, str] = {}
-    for i, planned in enumerate(files):
-        _write_file(planned, mapper, state, tmp, owner=i % world, progress=progress)
-        weight_map.update((k, planned.name) for group in planned.groups for k in group.outputs)
-    progress.close()
-    _barrier(distributed)  # every file is written
-
-    if rank == 0:
-        if len(files) > 1:
+    with atomic_directory(dest, collective=True) as tmp:
+        progress = tqdm(total=total_groups, desc=f"saving {dest.name}", unit="group",
+                        disable=not (show_progress and rank == 0))
+        weight_map: dict[str, str] = {}
+        for i, planned in enumerate(files):
+            _write_file(planned, mapper, state, tmp, owner=i % world, progress=progress)
+            weight_map.update((k, planned.name) for group in planned.groups for k in group.outputs)
+        progress.close()
+        if rank == 0 and len(files) > 1:  # the index depends on the plan only; the rename waits for every file
             index = {"metadata": {"total_size": sum(f.weight_bytes for f in files)},
                      "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        _replace_dir(tmp, dest)
-    _barrier(distributed)  # nobody returns before dest exists
 
 
 @torch.no_grad()
@@ -181,18 +170,3 @@ def _owned_cpu(t: torch.Tensor, kept: dict[str, torch.Tensor]) -> torch.Tensor:
     if not whole or any(v.untyped_storage().data_ptr() == ptr for v in kept.values()):
         t = t.clone()
     return t
-
-
-def _barrier(distributed: bool) -> None:
-    if distributed:
-        dist.barrier()
-
-
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    """Renames ``tmp`` to ``dest``; an existing ``dest`` is moved aside first and removed after."""
-    old = dest.parent / f".{dest.name}.d9d-old"
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        dest.rename(old)
-    tmp.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)

@@ -5,6 +5,7 @@ from d9d.model_state.mapper.adapters import identity_mapper_from_module
 from d9d.model_state.mapper.compose import ModelStateMapperParallel, ModelStateMapperSequential
 from d9d.model_state.mapper.leaf import (
     ModelStateMapperDistribute,
+    ModelStateMapperDuplicate,
     ModelStateMapperGatherFullTensor,
     ModelStateMapperIdentity,
     ModelStateMapperRename,
@@ -13,6 +14,7 @@ from d9d.model_state.mapper.leaf import (
 __all__ = [
     "ModelStateMapper",
     "ModelStateMapperDistribute",
+    "ModelStateMapperDuplicate",
     "ModelStateMapperGatherFullTensor",
     "ModelStateMapperIdentity",
     "ModelStateMapperParallel",

@@ -13,16 +13,16 @@ import json
 import math
 import os
 import re
-import shutil
 from collections import Counter
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from d9d.dtensor import full_tensor, local_part
+from d9d.model_state.io.atomic import atomic_directory
+from d9d.parallel.process_group import barrier, is_main_rank
 from d9d.peft.lora.layer import LoRALinear
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -157,22 +157,26 @@ def save_peft_adapter(
     state, modules_to_save = peft_adapter_state(model, include_modules_to_save)
     lora = _lora_layers(model)
     config = _adapter_config(lora, modules_to_save, base_model_name_or_path, task_type)
-    names = [n for n, _ in model.named_modules()]
     for target in modules_to_save:
-        clashes = [n for n in names if n.endswith(target) and n != target]
+        clashes = [n for n in _peft_modules_to_save(model, [target]) if n != target]
         if clashes:
             raise ValueError(f"modules_to_save entry {target!r} would also match {clashes[:3]} in PEFT (suffix match)")
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        tmp = dest.with_name(dest.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
-    if dist.is_initialized():
-        dist.barrier()
+    if is_main_rank():
+        with atomic_directory(dest) as tmp:
+            save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    barrier()
     return dest
+
+
+def _peft_modules_to_save(model: nn.Module, entries: list[str]) -> list[str]:
+    """The names of the modules that PEFT saves for the ``modules_to_save`` entries.
+
+    PEFT (``peft.utils.other._set_trainable``) wraps every module whose qualified name ends with an entry, as a
+    plain string suffix: ``"norm"`` selects ``model.norm`` and also ``model.layers.0.input_layernorm``. The adapter
+    file then holds each selected module's parameters under ``base_model.model.<module>.<param>``.
+    """
+    return [name for name, _ in model.named_modules() if name and any(name.endswith(e) for e in entries)]
 
 
 def _peft_scale(config: dict, name: str, r: int) -> float:
@@ -221,10 +225,10 @@ def load_peft_adapter(model: nn.Module, src_dir: str | os.PathLike, check_scale:
     for name, layer in lora.items():
         targets[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A
         targets[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B
-    for module in config.get("modules_to_save") or []:
-        for pname, param in params.items():
-            if pname.startswith(module + "."):
-                targets[f"{PREFIX}{pname}"] = param
+    saved_modules = _peft_modules_to_save(model, config.get("modules_to_save") or [])
+    for pname, param in params.items():
+        if any(pname.startswith(module + ".") for module in saved_modules):
+            targets[f"{PREFIX}{pname}"] = param
     missing = sorted(targets.keys() - state.keys())
     unexpected = sorted(state.keys() - targets.keys())
     if missing:

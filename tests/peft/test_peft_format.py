@@ -5,6 +5,7 @@ import re
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from d9d.peft import inject_peft_and_freeze
 from d9d.peft.all import PeftStackConfig, peft_method_from_config
@@ -85,6 +86,30 @@ def test_peft_made_adapter_imports_into_d9d(tmp_path):
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=x).logits, peft_model(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_made_adapter_with_modules_to_save_imports_into_d9d(tmp_path):
+    # PEFT selects modules_to_save by name suffix: "embed_tokens" is model.embed_tokens, and "norm" is model.norm
+    # plus every layer's input_layernorm / post_attention_layernorm.
+    lora_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                                  init_lora_weights=False, modules_to_save=["embed_tokens", "norm"])
+    peft_model = peft.get_peft_model(_tiny_llama(), lora_config).eval()
+    _perturb(peft_model)  # the saved modules' trained copies differ from the base weights
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    saved = load_file(tmp_path / "adapter" / ADAPTER_WEIGHTS)
+    assert "base_model.model.model.embed_tokens.weight" in saved
+    assert "base_model.model.model.layers.1.post_attention_layernorm.weight" in saved
+
+    model = _tiny_llama()
+    cfg = LoRAConfig(module_name_pattern=re.compile(r".*\.(q_proj|v_proj)"), params=LoRAParameters(r=4, alpha=8))
+    inject_peft_and_freeze(peft_method_from_config(cfg), model)
+    load_peft_adapter(model, tmp_path / "adapter")
+    x = torch.randint(0, 97, (2, 16))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).logits, peft_model(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.model.embed_tokens.weight,
+                                   saved["base_model.model.model.embed_tokens.weight"])
 
 
 def test_import_rejects_mismatches_naming_them(tmp_path):

@@ -1,15 +1,15 @@
-"""Single-process tests of d9d.parallel: meta-device construction, materialization, block selection."""
+"""d9d.parallel.meta_init: meta-device construction and materialization, in one process."""
 
 import re
 
 import pytest
 import torch
-from tiny_llama import TinyLlama
 from torch import nn
 
-from d9d.parallel import init_distributed, init_empty_parameters, materialize_model, shard_model
+from d9d.parallel import init_empty_parameters, materialize_model
 from d9d.peft import inject_peft_and_freeze
 from d9d.peft.lora import LoRA, LoRAConfig, LoRAParameters
+from tests.tiny_llama import TinyLlama
 
 pytestmark = pytest.mark.local
 
@@ -44,17 +44,3 @@ def test_materialize_refuses_meta_non_persistent_buffers() -> None:
     with pytest.raises(ValueError, match=r"rotary\.inv_freq"):
         materialize_model(model, "cpu")
     materialize_model(model, "cpu", allow_uninitialized_buffers=True)
-
-
-def test_shard_model_needs_a_block() -> None:
-    with pytest.raises(ValueError, match="no submodule"):
-        shard_model(TinyLlama(), nn.GRU)
-    with pytest.raises(TypeError, match="module classes or a predicate"):
-        shard_model(TinyLlama(), ["Block"])
-
-
-def test_init_distributed_needs_torchrun_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(var, raising=False)
-    with pytest.raises(RuntimeError, match="RANK"):
-        init_distributed()
