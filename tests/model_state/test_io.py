@@ -199,3 +199,11 @@ def test_single_file_layout_loads(tmp_path: Path) -> None:
 def test_bad_shard_size() -> None:
     with pytest.raises(ValueError, match="shard_size_gb"):
         save_model_state("unused", None, Stack(layers=1), shard_size_gb=0)
+
+
+def test_loading_into_a_model_left_on_meta_is_refused(tmp_path: Path) -> None:
+    save_model_state(tmp_path / "ckpt", None, Stack(layers=2), show_progress=False)
+    with torch.device("meta"):
+        model = Stack(layers=2)
+    with pytest.raises(ValueError, match=r"still on the meta device.*'embed\.weight'.*materialize_model"):
+        load_model_state(tmp_path / "ckpt", identity_mapper_from_module(model), "cpu", model, show_progress=False)

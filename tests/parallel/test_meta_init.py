@@ -44,3 +44,11 @@ def test_materialize_refuses_meta_non_persistent_buffers() -> None:
     with pytest.raises(ValueError, match=r"rotary\.inv_freq"):
         materialize_model(model, "cpu")
     materialize_model(model, "cpu", allow_uninitialized_buffers=True)
+
+
+def test_materialize_refuses_real_parameters() -> None:
+    model = nn.Linear(4, 4)
+    weight = model.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"\['weight', 'bias'\] are not on the meta device"):
+        materialize_model(model, "cpu")
+    assert torch.equal(model.weight, weight)
