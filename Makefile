@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.d9d-installed
 
-.PHONY: demo test lint bench clean cpptest
+.PHONY: demo test lint clean cpptest cpp-deps
 
 $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -15,15 +15,23 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp cs
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
+# ruff, the C++ unit tests of the ops, then the Python suite (unit, op and torchrun multi-process tests).
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(MAKE) cpptest
 	$(PY) -m pytest -q
 
-# C++ unit tests of the ops (needs cmake and GoogleTest: apt-get install -y cmake libgtest-dev).
-cpptest: $(STAMP)
-	cmake -S . -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
-	cmake --build build/cmake
-	ctest --test-dir build/cmake --output-on-failure
+# C++ unit tests of the ops: CMake against the installed torch's libtorch, GoogleTest from Debian.
+cpptest: $(STAMP) cpp-deps
+	export PATH="$(abspath $(VENV))/bin:$$PATH"; \
+	cmake -S . -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+	  && cmake --build build/cmake && ctest --test-dir build/cmake --output-on-failure
+
+cpp-deps:
+	@if [ ! -f /usr/include/gtest/gtest.h ] || ! command -v cmake >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq cmake libgtest-dev; \
+	  else echo "the C++ tests need cmake and GoogleTest: sudo apt-get install -y cmake libgtest-dev" >&2; exit 1; fi; \
+	fi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
