@@ -25,7 +25,7 @@ int64_t grid_for(int64_t work) {
 template <typename scalar_t, bool kBackward>
 __global__ void dropout_rows_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
                                     scalar_t* __restrict__ grad, int64_t rows, int64_t cols, int64_t row0,
-                                    uint64_t seed, uint32_t threshold, float scale) {
+                                    uint64_t seed, uint32_t threshold, double scale) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t groups = (cols + kMaskGroup - 1) / kMaskGroup;
   const int64_t total = rows * groups;
@@ -80,7 +80,7 @@ void launch_dropout_rows(const at::Tensor& x, const at::Tensor& out, const at::T
     dropout_rows_kernel<scalar_t, kBackward><<<grid_for(work), kThreads, 0, stream>>>(
         x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
         kBackward ? grad->mutable_data_ptr<scalar_t>() : nullptr, rows, cols, row0, spec.seed, spec.threshold,
-        static_cast<float>(spec.scale));
+        spec.scale);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -125,6 +125,8 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x, const 
                                                      const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                                                      const at::Tensor& lora_B, double scale, double dropout,
                                                      const at::Tensor& seed) {
+  TORCH_CHECK(x.is_cuda(), "lora_forward: x must be a CUDA tensor (another argument sent the call to the "
+              "CUDA kernel), got x on ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   return lora_forward(kCudaKernels, x, weight, bias, lora_A, lora_B, scale, dropout, seed);
 }
@@ -134,21 +136,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(const at::Tens
                                                                   const at::Tensor& lora_B, const at::Tensor& xa,
                                                                   double scale, double dropout, const at::Tensor& seed,
                                                                   bool need_grad_x) {
+  TORCH_CHECK(x.is_cuda(), "lora_backward: x must be a CUDA tensor (another argument sent the call to the "
+              "CUDA kernel), got x on ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   return lora_backward(kCudaKernels, grad_y, x, weight, lora_A, lora_B, xa, scale, dropout, seed, need_grad_x);
 }
 
 void lora_merge_cuda(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
+  TORCH_CHECK(weight.is_cuda(), "lora_merge_: weight must be a CUDA tensor (another argument sent the call to the "
+              "CUDA kernel), got weight on ", weight.device());
   const c10::cuda::CUDAGuard guard(weight.device());
   lora_merge("lora_merge_", weight, lora_A, lora_B, scale, 1.0);
 }
 
 void lora_unmerge_cuda(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
+  TORCH_CHECK(weight.is_cuda(), "lora_unmerge_: weight must be a CUDA tensor (another argument sent the call to the "
+              "CUDA kernel), got weight on ", weight.device());
   const c10::cuda::CUDAGuard guard(weight.device());
   lora_merge("lora_unmerge_", weight, lora_A, lora_B, scale, -1.0);
 }
 
 at::Tensor dropout_mask_cuda(const at::Tensor& x, double dropout, const at::Tensor& seed) {
+  TORCH_CHECK(x.is_cuda(), "dropout_mask: x must be a CUDA tensor (another argument sent the call to the "
+              "CUDA kernel), got x on ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   return dropout_mask(kCudaKernels, x, dropout, seed);
 }

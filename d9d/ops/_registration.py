@@ -22,12 +22,12 @@ def draw_seed() -> torch.Tensor:
 
     The seed travels as a CPU int64 tensor rather than a Python int so that ``torch.compile`` traces it as data.
     """
-    return torch.randint(0, 2**62, (1,), dtype=torch.int64)
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device="cpu")  # never the default device
 
 
 def no_seed() -> torch.Tensor:
     """The seed argument for calls without dropout (its value is ignored)."""
-    return torch.zeros(1, dtype=torch.int64)
+    return torch.zeros(1, dtype=torch.int64, device="cpu")
 
 
 @torch.library.register_fake("d9d::lora_forward")

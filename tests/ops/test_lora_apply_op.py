@@ -181,19 +181,20 @@ def test_compile_fullgraph_matches_eager(dropout):
 
 
 def test_same_seed_same_mask_whatever_the_thread_count():
-    x, weight, b, lora_A, lora_B = make_inputs((300,), 77, 9, 3)
+    # Large enough that at::parallel_for really splits the rows across threads (its grain is 32768 elements).
+    x, weight, b, lora_A, lora_B = make_inputs((4000,), 300, 9, 3)
     seed = torch.tensor([2**40 + 17])
     masks, outputs = [], []
     previous = torch.get_num_threads()
     try:
-        for threads in (1, 2):
+        for threads in (1, 2, 4):
             torch.set_num_threads(threads)
             masks.append(dropout_mask(x, 0.1, seed))
             outputs.append(torch.ops.d9d.lora_forward(x, weight, b, lora_A, lora_B, 1.0, 0.1, seed)[0])
     finally:
         torch.set_num_threads(previous)
-    assert torch.equal(masks[0], masks[1])
-    torch.testing.assert_close(outputs[0], outputs[1])
+    assert all(torch.equal(masks[0], m) for m in masks[1:])
+    assert all(torch.equal(outputs[0], out) for out in outputs[1:])  # row-parallel: bitwise the same
     # A row's mask depends only on its index, so a prefix of the rows gets a prefix of the mask.
     assert torch.equal(dropout_mask(x[:50], 0.1, seed), masks[0][:50])
     assert not torch.equal(dropout_mask(x, 0.1, torch.tensor([6])), masks[0])
@@ -265,3 +266,16 @@ def test_non_contiguous_x_is_handled():
     xt = x.transpose(0, 1)
     got = lora_linear(xt, weight, b, lora_A, lora_B, 1.0, 0.0, training=False)
     assert_close_scaled(got, reference(xt, weight, b, lora_A, lora_B, 1.0, None, 0.0), TOLERANCES[torch.float32])
+
+
+def test_seed_stays_on_the_cpu_whatever_the_default_device():
+    x, weight, b, lora_A, lora_B = make_inputs((5,), 8, 6, 2)
+    results = []
+    for training, default in ((False, "cpu"), (False, "meta"), (True, "cpu"), (True, "meta")):
+        torch.manual_seed(3)
+        with torch.device(default):  # a seed on meta would send the call to the fake kernel
+            results.append(lora_linear(x, weight, b, lora_A, lora_B, 2.0, 0.2, training=training))
+    assert all(r.device.type == "cpu" for r in results)
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+    torch.testing.assert_close(results[3], results[2], rtol=0, atol=0)
+    assert not torch.equal(results[2], results[0])  # dropout did act in training
