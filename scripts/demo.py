@@ -7,6 +7,7 @@ model as a Hugging Face checkpoint, and checks that both reproduce the adapted m
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,8 @@ WORK_DIR = Path("runs/demo")
 
 
 def main(argv: list[str]) -> int:
+    if "--resume" not in argv:  # the demo starts afresh; the fine-tune refuses to mix runs in one folder
+        shutil.rmtree(WORK_DIR / "checkpoints", ignore_errors=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "d9d.finetune", "--work-dir", str(WORK_DIR), *argv]
     print("$", " ".join(cmd), flush=True)
@@ -24,9 +27,13 @@ def main(argv: list[str]) -> int:
         return rc
     summary = json.loads((WORK_DIR / "summary.json").read_text())
     print("\n=== d9d demo summary ===")
-    print(f"world size {summary['world_size']}: loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f} "
-          f"over steps {summary['start_step'] + 1}..{summary['steps']} in {summary['train_seconds']:.0f}s "
-          f"({summary['tokens_per_second']:,.0f} tok/s)")
+    trained = summary["first_loss"] is not None
+    if trained:
+        print(f"world size {summary['world_size']}: loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f} "
+              f"over steps {summary['start_step'] + 1}..{summary['steps']} in {summary['train_seconds']:.0f}s "
+              f"({summary['tokens_per_second']:,.0f} tok/s)")
+    else:
+        print(f"world size {summary['world_size']}: nothing to train (resumed at step {summary['start_step']})")
     print(f"trainable {summary['trainable_parameters']:,} of {summary['total_parameters']:,} parameters")
     print(f"base model (generated, sharded HF checkpoint): {summary['base_model']}")
     print(f"adapter checkpoint (DCP, resumable):            {summary['checkpoint']}")
@@ -36,7 +43,8 @@ def main(argv: list[str]) -> int:
         verdict = "OK" if check["ok"] else "MISMATCH"
         print(f"reproduction: {check['what']}: max abs diff {check['max_abs_diff']:.2e}, "
               f"max rel diff {check['max_rel_diff']:.2e} [{verdict}]")
-    ok = summary["last_loss"] < summary["first_loss"] and all(c["ok"] for c in summary["reproduction"])
+    falling = not trained or summary["last_loss"] < summary["first_loss"]
+    ok = falling and all(c["ok"] for c in summary["reproduction"])
     return 0 if ok else 1
 
 

@@ -84,12 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(cfg.model_dump_json(indent=2))
+        print(cfg.model_copy(update={"peft": cfg.peft_config()}).model_dump_json(indent=2))
         return 0
     from d9d.finetune.run import run_finetune
 
     try:
-        run_finetune(cfg)
+        summary = run_finetune(cfg)
     except (ValueError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -98,4 +98,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+    failed = [r for r in summary.reproduction if not r["ok"]]
+    if failed:
+        print(f"error: the exports do not reproduce the adapted model: {[r['what'] for r in failed]}", file=sys.stderr)
+        return 1
     return 0

@@ -68,19 +68,22 @@ class Reproduction:
     what: str
     max_abs_diff: float
     max_rel_diff: float
+    tolerance: float
 
     @property
     def ok(self) -> bool:
-        return self.max_rel_diff < 1e-4
+        return self.max_rel_diff < self.tolerance
 
     def __str__(self) -> str:
         verdict = "OK" if self.ok else "MISMATCH"
         return f"{self.what}: max abs diff {self.max_abs_diff:.2e}, max rel diff {self.max_rel_diff:.2e} [{verdict}]"
 
 
-def _compare(what: str, got: torch.Tensor, expected: torch.Tensor) -> Reproduction:
+def _compare(what: str, got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> Reproduction:
     diff = (got - expected).abs().max().item()
-    return Reproduction(what, diff, diff / max(expected.abs().max().item(), 1e-12))
+    # A merged 16-bit weight is rounded once more than W + s B A computed on the fly: allow that rounding.
+    tolerance = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
+    return Reproduction(what, diff, diff / max(expected.abs().max().item(), 1e-12), tolerance)
 
 
 @torch.no_grad()
@@ -90,7 +93,7 @@ def verify_exports(source: ModelSource, merged_dir: Path, adapter_dir: Path | No
     cls = auto_model_class(source.task)
     merged = cls.from_pretrained(merged_dir, dtype=dtype).eval()
     results = [_compare(f"merged export ({cls.__name__}.from_pretrained)", merged(input_ids=input_ids).logits.float(),
-                        expected)]
+                        expected, dtype)]
     del merged
     if adapter_dir is not None:
         from peft import PeftModel
@@ -98,5 +101,5 @@ def verify_exports(source: ModelSource, merged_dir: Path, adapter_dir: Path | No
         base = cls.from_pretrained(source.path, dtype=dtype)
         peft_model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
         results.append(_compare("PEFT adapter (PeftModel.from_pretrained)",
-                                peft_model(input_ids=input_ids).logits.float(), expected))
+                                peft_model(input_ids=input_ids).logits.float(), expected, dtype))
     return results

@@ -70,6 +70,12 @@ def run_finetune(cfg: FinetuneConfig) -> RunSummary:
     mesh, device = setup_distributed(cfg.timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
     main = rank == 0
+    ckpt_root = cfg.checkpoint_dir()
+    earlier = list_checkpoints(ckpt_root)
+    if earlier and not cfg.checkpoint.resume:
+        raise ValueError(f"checkpoint.dir {ckpt_root} already holds checkpoints of an earlier run (latest: "
+                         f"{earlier[-1].name}); pass --resume to continue it, or remove them or choose another "
+                         "work_dir to start afresh")
     source = prepare_model_source(cfg)
     _say(main, f"[d9d] world size {world}, device {device.type}; base model {source.path} ({source.task})")
     tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_path)
@@ -91,12 +97,13 @@ def run_finetune(cfg: FinetuneConfig) -> RunSummary:
     _say(main, f"[d9d] {counts}")
     optimizer = build_optimizer(built.model, cfg.optimizer)
 
-    ckpt_root = cfg.checkpoint_dir()
     start_step = 0
-    if cfg.checkpoint.resume and list_checkpoints(ckpt_root):
-        latest = list_checkpoints(ckpt_root)[-1]
-        start_step = load_checkpoint(latest, built.model, optimizer)
-        _say(main, f"[d9d] resumed from {latest} at step {start_step}")
+    if cfg.checkpoint.resume and earlier:
+        start_step = load_checkpoint(earlier[-1], built.model, optimizer)
+        _say(main, f"[d9d] resumed from {earlier[-1]} at step {start_step}")
+        if start_step >= cfg.steps:
+            _say(main, f"[d9d] nothing to train: the checkpoint is at step {start_step} and steps is {cfg.steps} "
+                       "(raise --steps to train further); exporting it")
     last_ckpt: list[Path] = []
 
     def on_step_end(done: int) -> None:

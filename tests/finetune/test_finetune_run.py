@@ -73,6 +73,15 @@ def test_resume_matches_uninterrupted_run(tmp_path):
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
     assert not torch.equal(expected[next(k for k in expected if "lora_B" in k)], torch.zeros(1))
 
+    # A fresh run into a folder holding another run's checkpoints is refused, not silently mixed with them.
+    refused = finetune(cfg, nproc=None, expect_rc=1)
+    assert "already holds checkpoints" in refused.stderr
+    assert "--resume" in refused.stderr
+    # Resuming a finished run trains nothing, says so, and exports what it has.
+    again = finetune(cfg, "--resume", nproc=None)
+    assert "nothing to train" in again.stdout
+    assert summary(resumed)["losses"] == {}
+
 
 @pytest.mark.local
 def test_pretrained_bert_masked_lm_single_process(tmp_path):
