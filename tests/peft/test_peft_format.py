@@ -112,29 +112,28 @@ def test_peft_made_adapter_with_modules_to_save_imports_into_d9d(tmp_path):
                                    saved["base_model.model.model.embed_tokens.weight"])
 
 
-def test_import_rejects_mismatches_naming_them(tmp_path):
+def _lora_llama(pattern: str, r: int, alpha: float):
     model = _tiny_llama()
-    cfg = LoRAConfig(module_name_pattern=re.compile(r".*\.q_proj"), params=LoRAParameters(r=4, alpha=8))
-    inject_peft_and_freeze(peft_method_from_config(cfg), model)
-    save_peft_adapter(model, tmp_path / "ok")
+    config = LoRAConfig(module_name_pattern=re.compile(pattern), params=LoRAParameters(r=r, alpha=alpha))
+    inject_peft_and_freeze(peft_method_from_config(config), model)
+    return model
 
-    other = _tiny_llama()
-    inject_peft_and_freeze(peft_method_from_config(
-        LoRAConfig(module_name_pattern=re.compile(r".*\.(q_proj|k_proj)"), params=LoRAParameters(r=4, alpha=8))), other)
-    with pytest.raises(ValueError, match=r"missing key\(s\).*k_proj"):
-        load_peft_adapter(other, tmp_path / "ok")
 
-    wrong_rank = _tiny_llama()
-    inject_peft_and_freeze(peft_method_from_config(
-        LoRAConfig(module_name_pattern=re.compile(r".*\.q_proj"), params=LoRAParameters(r=2, alpha=4))), wrong_rank)
-    with pytest.raises(ValueError, match=r"q_proj.lora_A.weight' has shape"):
-        load_peft_adapter(wrong_rank, tmp_path / "ok")
+@pytest.mark.parametrize(
+    ("pattern", "r", "alpha", "message"),
+    [
+        (r".*\.(q_proj|k_proj)", 4, 8, r"missing key\(s\).*k_proj"),
+        (r".*\.q_proj", 2, 4, r"q_proj.lora_A.weight' has shape"),
+        (r".*\.q_proj", 4, 2, r"q_proj' has scale"),
+    ],
+    ids=["missing-layer", "wrong-rank", "wrong-scale"],
+)
+def test_import_rejects_mismatches_naming_them(tmp_path, pattern, r, alpha, message):
+    save_peft_adapter(_lora_llama(r".*\.q_proj", 4, 8), tmp_path / "ok")
+    with pytest.raises(ValueError, match=message):
+        load_peft_adapter(_lora_llama(pattern, r, alpha), tmp_path / "ok")
 
-    wrong_scale = _tiny_llama()
-    inject_peft_and_freeze(peft_method_from_config(
-        LoRAConfig(module_name_pattern=re.compile(r".*\.q_proj"), params=LoRAParameters(r=4, alpha=2))), wrong_scale)
-    with pytest.raises(ValueError, match=r"q_proj' has scale"):
-        load_peft_adapter(wrong_scale, tmp_path / "ok")
 
+def test_import_without_adapter_config_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"has no adapter_config\.json"):
-        load_peft_adapter(model, tmp_path)
+        load_peft_adapter(_lora_llama(r".*\.q_proj", 4, 8), tmp_path)
