@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 LAYERS, DIM, RANK_R = 12, 2048, 16
 SHARD_GB = DIM * DIM * 4 / 1e9  # one weight per file, so load and export go one layer at a time
@@ -67,7 +67,8 @@ class PeakRss:
     def __init__(self):
         self.peak = self.baseline = self.now()
         self._stop = False
-        threading.Thread(target=self._run, daemon=True).start()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
 
     @staticmethod
     def now() -> int:
@@ -90,23 +91,46 @@ class PeakRss:
         self.peak = max(self.peak, self.now())
         return self.peak - self.baseline
 
+    def stop(self) -> None:
+        self._stop = True
+        self._thread.join()
 
-_COLLECTIVES = ("all_gather", "reduce_scatter", "all_reduce", "broadcast", "all_to_all")
 
+class CommBytes:
+    """Bytes this rank receives through the functional collectives that DTensor uses (``full_tensor``, and the
+    redistributions its sharding rules ask for), counted by wrapping them for the duration of the block."""
 
-class CommBytes(TorchDispatchMode):
-    """Bytes each rank receives through functional collectives (what DTensor's ``full_tensor`` uses)."""
+    _GATHERS = ("all_gather_tensor", "all_gather_single")
+    _OTHERS = ("all_reduce", "reduce_scatter_tensor", "reduce_scatter_single", "all_to_all_single", "broadcast")
 
     def __init__(self):
-        super().__init__()
         self.received = 0
+        self._saved: dict[str, object] = {}
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.namespace == "_c10d_functional" and any(c in func.__name__ for c in _COLLECTIVES):
-            sent = args[0].numel() * args[0].element_size()
-            self.received += out.numel() * out.element_size() - (sent if "all_gather" in func.__name__ else 0)
-        return out
+    def _wrap(self, name: str, gather: bool):
+        original = getattr(funcol, name, None)
+        if original is None:  # not in this torch version
+            return
+
+        def counted(tensor, *args, **kwargs):
+            out = original(tensor, *args, **kwargs)
+            own = tensor.numel() * tensor.element_size() if gather else 0
+            self.received += out.numel() * out.element_size() - own
+            return out
+
+        self._saved[name] = original
+        setattr(funcol, name, counted)
+
+    def __enter__(self) -> "CommBytes":
+        for name in self._GATHERS:
+            self._wrap(name, gather=True)
+        for name in self._OTHERS:
+            self._wrap(name, gather=False)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, original in self._saved.items():
+            setattr(funcol, name, original)
 
 
 def lora_a_bytes(model: nn.Module) -> int:
@@ -225,6 +249,7 @@ def worker(args: argparse.Namespace) -> None:
     rss = PeakRss()
     run = run_d9d if args.approach == "d9d" else run_gather
     result = run(Path(args.ckpt), Path(args.out), mesh, rss)
+    rss.stop()
     results = [None] * dist.get_world_size()
     dist.all_gather_object(results, result)
     if dist.get_rank() == 0:

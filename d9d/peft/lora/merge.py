@@ -3,29 +3,29 @@
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from d9d.dtensor import full_tensor, local_part
+from d9d.dtensor import full_tensor
 from d9d.ops import lora_merge_
 
 
 def merge_lora_weight_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> None:
-    """``weight += scale * lora_B @ lora_A`` in place, shard-locally when ``weight`` is a DTensor.
+    """``weight += scale * lora_B @ lora_A`` in place; a sharded ``weight`` stays sharded and is never gathered.
 
-    For ``weight`` sharded by rows (FSDP2's ``Shard(0)``), ``lora_B`` is sharded the same way (it has the same
-    number of rows), so each rank updates its rows with its rows of ``B`` and the full ``A``: the only
-    communication is gathering ``A`` (r x in); ``weight`` is never gathered.
-
-    Raises:
-        ValueError: If ``weight`` is a DTensor placed in a way this local computation does not cover.
+    On DTensors the merge op's sharding rule (``d9d/ops/sharding.py``) does the work: for FSDP2's row sharding,
+    ``lora_B`` is sharded like ``weight`` (same number of rows), so each rank updates its rows with its rows of
+    ``B`` and the gathered ``A`` (r x in), the only communication.
     """
-    if not isinstance(weight, DTensor):
-        lora_merge_(weight, full_tensor(lora_A), full_tensor(lora_B), scale)
-        return
-    if any(not isinstance(p, Shard | Replicate) or (isinstance(p, Shard) and p.dim != 0) for p in weight.placements):
-        raise ValueError(f"cannot merge LoRA into a weight placed as {weight.placements}; expected Shard(0)/Replicate")
-    a_full = full_tensor(lora_A)
-    same_layout = isinstance(lora_B, DTensor) and lora_B.device_mesh == weight.device_mesh
-    if same_layout and lora_B.placements == weight.placements:
-        b_local = lora_B.to_local()
-    else:  # B is laid out differently from W: take W's rows of the full B (B is small: out x r)
-        b_local = local_part(full_tensor(lora_B), weight)
-    lora_merge_(weight.to_local(), a_full, b_local, scale)
+    if isinstance(weight, DTensor):
+        if any(not (isinstance(p, Replicate) or (type(p) is Shard and p.dim in (0, 1))) for p in weight.placements):
+            # DTensor would redistribute the weight to merge into a copy, and the update would be lost.
+            raise ValueError(f"cannot merge LoRA into a weight placed as {weight.placements}; expected Shard(0), "
+                             "Shard(1) or Replicate on each mesh dimension")
+        lora_A, lora_B = _on_mesh_of(lora_A, weight), _on_mesh_of(lora_B, weight)
+    lora_merge_(weight, lora_A, lora_B, scale)
+
+
+def _on_mesh_of(t: torch.Tensor, weight: DTensor) -> torch.Tensor:
+    """``t`` as a DTensor on ``weight``'s mesh (adapters that were not sharded with it are replicated: small)."""
+    if isinstance(t, DTensor) and t.device_mesh == weight.device_mesh:
+        return t
+    replicate = [Replicate()] * weight.device_mesh.ndim
+    return DTensor.from_local(full_tensor(t), weight.device_mesh, replicate, run_check=False)
