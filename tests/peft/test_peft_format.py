@@ -77,10 +77,7 @@ def test_peft_made_adapter_imports_into_d9d(tmp_path):
                                   task_type="CAUSAL_LM", init_lora_weights=False)
     peft_model = peft.get_peft_model(_tiny_llama(), lora_config).eval()
     peft_model.save_pretrained(str(tmp_path / "adapter"))
-    model = _tiny_llama()
-    cfg = LoRAConfig(module_name_pattern=re.compile(r".*\.(q_proj|o_proj|up_proj)"),
-                     params=LoRAParameters(r=4, alpha=12))
-    inject_peft_and_freeze(peft_method_from_config(cfg), model)
+    model = _lora_llama(r".*\.(q_proj|o_proj|up_proj)", 4, 12)
     load_peft_adapter(model, tmp_path / "adapter")
     x = torch.randint(0, 97, (2, 16))
     model.eval()
@@ -100,9 +97,7 @@ def test_peft_made_adapter_with_modules_to_save_imports_into_d9d(tmp_path):
     assert "base_model.model.model.embed_tokens.weight" in saved
     assert "base_model.model.model.layers.1.post_attention_layernorm.weight" in saved
 
-    model = _tiny_llama()
-    cfg = LoRAConfig(module_name_pattern=re.compile(r".*\.(q_proj|v_proj)"), params=LoRAParameters(r=4, alpha=8))
-    inject_peft_and_freeze(peft_method_from_config(cfg), model)
+    model = _lora_llama(r".*\.(q_proj|v_proj)", 4, 8)
     load_peft_adapter(model, tmp_path / "adapter")
     x = torch.randint(0, 97, (2, 16))
     model.eval()
