@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 namespace d9d {
 namespace {
@@ -67,12 +68,24 @@ at::ScalarType accumulate_dtype(at::ScalarType dtype) {
   return (dtype == at::kBFloat16 || dtype == at::kHalf) ? at::kFloat : dtype;
 }
 
+// Whether to fold the adapters into a temporary W + s B A rather than run the LoRA GEMMs over x and y (dropout 0
+// only). Per forward + backward the fold moves about 4 in x out elements (read W, write the temporary, twice); the
+// LoRA GEMMs move about rows x (3 in + 2 out) (read x, read-modify-write y and dx). Both do about r flops per element
+// moved, so the crossover lies near rows = 0.8 in out / (in + out) x 2; folding starts just past it.
+bool folding_pays_off(int64_t rows, int64_t in, int64_t out) {
+  return rows * (in + out) >= 2 * in * out;
+}
+
+// W + s B A in W's dtype (the GEMM library accumulates in float32 for the 16-bit dtypes).
+at::Tensor fold_adapters(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
+  return at::addmm(weight, lora_B, lora_A, /*beta=*/1, /*alpha=*/scale);
+}
+
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> lora_forward(const DeviceKernels& kernels, const at::Tensor& x,
-                                                const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                                const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
-                                                double dropout, const at::Tensor& seed) {
+at::Tensor lora_forward(const DeviceKernels& kernels, const at::Tensor& x, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                        double scale, double dropout, const at::Tensor& seed) {
   constexpr const char* op = "lora_forward";
   const auto [in, out, r] = check_apply(op, x, weight, lora_A, lora_B);
   const bool has_bias = bias.has_value() && bias->defined();
@@ -86,30 +99,39 @@ std::tuple<at::Tensor, at::Tensor> lora_forward(const DeviceKernels& kernels, co
 
   const at::Tensor x2d = x.reshape({-1, in}).contiguous();
   const int64_t rows = x2d.size(0);
+  std::vector<int64_t> y_shape(x.sizes().begin(), x.sizes().end());
+  y_shape.back() = out;
+  if (dropout == 0.0 && folding_pays_off(rows, in, out)) {
+    // One GEMM on W + s B A: the LoRA term costs the fold (an out x in temporary, freed on return) and not a
+    // pass over x and y.
+    const at::Tensor folded = fold_adapters(weight, lora_A, lora_B, scale);
+    const at::Tensor y = has_bias ? at::addmm(*bias, x2d, folded.t()) : at::mm(x2d, folded.t());
+    return y.view(y_shape);
+  }
+
   const int64_t workers = kernels.max_workers();
   const int64_t step = block_rows(kernels, rows, std::max(in, out));
-  const at::Tensor xa = at::empty({rows, r}, x2d.options());
   at::Tensor y = at::empty({rows, out}, x2d.options());
-  // With dropout, each block of x is dropped out into a small per-worker buffer (the mask is regenerated in
-  // backward). The bias rides along the skinny GEMM as an extra column, y = [xa, 1] [s B, bias]^T, so it costs no
-  // pass of its own.
-  const at::Tensor buffers =
+  // Per-worker buffers: xa = dropout(x) A^T of one block, and with dropout the block's dropped-out copy of x (the
+  // mask is regenerated in backward). The bias rides along the skinny GEMM as an extra column of ones,
+  // y = [xa, 1] [s B, bias]^T, so it costs no pass of its own.
+  const at::Tensor dropped_buffers =
       dropout > 0.0 ? at::empty({workers, step, in}, x2d.options()) : at::empty({0}, x2d.options());
-  const at::Tensor xa_ones = has_bias ? at::ones({workers, step, r + 1}, x2d.options()) : at::empty({0}, x2d.options());
+  const at::Tensor xa_buffers = has_bias ? at::ones({workers, step, r + 1}, x2d.options())
+                                         : at::empty({workers, step, r}, x2d.options());
   const at::Tensor B_bias = has_bias ? at::cat({lora_B * scale, bias->unsqueeze(1)}, 1) : at::Tensor();
   kernels.for_each_block(rows, step, [&](int64_t row0, int64_t n, int64_t worker) {
     at::Tensor source = x2d.narrow(0, row0, n);
     if (dropout > 0.0) {
-      const at::Tensor dropped = buffers[worker].narrow(0, 0, n);
+      const at::Tensor dropped = dropped_buffers[worker].narrow(0, 0, n);
       kernels.dropout_rows(source, dropped, row0, spec);
       source = dropped;
     }
-    at::Tensor xa_block = xa.narrow(0, row0, n);
+    const at::Tensor xa_1 = xa_buffers[worker].narrow(0, 0, n);
+    at::Tensor xa_block = xa_1.narrow(1, 0, r);
     at::mm_out(xa_block, source, lora_A.t());
     at::Tensor y_block = y.narrow(0, row0, n);
     if (has_bias) {
-      const at::Tensor xa_1 = xa_ones[worker].narrow(0, 0, n);
-      xa_1.narrow(1, 0, r).copy_(xa_block);
       at::mm_out(y_block, xa_1, B_bias.t());
     } else {
       at::addmm_out(y_block, y_block, xa_block, lora_B.t(), /*beta=*/0, /*alpha=*/scale);  // ignores y's contents
@@ -117,16 +139,14 @@ std::tuple<at::Tensor, at::Tensor> lora_forward(const DeviceKernels& kernels, co
   });
   // The base GEMM accumulates into the LoRA part (beta = 1): no N x out temporary.
   y.addmm_(x2d, weight.t());
-  std::vector<int64_t> y_shape(x.sizes().begin(), x.sizes().end());
-  y_shape.back() = out;
-  return {y.view(y_shape), xa};
+  return y.view(y_shape);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels& kernels, const at::Tensor& grad_y,
                                                              const at::Tensor& x, const at::Tensor& weight,
                                                              const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                                             const at::Tensor& xa, double scale, double dropout,
-                                                             const at::Tensor& seed, bool need_grad_x) {
+                                                             double scale, double dropout, const at::Tensor& seed,
+                                                             bool need_grad_x) {
   constexpr const char* op = "lora_backward";
   const auto [in, out, r] = check_apply(op, x, weight, lora_A, lora_B);
   TORCH_CHECK(grad_y.dim() == x.dim() && grad_y.sizes().slice(0, x.dim() - 1) == x.sizes().slice(0, x.dim() - 1) &&
@@ -134,68 +154,102 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels
               op, ": grad_y must be x's shape with the last dim out == ", out, ", got ", grad_y.sizes(), " for x ",
               x.sizes());
   check_same(op, "grad_y", grad_y, x);
-  const at::Tensor x2d = x.reshape({-1, in}).contiguous();
-  const int64_t rows = x2d.size(0);
-  TORCH_CHECK(xa.dim() == 2 && xa.size(0) == rows && xa.size(1) == r, op, ": xa must be N x r == [", rows, ", ", r,
-              "] (as returned by lora_forward), got ", xa.sizes());
-  check_same(op, "xa", xa, x);
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
   const DropoutSpec spec = make_spec(op, dropout, seed);
 
+  const at::Tensor x2d = x.reshape({-1, in}).contiguous();
+  const int64_t rows = x2d.size(0);
   const at::Tensor gy = grad_y.reshape({-1, out}).contiguous();
-  // dA and dB are sums over all rows: each worker accumulates its blocks (in float32 for the 16-bit dtypes), and the
+  // Without dropout and with enough rows, dx = dy (W + s B A) is one GEMM, as in the forward.
+  const bool fold = need_grad_x && dropout == 0.0 && folding_pays_off(rows, in, out);
+  const bool lora_grad_x = need_grad_x && !fold;
+  // The LoRA products multiply blocks of rows by the panels A^T (in x r) and s B (out x r). The skinny kernels want
+  // contiguous panels zero-padded to their width, and sum dA^T and dB in that layout; ATen's GEMMs run fastest on
+  // the transposed views and sums (dA and dB^T), as MKL prefers the long side as the output's rows.
+  const SkinnyKernels* skinny =
+      kernels.skinny != nullptr && kernels.skinny->supports(x2d) ? kernels.skinny : nullptr;
+  const int64_t width = skinny != nullptr ? skinny->panel_width : 1;
+  const int64_t rp = (r + width - 1) / width * width;
+  const auto panel = [&](const at::Tensor& columns) {  // (rows, r) -> (rows, rp)
+    return skinny == nullptr ? columns : at::constant_pad_nd(columns, {0, rp - r}).contiguous();
+  };
+  const at::Tensor At = panel(lora_A.t());
+  const at::Tensor Bs = panel(lora_B * scale);
+  // The sums run over all rows: each worker accumulates its blocks (in float32 for the 16-bit dtypes), and the
   // workers' sums are added at the end.
   const int64_t workers = kernels.max_workers();
   const auto acc_options = x2d.options().dtype(accumulate_dtype(x2d.scalar_type()));
   const bool cast_acc = acc_options.dtype() != x2d.dtype();
-  const at::Tensor grad_A_acc = at::zeros({workers, r, in}, acc_options);
-  const at::Tensor grad_Bt_acc = at::zeros({workers, r, out}, acc_options);
-  const auto accumulate = [cast_acc](at::Tensor acc, const at::Tensor& a, const at::Tensor& b) {
-    if (cast_acc) {
-      acc.add_(at::mm(a, b));
+  const auto sums = [&](int64_t depth) {
+    return skinny != nullptr ? at::zeros({workers, depth, rp}, acc_options) : at::zeros({workers, r, depth}, acc_options);
+  };
+  const at::Tensor grad_A_acc = sums(in);
+  const at::Tensor grad_B_acc = sums(out);
+  const auto product = [skinny](at::Tensor result, const at::Tensor& p, const at::Tensor& q) {  // result = p q
+    if (skinny != nullptr) {
+      skinny->mm(p, q, result);
     } else {
-      acc.addmm_(a, b);
+      at::mm_out(result, p, q);
+    }
+  };
+  const auto accumulate = [skinny, cast_acc](at::Tensor acc, const at::Tensor& p, const at::Tensor& q) {
+    if (skinny != nullptr) {
+      skinny->accumulate(p, q, acc);  // acc += p^T q
+    } else if (cast_acc) {
+      acc.add_(at::mm(q.t(), p));  // acc^T += p^T q
+    } else {
+      acc.addmm_(q.t(), p);
     }
   };
   at::Tensor grad_x = need_grad_x ? at::empty({rows, in}, x2d.options()) : at::empty({0}, x.options());
-  const at::Tensor g = at::empty({rows, r}, x2d.options());
   // Blocks of rows small enough to stay in cache, so that each block of dy and x is read from memory once by the
-  // LoRA GEMMs (and, with dropout, the mask of a block is drawn once, never stored).
+  // LoRA GEMMs. xa = dropout(x) A^T is recomputed here rather than saved by the forward, and with dropout the mask of
+  // a block is drawn once, never stored.
   const int64_t step = block_rows(kernels, rows, std::max(in, out));
-  const at::Tensor buffers =
+  const at::Tensor dropped_buffers =
       dropout > 0.0 ? at::empty({workers, step, in}, x2d.options()) : at::empty({0}, x2d.options());
+  const at::Tensor xa_buffers = at::empty({workers, step, rp}, x2d.options());
+  const at::Tensor g_buffers = at::empty({workers, step, rp}, x2d.options());
   kernels.for_each_block(rows, step, [&](int64_t row0, int64_t n, int64_t worker) {
     const at::Tensor gy_block = gy.narrow(0, row0, n);
     const at::Tensor x_block = x2d.narrow(0, row0, n);
-    // g = s * dy B is the gradient w.r.t. xa; dB^T = xa^T dy (times s, applied once at the end).
-    at::Tensor g_block = g.narrow(0, row0, n);
-    at::mm_out(g_block, gy_block, lora_B);
-    g_block.mul_(scale);
-    accumulate(grad_Bt_acc[worker], xa.narrow(0, row0, n).t(), gy_block);
-    // The LoRA part of dx, g A; the base GEMM accumulates onto it after the loop.
-    at::Tensor dx_block = need_grad_x ? grad_x.narrow(0, row0, n) : at::Tensor();
-    if (need_grad_x) {
-      at::mm_out(dx_block, g_block, lora_A);
+    // g = s dy B is the gradient w.r.t. xa.
+    const at::Tensor g_block = g_buffers[worker].narrow(0, 0, n);
+    product(g_block, gy_block, Bs);
+    // The LoRA part of dx, g A (masked below with dropout); the base GEMM accumulates onto it after the loop.
+    at::Tensor dx_block = lora_grad_x ? grad_x.narrow(0, row0, n) : at::Tensor();
+    if (lora_grad_x) {
+      at::mm_out(dx_block, g_block.narrow(1, 0, r), lora_A);
     }
-    if (dropout == 0.0) {
-      accumulate(grad_A_acc[worker], g_block.t(), x_block);
-      return;
+    at::Tensor source = x_block;
+    if (dropout > 0.0) {
+      // Regenerate the block's mask: dropout(x) feeds xa and dA, and the LoRA part of dx is masked in the same pass.
+      source = dropped_buffers[worker].narrow(0, 0, n);
+      if (lora_grad_x) {
+        kernels.dropout_rows_backward(x_block, source, dx_block, row0, spec);
+      } else {
+        kernels.dropout_rows(x_block, source, row0, spec);
+      }
     }
-    // Regenerate the block's mask: dropout(x) feeds dA, and the LoRA part of dx is masked in the same pass.
-    const at::Tensor dropped = buffers[worker].narrow(0, 0, n);
-    if (need_grad_x) {
-      kernels.dropout_rows_backward(x_block, dropped, dx_block, row0, spec);
-    } else {
-      kernels.dropout_rows(x_block, dropped, row0, spec);
-    }
-    accumulate(grad_A_acc[worker], g_block.t(), dropped);
+    const at::Tensor xa_block = xa_buffers[worker].narrow(0, 0, n);
+    product(xa_block, source, At);
+    accumulate(grad_B_acc[worker], gy_block, xa_block);  // dB = dy^T xa (times s, applied once at the end)
+    accumulate(grad_A_acc[worker], source, g_block);     // dA^T = dropout(x)^T g
   });
-  if (need_grad_x) {
+  if (fold) {
+    at::mm_out(grad_x, gy, fold_adapters(weight, lora_A, lora_B, scale));
+  } else if (need_grad_x) {
     grad_x.addmm_(gy, weight);  // the base GEMM accumulates into the LoRA part (beta = 1)
   }
-  at::Tensor grad_A = grad_A_acc.sum(0).to(x2d.scalar_type());
-  const at::Tensor grad_Bt = grad_Bt_acc.sum(0);
-  at::Tensor grad_B = grad_Bt.t().mul(scale).to(x2d.scalar_type()).contiguous();
+  at::Tensor grad_A = grad_A_acc.sum(0);
+  at::Tensor grad_B = grad_B_acc.sum(0);
+  if (skinny != nullptr) {
+    grad_A = grad_A.narrow(1, 0, r).t();
+  } else {
+    grad_B = grad_B.t();
+  }
+  grad_A = grad_A.to(x2d.scalar_type()).contiguous();
+  grad_B = grad_B.narrow(1, 0, r).mul(scale).to(x2d.scalar_type()).contiguous();
   return {need_grad_x ? grad_x.view(x.sizes()) : grad_x, grad_A, grad_B};
 }
 

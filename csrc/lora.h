@@ -21,6 +21,19 @@ struct DropoutSpec {
 // Work on rows [row0, row0 + n) of x, done by `worker` (< DeviceKernels::max_workers()).
 using BlockBody = c10::function_ref<void(int64_t row0, int64_t n, int64_t worker)>;
 
+// Faster GEMMs for the skinny products of the backward, where one operand is a panel of rp columns (r rounded up
+// to a multiple of panel_width, with zero columns). In both products p is a block of rows of x or dy (row stride
+// free, columns contiguous); q, out and acc are contiguous.
+struct SkinnyKernels {
+  int64_t panel_width;
+  // Whether the kernels handle tensors like x (device, dtype, CPU features); if not, ATen's GEMMs run instead.
+  bool (*supports)(const at::Tensor& x);
+  // out (n x rp) = p (n x depth) q (depth x rp).
+  void (*mm)(const at::Tensor& p, const at::Tensor& q, const at::Tensor& out);
+  // acc (depth x rp) += p^T q, for p (n x depth) and q (n x rp).
+  void (*accumulate)(const at::Tensor& p, const at::Tensor& q, const at::Tensor& acc);
+};
+
 // What differs between devices. In the mask passes every tensor is 2-D and row-major contiguous, and `row0` is the
 // global row index (over x's flattened leading dims) of the first row passed.
 struct DeviceKernels {
@@ -40,20 +53,21 @@ struct DeviceKernels {
   void (*for_each_block)(int64_t rows, int64_t step, BlockBody body);
   // Upper bound on the worker index + 1.
   int64_t (*max_workers)();
+  // Optional (nullptr: ATen's GEMMs everywhere).
+  const SkinnyKernels* skinny;
 };
 
-// y = x W^T + bias + scale * dropout(x) A^T B^T; also returns xa = dropout(x) A^T as (N, r) for the backward.
-std::tuple<at::Tensor, at::Tensor> lora_forward(const DeviceKernels& kernels, const at::Tensor& x,
-                                                const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                                const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
-                                                double dropout, const at::Tensor& seed);
+// y = x W^T + bias + scale * dropout(x) A^T B^T. The backward needs only x and the seed.
+at::Tensor lora_forward(const DeviceKernels& kernels, const at::Tensor& x, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                        double scale, double dropout, const at::Tensor& seed);
 
 // (grad_x, grad_A, grad_B) for a frozen weight and bias; grad_x is an empty tensor when need_grad_x is false.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels& kernels, const at::Tensor& grad_y,
                                                              const at::Tensor& x, const at::Tensor& weight,
                                                              const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                                             const at::Tensor& xa, double scale, double dropout,
-                                                             const at::Tensor& seed, bool need_grad_x);
+                                                             double scale, double dropout, const at::Tensor& seed,
+                                                             bool need_grad_x);
 
 // weight += sign * scale * B A in place (sign +1 merges, -1 unmerges).
 void lora_merge(const char* op, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,

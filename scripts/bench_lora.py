@@ -120,6 +120,12 @@ def paired_overhead(times: list[float], base: list[float]) -> float:
     return statistics.median(t / b for t, b in zip(times, base, strict=True)) - 1
 
 
+def overhead_quartiles(times: list[float], base: list[float]) -> tuple[float, float]:
+    """First and third quartile over repeats of time / base time in the same repeat, minus one: the noise."""
+    q1, _, q3 = statistics.quantiles([t / b for t, b in zip(times, base, strict=True)], n=4)
+    return q1 - 1, q3 - 1
+
+
 def allocated_bytes(fn: Callable[[], None], device: torch.device) -> int:
     """Bytes allocated while ``fn`` runs: peak growth on CUDA, the sum of the allocations the profiler saw on CPU."""
     if device.type == "cuda":
@@ -169,20 +175,23 @@ def report(args: argparse.Namespace) -> str:
         f"{args.device}, {args.dtype}, x {args.tokens} x {args.features}, W {args.out_features} x {args.features}, "
         f"r = {args.rank}, forward + backward with W frozen ({torch.get_num_threads()} threads, torch "
         f"{torch.__version__}); {args.repeats} repeats after {args.warmup} warm-up steps, every case once per repeat "
-        "in a shuffled order. Overhead: median over repeats of (step time / base step time of the same repeat) - 1. "
+        "in a shuffled order. Overhead: median over repeats of (step time / base step time of the same repeat) - 1; "
+        "the middle half of the repeats' ratios shows the machine's noise. "
         f"Saved bytes exclude x and parameters; x itself is {mib(x_bytes)}.",
         "",
-        "| dropout | variant | median step (ms) | overhead over base | saved for backward |",
-        "| --- | --- | ---: | ---: | ---: |",
-        f"| - | base linear | {statistics.median(base) * 1e3:.1f} | - | {mib(setup.saved_bytes('base', 0.0))} |",
+        "| dropout | variant | median step (ms) | overhead over base | middle half of repeats | saved for backward |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+        f"| - | base linear | {statistics.median(base) * 1e3:.1f} | - | - | {mib(setup.saved_bytes('base', 0.0))} |",
     ]
     overheads = {}
     for p in dropouts:
         for variant in ("unfused", "fused"):
             overheads[(variant, p)] = paired_overhead(times[(variant, p)], base)
+            q1, q3 = overhead_quartiles(times[(variant, p)], base)
             lines.append(
                 f"| {p:g} | {variant} | {statistics.median(times[(variant, p)]) * 1e3:.1f} | "
-                f"{100 * overheads[(variant, p)]:+.1f}% | {mib(setup.saved_bytes(variant, p))} |"
+                f"{100 * overheads[(variant, p)]:+.1f}% | {100 * q1:+.1f}% to {100 * q3:+.1f}% | "
+                f"{mib(setup.saved_bytes(variant, p))} |"
             )
     lines.append("")
     ratios = "; ".join(
@@ -237,7 +246,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=32.0)
     parser.add_argument("--dropout", type=float, default=0.05)
-    parser.add_argument("--repeats", type=int, default=25)
+    parser.add_argument("--repeats", type=int, default=41)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
     parser.add_argument(

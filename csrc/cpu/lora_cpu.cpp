@@ -9,6 +9,7 @@
 
 #include "../dropout_mask.h"
 #include "../lora.h"
+#include "skinny_gemm.h"
 
 namespace d9d {
 namespace {
@@ -189,23 +190,21 @@ int64_t max_workers_cpu() {
   return at::get_num_threads();
 }
 
-// Blocks of 1 MiB of float32: one block of each operand fits a core's L2 cache.
-constexpr DeviceKernels kCpuKernels{dropout_rows_cpu,   dropout_rows_backward_cpu, mask_rows_cpu, 1 << 18,
-                                    for_each_block_cpu, max_workers_cpu};
+// Blocks of 512 KiB of float32: a block of x and one of dy fit a core's L2 cache together.
+constexpr DeviceKernels kCpuKernels{dropout_rows_cpu,   dropout_rows_backward_cpu, mask_rows_cpu, 1 << 17,
+                                    for_each_block_cpu, max_workers_cpu,           &kCpuSkinnyKernels};
 
-std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                                    const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-                                                    const at::Tensor& lora_B, double scale, double dropout,
-                                                    const at::Tensor& seed) {
+at::Tensor lora_forward_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout,
+                            const at::Tensor& seed) {
   return lora_forward(kCpuKernels, x, weight, bias, lora_A, lora_B, scale, dropout, seed);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
                                                                  const at::Tensor& weight, const at::Tensor& lora_A,
-                                                                 const at::Tensor& lora_B, const at::Tensor& xa,
-                                                                 double scale, double dropout, const at::Tensor& seed,
-                                                                 bool need_grad_x) {
-  return lora_backward(kCpuKernels, grad_y, x, weight, lora_A, lora_B, xa, scale, dropout, seed, need_grad_x);
+                                                                 const at::Tensor& lora_B, double scale, double dropout,
+                                                                 const at::Tensor& seed, bool need_grad_x) {
+  return lora_backward(kCpuKernels, grad_y, x, weight, lora_A, lora_B, scale, dropout, seed, need_grad_x);
 }
 
 void lora_merge_cpu(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {

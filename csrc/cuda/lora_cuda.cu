@@ -119,12 +119,11 @@ int64_t max_workers_cuda() {
 
 // Blocks of 16 Mi elements: large enough that the per-block GEMMs fill the GPU, small next to x itself.
 constexpr DeviceKernels kCudaKernels{dropout_rows_cuda,   dropout_rows_backward_cuda, mask_rows_cuda, 1 << 24,
-                                     for_each_block_cuda, max_workers_cuda};
+                                     for_each_block_cuda, max_workers_cuda,           nullptr};
 
-std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
-                                                     const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-                                                     const at::Tensor& lora_B, double scale, double dropout,
-                                                     const at::Tensor& seed) {
+at::Tensor lora_forward_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout,
+                             const at::Tensor& seed) {
   TORCH_CHECK(x.is_cuda(), "lora_forward: x must be a CUDA tensor (another argument sent the call to the "
               "CUDA kernel), got x on ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
@@ -133,13 +132,13 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x, const 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
                                                                   const at::Tensor& weight, const at::Tensor& lora_A,
-                                                                  const at::Tensor& lora_B, const at::Tensor& xa,
-                                                                  double scale, double dropout, const at::Tensor& seed,
+                                                                  const at::Tensor& lora_B, double scale,
+                                                                  double dropout, const at::Tensor& seed,
                                                                   bool need_grad_x) {
   TORCH_CHECK(x.is_cuda(), "lora_backward: x must be a CUDA tensor (another argument sent the call to the "
               "CUDA kernel), got x on ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
-  return lora_backward(kCudaKernels, grad_y, x, weight, lora_A, lora_B, xa, scale, dropout, seed, need_grad_x);
+  return lora_backward(kCudaKernels, grad_y, x, weight, lora_A, lora_B, scale, dropout, seed, need_grad_x);
 }
 
 void lora_merge_cuda(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {

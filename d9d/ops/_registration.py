@@ -1,6 +1,5 @@
 """Loads ``d9d._C`` (the C++/CUDA kernels of ``torch.ops.d9d``) and registers their fake and autograd formulas."""
 
-import math
 from typing import Any
 
 import torch
@@ -40,16 +39,14 @@ def _lora_forward_fake(
     scale: float,
     dropout: float,
     seed: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     torch._check(x.dim() >= 1, lambda: "lora_forward: x must have at least 1 dimension")
     torch._check(weight.shape[1] == x.shape[-1], lambda: f"lora_forward: weight must be out x in, got {weight.shape}")
     torch._check(lora_A.shape[1] == x.shape[-1], lambda: f"lora_forward: lora_A must be r x in, got {lora_A.shape}")
     torch._check(
         lora_B.shape[0] == weight.shape[0], lambda: f"lora_forward: lora_B must be out x r, got {lora_B.shape}"
     )
-    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
-    xa = x.new_empty((math.prod(x.shape[:-1]), lora_A.shape[0]))
-    return y, xa
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.register_fake("d9d::lora_backward")
@@ -59,7 +56,6 @@ def _lora_backward_fake(
     weight: torch.Tensor,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
-    xa: torch.Tensor,
     scale: float,
     dropout: float,
     seed: torch.Tensor,
@@ -84,24 +80,20 @@ def _dropout_mask_fake(x: torch.Tensor, dropout: float, seed: torch.Tensor) -> t
     return x.new_empty(x.shape, dtype=torch.bool)
 
 
-def _setup_lora_forward(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+def _setup_lora_forward(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
     x, weight, bias, lora_A, lora_B, scale, dropout, seed = inputs
-    _, xa = output
-    # xa is an auxiliary output for the backward; only y carries gradients.
-    ctx.mark_non_differentiable(xa)
-    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
+    # Nothing of x's size but x itself: the backward recomputes x A^T and the dropout mask block by block.
+    ctx.save_for_backward(x, weight, lora_A, lora_B, seed)
     ctx.scale = scale
     ctx.dropout = dropout
     ctx.has_bias = bias is not None
 
 
-def _lora_forward_backward(
-    ctx: Any, grad_y: torch.Tensor, grad_xa: torch.Tensor | None
-) -> tuple[torch.Tensor | None, ...]:
-    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+def _lora_forward_backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    x, weight, lora_A, lora_B, seed = ctx.saved_tensors
     need_x, need_weight, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
     grad_x, grad_A, grad_B = torch.ops.d9d.lora_backward(
-        grad_y, x, weight, lora_A, lora_B, xa, ctx.scale, ctx.dropout, seed, need_x
+        grad_y, x, weight, lora_A, lora_B, ctx.scale, ctx.dropout, seed, need_x
     )
     # The weight and bias are frozen in LoRA training; their gradients are plain GEMM / sum when asked for anyway.
     grad_y2d = grad_y.reshape(-1, grad_y.shape[-1])

@@ -19,8 +19,9 @@ def lora_linear(
 ) -> torch.Tensor:
     """``x W^T + b + scale * dropout(x) A^T B^T`` in one fused op; dropout is applied only when ``training``.
 
-    The LoRA term is accumulated into the base output (no ``N x out`` temporary), and with dropout the mask is
-    regenerated from a seed in the backward, so neither the mask nor the dropped-out ``x`` is kept for it.
+    There is no ``N x out`` temporary: without dropout the adapters are folded into ``W + scale B A`` for one GEMM
+    (on inputs with enough rows), otherwise the LoRA term is accumulated into the base output. Autograd keeps only
+    ``x``, the parameters and the seed: the backward regenerates the dropout mask and ``dropout(x) A^T``.
 
     Args:
         x: Input of shape ``(..., in)``.
@@ -42,8 +43,7 @@ def lora_linear(
         lora_B = lora_B.to(x.dtype)
     p = float(dropout) if training and dropout > 0 else 0.0
     seed = draw_seed() if p > 0 else no_seed()
-    y, _ = torch.ops.d9d.lora_forward(x, weight, bias, lora_A, lora_B, float(scale), p, seed)
-    return y
+    return torch.ops.d9d.lora_forward(x, weight, bias, lora_A, lora_B, float(scale), p, seed)
 
 
 @torch.no_grad()

@@ -1,5 +1,9 @@
 """The fused LoRA apply op (``lora_linear`` / ``d9d::lora_forward`` / ``d9d::lora_backward``) against references."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +19,7 @@ CUDA = pytest.param(
 )
 DEVICES = ["cpu", CUDA]
 # Largest error against the float64 reference, relative to the reference's largest magnitude: the reduced
-# precision dtypes round x, the adapters and the intermediates (xa, s * dy B) once each.
+# precision dtypes round x, the adapters and the intermediates (xa, s * dy B, or W + s B A) once each.
 TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 
 
@@ -47,7 +51,9 @@ def assert_close_scaled(got, want, tol):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(9,), (2, 5), (1, 3, 4)])
+# Without dropout, inputs with at least 2 in out / (in + out) rows (22 here) run on W + s B A folded; fewer rows
+# run the LoRA GEMMs block by block. (4, 8) takes the folded path, the others the blocked one.
+@pytest.mark.parametrize("shape", [(9,), (2, 5), (1, 3, 4), (4, 8)])
 def test_forward_and_backward_match_reference(device, dtype, dropout, bias, shape):
     x, weight, b, lora_A, lora_B = make_inputs(shape, dtype=dtype, device=device, bias=bias)
     x.requires_grad_()
@@ -73,14 +79,52 @@ def test_forward_and_backward_match_reference(device, dtype, dropout, bias, shap
         assert_close_scaled(got, want, tol)
 
 
+@pytest.mark.parametrize("rank", [1, 16, 17, 40])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("rows", [7, 150])  # blocked and, without dropout, folded
+def test_ranks_across_panel_widths_match_reference(rank, dropout, rows):
+    # On AVX-512 CPUs the float32 backward pads r to panels of 16 columns: one, exactly one, two and three panels.
+    x, weight, b, lora_A, lora_B = make_inputs((rows,), 70, 50, rank)
+    params = [t.requires_grad_() for t in (x, lora_A, lora_B)]
+    seed = torch.tensor([5])
+    y = torch.ops.d9d.lora_forward(x, weight, b, lora_A, lora_B, 0.8, dropout, seed)
+    keep = dropout_mask(x, dropout, seed) if dropout > 0 else None
+    refs = [t.detach().double().requires_grad_() for t in params]
+    y64 = reference(refs[0], weight, b, refs[1], refs[2], 0.8, keep, dropout)
+    assert_close_scaled(y, y64, TOLERANCES[torch.float32])
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    y64.backward(grad_y.double())
+    for got, want in zip(params, refs, strict=True):
+        assert_close_scaled(got.grad, want.grad, TOLERANCES[torch.float32])
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="only AVX-512 CPUs have two paths")
+def test_float32_backward_on_atens_gemms_matches_reference_too():
+    # ATEN_CPU_CAPABILITY=avx2 turns off the AVX-512 panel kernels, so these tests run the ATen fallback instead.
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    probe = [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"]
+    assert subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.strip() == "AVX2"
+    tests = ["test_ranks_across_panel_widths_match_reference", "test_inputs_spanning_many_blocks_and_threads"]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", " or ".join(tests)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_inputs_spanning_many_blocks_and_threads_match_reference(dtype, dropout):
-    # The CPU kernels process 2^18-element blocks of rows spread over the threads: 3000 x 300 makes four blocks.
+    # The CPU kernels process 2^17-element blocks of rows spread over the threads: 3000 x 300 makes seven blocks.
     x, weight, b, lora_A, lora_B = make_inputs((3000,), 300, 260, 4, dtype=dtype)
     params = [t.requires_grad_() for t in (x, lora_A, lora_B)]
     seed = torch.tensor([11])
-    y = torch.ops.d9d.lora_forward(x, weight, b, lora_A, lora_B, 0.5, dropout, seed)[0]
+    y = torch.ops.d9d.lora_forward(x, weight, b, lora_A, lora_B, 0.5, dropout, seed)
     keep = dropout_mask(x, dropout, seed) if dropout > 0 else None
     refs = [t.detach().double().requires_grad_() for t in params]
     y64 = reference(refs[0], weight, b, refs[1], refs[2], 0.5, keep, dropout)
@@ -118,22 +162,24 @@ def test_eval_mode_and_zero_dropout_use_no_mask():
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
-def test_gradcheck_float64(dropout):
-    x, weight, b, lora_A, lora_B = make_inputs((2, 3), 6, 5, 3, dtype=torch.float64)
+@pytest.mark.parametrize("shape", [(2,), (2, 3)])  # 2 rows: blocked; 6 rows: folded without dropout
+def test_gradcheck_float64(dropout, shape):
+    x, weight, b, lora_A, lora_B = make_inputs(shape, 6, 5, 3, dtype=torch.float64)
     seed = torch.tensor([42])
     inputs = tuple(t.requires_grad_() for t in (x, weight, b, lora_A, lora_B))
 
     def fn(x, weight, b, lora_A, lora_B):
-        return torch.ops.d9d.lora_forward(x, weight, b, lora_A, lora_B, 0.7, dropout, seed)[0]
+        return torch.ops.d9d.lora_forward(x, weight, b, lora_A, lora_B, 0.7, dropout, seed)
 
     assert torch.autograd.gradcheck(fn, inputs)
 
 
-def test_backward_skips_grad_x_when_x_needs_none():
-    x, weight, b, lora_A, lora_B = make_inputs((4,))
-    _, xa = torch.ops.d9d.lora_forward(x, weight, b, lora_A, lora_B, 1.0, 0.2, torch.tensor([3]))
-    grad_y = torch.randn(4, weight.shape[0])
-    args = (grad_y, x, weight, lora_A, lora_B, xa, 1.0, 0.2, torch.tensor([3]))
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+@pytest.mark.parametrize("rows", [4, 40])
+def test_backward_skips_grad_x_when_x_needs_none(dropout, rows):
+    x, weight, b, lora_A, lora_B = make_inputs((rows,))
+    grad_y = torch.randn(rows, weight.shape[0])
+    args = (grad_y, x, weight, lora_A, lora_B, 1.0, dropout, torch.tensor([3]))
     grad_x, grad_A, grad_B = torch.ops.d9d.lora_backward(*args, False)
     assert grad_x.numel() == 0
     _, full_A, full_B = torch.ops.d9d.lora_backward(*args, True)
@@ -142,16 +188,16 @@ def test_backward_skips_grad_x_when_x_needs_none():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck(device):
-    x, weight, b, lora_A, lora_B = make_inputs((2, 3), 8, 6, 2, device=device)
+@pytest.mark.parametrize("shape", [(1, 3), (4, 3)])  # 3 rows: blocked; 12 rows: folded without dropout
+def test_opcheck(device, shape):
+    x, weight, b, lora_A, lora_B = make_inputs(shape, 8, 6, 2, device=device)
     seed = torch.tensor([7])
     for dropout in (0.0, 0.3):
         args = (x.requires_grad_(), weight, b, lora_A.requires_grad_(), lora_B.requires_grad_(), 1.3, dropout, seed)
         torch.library.opcheck(torch.ops.d9d.lora_forward.default, args)
-        _, xa = torch.ops.d9d.lora_forward(*(t.detach() if isinstance(t, torch.Tensor) else t for t in args))
-        grad_y = torch.randn(2, 3, 6, device=device)
+        grad_y = torch.randn(*shape, 6, device=device)
         for need_grad_x in (True, False):
-            bwd = (grad_y, x.detach(), weight, lora_A.detach(), lora_B.detach(), xa, 1.3, dropout, seed, need_grad_x)
+            bwd = (grad_y, x.detach(), weight, lora_A.detach(), lora_B.detach(), 1.3, dropout, seed, need_grad_x)
             torch.library.opcheck(torch.ops.d9d.lora_backward.default, bwd)
     torch.library.opcheck(torch.ops.d9d.dropout_mask.default, (x.detach(), 0.5, seed))
 
@@ -190,7 +236,7 @@ def test_same_seed_same_mask_whatever_the_thread_count():
         for threads in (1, 2, 4):
             torch.set_num_threads(threads)
             masks.append(dropout_mask(x, 0.1, seed))
-            outputs.append(torch.ops.d9d.lora_forward(x, weight, b, lora_A, lora_B, 1.0, 0.1, seed)[0])
+            outputs.append(torch.ops.d9d.lora_forward(x, weight, b, lora_A, lora_B, 1.0, 0.1, seed))
     finally:
         torch.set_num_threads(previous)
     assert all(torch.equal(masks[0], m) for m in masks[1:])
@@ -251,12 +297,11 @@ def test_bad_forward_input_names_the_op_and_argument(changes, message):
 
 def test_bad_backward_input_names_the_op_and_argument():
     args = _forward_args()
-    y, xa = torch.ops.d9d.lora_forward(**args)
     bwd = (args["x"], args["weight"], args["lora_A"], args["lora_B"])
     with pytest.raises(RuntimeError, match=r"lora_backward: grad_y must be x's shape"):
-        torch.ops.d9d.lora_backward(torch.randn(3, 5), *bwd, xa, 1.0, 0.0, args["seed"], True)
-    with pytest.raises(RuntimeError, match=r"lora_backward: xa must be N x r"):
-        torch.ops.d9d.lora_backward(torch.randn_like(y), *bwd, xa[:2], 1.0, 0.0, args["seed"], True)
+        torch.ops.d9d.lora_backward(torch.randn(3, 5), *bwd, 1.0, 0.0, args["seed"], True)
+    with pytest.raises(RuntimeError, match=r"lora_backward: grad_y must have x's dtype"):
+        torch.ops.d9d.lora_backward(torch.randn(3, 6).double(), *bwd, 1.0, 0.0, args["seed"], True)
     with pytest.raises(RuntimeError, match=r"dropout_mask: dropout must be in \[0, 1\)"):
         dropout_mask(args["x"], 2.0, args["seed"])
 
