@@ -69,16 +69,19 @@ at::ScalarType accumulate_dtype(at::ScalarType dtype) {
 }
 
 // Whether to fold the adapters into a temporary W + s B A rather than run the LoRA GEMMs over x and y (dropout 0
-// only). Per forward + backward the fold moves about 4 in x out elements (read W, write the temporary, twice); the
-// LoRA GEMMs move about rows x (3 in + 2 out) (read x, read-modify-write y and dx). Both do about r flops per element
-// moved, so the crossover lies near rows = 0.8 in out / (in + out) x 2; folding starts just past it.
+// only). Per forward + backward the fold moves about 4 in out elements (read W, write the temporary, twice); the
+// LoRA GEMMs move about rows (3 in + 2 out) (read x, read-modify-write y and dx). Both do about r flops per element
+// moved, so they break even near rows = 4 in out / (3 in + 2 out), 0.8 in for a square W; folding starts a little
+// later, at rows = 2 in out / (in + out), in for a square W.
 bool folding_pays_off(int64_t rows, int64_t in, int64_t out) {
   return rows * (in + out) >= 2 * in * out;
 }
 
-// W + s B A in W's dtype (the GEMM library accumulates in float32 for the 16-bit dtypes).
-at::Tensor fold_adapters(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
-  return at::addmm(weight, lora_B, lora_A, /*beta=*/1, /*alpha=*/scale);
+// W + s B A in W's dtype (the GEMM library accumulates in float32 for the 16-bit dtypes), in the device's scratch.
+at::Tensor fold_adapters(const DeviceKernels& kernels, const at::Tensor& weight, const at::Tensor& lora_A,
+                         const at::Tensor& lora_B, double scale) {
+  at::Tensor folded = kernels.fold_scratch(weight);
+  return at::addmm_out(folded, weight, lora_B, lora_A, /*beta=*/1, /*alpha=*/scale);
 }
 
 }  // namespace
@@ -104,7 +107,7 @@ at::Tensor lora_forward(const DeviceKernels& kernels, const at::Tensor& x, const
   if (dropout == 0.0 && folding_pays_off(rows, in, out)) {
     // One GEMM on W + s B A: the LoRA term costs the fold (an out x in temporary, freed on return) and not a
     // pass over x and y.
-    const at::Tensor folded = fold_adapters(weight, lora_A, lora_B, scale);
+    const at::Tensor folded = fold_adapters(kernels, weight, lora_A, lora_B, scale);
     const at::Tensor y = has_bias ? at::addmm(*bias, x2d, folded.t()) : at::mm(x2d, folded.t());
     return y.view(y_shape);
   }
@@ -237,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels
     accumulate(grad_A_acc[worker], source, g_block);     // dA^T = dropout(x)^T g
   });
   if (fold) {
-    at::mm_out(grad_x, gy, fold_adapters(weight, lora_A, lora_B, scale));
+    at::mm_out(grad_x, gy, fold_adapters(kernels, weight, lora_A, lora_B, scale));
   } else if (need_grad_x) {
     grad_x.addmm_(gy, weight);  // the base GEMM accumulates into the LoRA part (beta = 1)
   }

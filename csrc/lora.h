@@ -55,6 +55,8 @@ struct DeviceKernels {
   int64_t (*max_workers)();
   // Optional (nullptr: ATen's GEMMs everywhere).
   const SkinnyKernels* skinny;
+  // Scratch of weight's shape and dtype for the folded weight, used only until the op returns.
+  at::Tensor (*fold_scratch)(const at::Tensor& weight);
 };
 
 // y = x W^T + bias + scale * dropout(x) A^T B^T. The backward needs only x and the seed.
