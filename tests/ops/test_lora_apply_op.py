@@ -99,6 +99,16 @@ def test_ranks_across_panel_widths_match_reference(rank, dropout, rows):
         assert_close_scaled(got.grad, want.grad, TOLERANCES[torch.float32])
 
 
+def test_folded_weights_of_other_shapes_and_dtypes_in_turn_match_reference():
+    # The CPU fold reuses one scratch per thread and dtype, grown to the largest weight: alternate sizes and dtypes.
+    for in_features, out_features, dtype in ((40, 30, torch.float32), (12, 9, torch.float32), (40, 30, torch.float64),
+                                             (64, 48, torch.float32), (12, 9, torch.float32)):
+        x, weight, b, lora_A, lora_B = make_inputs((3, 30), in_features, out_features, 3, dtype=dtype)
+        y = lora_linear(x, weight, b, lora_A, lora_B, 1.5, 0.0, training=True)
+        assert_close_scaled(y, reference(x, weight, b, lora_A, lora_B, 1.5, None, 0.0), 1e-5)
+        assert not torch.equal(y, F.linear(x, weight, b))  # the adapters did act
+
+
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="only AVX-512 CPUs have two paths")
 def test_float32_backward_on_atens_gemms_matches_reference_too():
     # ATEN_CPU_CAPABILITY=avx2 turns off the AVX-512 panel kernels, so these tests run the ATen fallback instead.
@@ -177,7 +187,7 @@ def test_gradcheck_float64(dropout, shape):
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 @pytest.mark.parametrize("rows", [4, 40])
 def test_backward_skips_grad_x_when_x_needs_none(dropout, rows):
-    x, weight, b, lora_A, lora_B = make_inputs((rows,))
+    x, weight, _, lora_A, lora_B = make_inputs((rows,), bias=False)
     grad_y = torch.randn(rows, weight.shape[0])
     args = (grad_y, x, weight, lora_A, lora_B, 1.0, dropout, torch.tensor([3]))
     grad_x, grad_A, grad_B = torch.ops.d9d.lora_backward(*args, False)
