@@ -73,8 +73,13 @@ at::ScalarType accumulate_dtype(at::ScalarType dtype) {
 // LoRA GEMMs move about rows (3 in + 2 out) (read x, read-modify-write y and dx). Both do about r flops per element
 // moved, so they break even near rows = 4 in out / (3 in + 2 out), 0.8 in for a square W; folding starts a little
 // later, at rows = 2 in out / (in + out), in for a square W.
-bool folding_pays_off(int64_t rows, int64_t in, int64_t out) {
-  return rows * (in + out) >= 2 * in * out;
+//
+// Only in float32 and float64: W is already on the grid of its dtype, so rounding W + s B A to 16 bits would drop
+// every element of s B A below half an ulp of W, systematically (while rounding y = x W^T + LoRA term adds
+// unbiased noise). Small adapters, such as B early in training, would then barely act. In float32 the cut-off is
+// 2^-24 of W, far below any update that float32 weights themselves could take.
+bool folding_pays_off(at::ScalarType dtype, int64_t rows, int64_t in, int64_t out) {
+  return (dtype == at::kFloat || dtype == at::kDouble) && rows * (in + out) >= 2 * in * out;
 }
 
 // W + s B A in W's dtype (the GEMM library accumulates in float32 for the 16-bit dtypes), in the device's scratch.
@@ -104,9 +109,9 @@ at::Tensor lora_forward(const DeviceKernels& kernels, const at::Tensor& x, const
   const int64_t rows = x2d.size(0);
   std::vector<int64_t> y_shape(x.sizes().begin(), x.sizes().end());
   y_shape.back() = out;
-  if (dropout == 0.0 && folding_pays_off(rows, in, out)) {
-    // One GEMM on W + s B A: the LoRA term costs the fold (an out x in temporary, freed on return) and not a
-    // pass over x and y.
+  if (dropout == 0.0 && folding_pays_off(x2d.scalar_type(), rows, in, out)) {
+    // One GEMM on W + s B A: the LoRA term costs the fold (into the device's out x in scratch) and not a pass over
+    // x and y.
     const at::Tensor folded = fold_adapters(kernels, weight, lora_A, lora_B, scale);
     const at::Tensor y = has_bias ? at::addmm(*bias, x2d, folded.t()) : at::mm(x2d, folded.t());
     return y.view(y_shape);
@@ -164,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels
   const int64_t rows = x2d.size(0);
   const at::Tensor gy = grad_y.reshape({-1, out}).contiguous();
   // Without dropout and with enough rows, dx = dy (W + s B A) is one GEMM, as in the forward.
-  const bool fold = need_grad_x && dropout == 0.0 && folding_pays_off(rows, in, out);
+  const bool fold = need_grad_x && dropout == 0.0 && folding_pays_off(x2d.scalar_type(), rows, in, out);
   const bool lora_grad_x = need_grad_x && !fold;
   // The LoRA products multiply blocks of rows by the panels A^T (in x r) and s B (out x r). The skinny kernels want
   // contiguous panels zero-padded to their width, and sum dA^T and dB in that layout; ATen's GEMMs run fastest on

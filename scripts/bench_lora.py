@@ -122,7 +122,10 @@ def paired_overhead(times: list[float], base: list[float]) -> float:
 
 def overhead_quartiles(times: list[float], base: list[float]) -> tuple[float, float]:
     """First and third quartile over repeats of time / base time in the same repeat, minus one: the noise."""
-    q1, _, q3 = statistics.quantiles([t / b for t, b in zip(times, base, strict=True)], n=4)
+    ratios = [t / b for t, b in zip(times, base, strict=True)]
+    if len(ratios) < 2:
+        return ratios[0] - 1, ratios[0] - 1
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
     return q1 - 1, q3 - 1
 
 

@@ -4,6 +4,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -200,6 +201,9 @@ at::Tensor fold_scratch_cpu(const at::Tensor& weight) {
   at::Tensor& buffer = scratch[static_cast<size_t>(weight.scalar_type())];
   if (!buffer.defined() || buffer.numel() < weight.numel()) {
     buffer = at::Tensor();  // free the old one first
+    // A normal tensor even when this call runs under inference mode: an inference tensor could not be written by
+    // later calls outside it.
+    const c10::InferenceMode normal_tensors(false);
     buffer = at::empty({weight.numel()}, weight.options());
   }
   return buffer.narrow(0, 0, weight.numel()).view(weight.sizes());

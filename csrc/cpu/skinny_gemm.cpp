@@ -110,9 +110,10 @@ bool skinny_supports(const at::Tensor& x) {
   return x.device().is_cpu() && x.scalar_type() == at::kFloat && cpu_has_avx512();
 }
 
-// p's rows may be strided (a block of x or dy); the panels and outputs are contiguous with rp columns.
+// p's rows may be strided (a block of x or dy), and with one column (in or out == 1) so may its column; the
+// kernels never step along a single column. The panels and outputs are contiguous with rp columns.
 void check_operands(const char* what, const at::Tensor& p, const at::Tensor& q, const at::Tensor& out) {
-  TORCH_CHECK(p.dim() == 2 && p.stride(1) == 1 && q.is_contiguous() && out.is_contiguous() &&
+  TORCH_CHECK(p.dim() == 2 && (p.size(1) <= 1 || p.stride(1) == 1) && q.is_contiguous() && out.is_contiguous() &&
                   q.size(1) % kPanel == 0 && q.size(1) == out.size(1) && p.scalar_type() == at::kFloat &&
                   q.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
               what, ": internal error, unsupported operands ", p.sizes(), " ", q.sizes(), " ", out.sizes());

@@ -1,5 +1,6 @@
 // CUDA kernels: the dropout mask passes (one thread per 8-column group, grid-stride) and the CUDA registrations.
 // The GEMMs and the op logic are shared with the CPU build (lora.cpp).
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -107,6 +108,62 @@ def test_folded_weights_of_other_shapes_and_dtypes_in_turn_match_reference():
         y = lora_linear(x, weight, b, lora_A, lora_B, 1.5, 0.0, training=True)
         assert_close_scaled(y, reference(x, weight, b, lora_A, lora_B, 1.5, None, 0.0), 1e-5)
         assert not torch.equal(y, F.linear(x, weight, b))  # the adapters did act
+
+
+def test_fold_after_inference_mode_still_trains():
+    # The first fold on a thread creates its scratch; made under inference mode, it must still serve training. A new
+    # thread starts without one.
+    x, weight, b, lora_A, lora_B = make_inputs((5, 30), 11, 13, 2)
+    outcome = []
+
+    def evaluate_then_train():
+        try:
+            with torch.inference_mode():
+                lora_linear(x, weight, b, lora_A, lora_B, 1.0, 0.0, training=False)
+            y = lora_linear(x, weight, b, lora_A.requires_grad_(), lora_B, 1.0, 0.0, training=True)
+            y.sum().backward()
+            outcome.append(y.detach())
+        except RuntimeError as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=evaluate_then_train)
+    thread.start()
+    thread.join()
+    assert isinstance(outcome[0], torch.Tensor), outcome[0]
+    assert_close_scaled(outcome[0], reference(x, weight, b, lora_A, lora_B, 1.0, None, 0.0), 1e-5)
+    assert lora_A.grad is not None
+
+
+@pytest.mark.parametrize(("in_features", "out_features"), [(1, 6), (6, 1)])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_one_input_or_output_feature_with_any_strides(in_features, out_features, dropout):
+    # A size-1 dimension may keep any stride through .contiguous(): x and grad_y come in transposed here.
+    x, weight, b, lora_A, lora_B = make_inputs((40,), in_features, out_features, 3)
+    x = x.t().contiguous().t().requires_grad_()
+    params = [x, lora_A.requires_grad_(), lora_B.requires_grad_()]
+    seed = torch.tensor([9])
+    y = torch.ops.d9d.lora_forward(x, weight, b, lora_A, lora_B, 0.5, dropout, seed)
+    keep = dropout_mask(x, dropout, seed) if dropout > 0 else None
+    refs = [t.detach().double().requires_grad_() for t in params]
+    y64 = reference(refs[0], weight, b, refs[1], refs[2], 0.5, keep, dropout)
+    grad_y = torch.randn(out_features, 40).t()
+    y.backward(grad_y)
+    y64.backward(grad_y.double())
+    assert_close_scaled(y, y64, TOLERANCES[torch.float32])
+    for got, want in zip(params, refs, strict=True):
+        assert_close_scaled(got.grad, want.grad, TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_small_adapters_act_in_16_bit_dtypes(dtype):
+    # Rounding W + s B A to 16 bits would drop a small LoRA term; the 16-bit dtypes never fold, so it acts in full.
+    x, weight, _, lora_A, lora_B = make_inputs((512,), 64, 64, 4, bias=False)
+    lora_B *= 1e-3  # the LoRA term is about 1e-3 of the base output
+    y = lora_linear(x.to(dtype), weight.to(dtype), None, lora_A.to(dtype), lora_B.to(dtype), 1.0, 0.0, True)
+    x64, weight64, A64, B64 = (t.to(dtype).double() for t in (x, weight, lora_A, lora_B))
+    delta = (x64 @ A64.T) @ B64.T
+    kept = ((y.double() - x64 @ weight64.T) * delta).sum() / (delta * delta).sum()
+    assert 0.9 < kept.item() < 1.1, f"the op kept {kept.item():.2f} of the LoRA term"
 
 
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="only AVX-512 CPUs have two paths")
