@@ -189,7 +189,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels
   const auto acc_options = x2d.options().dtype(accumulate_dtype(x2d.scalar_type()));
   const bool cast_acc = acc_options.dtype() != x2d.dtype();
   const auto sums = [&](int64_t depth) {
-    return skinny != nullptr ? at::zeros({workers, depth, rp}, acc_options) : at::zeros({workers, r, depth}, acc_options);
+    return skinny != nullptr ? at::zeros({workers, depth, rp}, acc_options)
+                             : at::zeros({workers, r, depth}, acc_options);
   };
   const at::Tensor grad_A_acc = sums(in);
   const at::Tensor grad_B_acc = sums(out);
@@ -268,8 +269,8 @@ void lora_merge(const char* op, const at::Tensor& weight, const at::Tensor& lora
               ": weight must be float32, bfloat16, float16 or float64, got ", weight.scalar_type());
   const int64_t out = weight.size(0);
   const int64_t in = weight.size(1);
-  TORCH_CHECK(lora_A.dim() == 2 && lora_A.size(1) == in, op, ": lora_A must be r x in (2D with in == weight.size(1) == ",
-              in, "), got ", lora_A.sizes());
+  TORCH_CHECK(lora_A.dim() == 2 && lora_A.size(1) == in, op,
+              ": lora_A must be r x in (2D with in == weight.size(1) == ", in, "), got ", lora_A.sizes());
   const int64_t r = lora_A.size(0);
   TORCH_CHECK(lora_B.dim() == 2 && lora_B.size(0) == out && lora_B.size(1) == r, op,
               ": lora_B must be out x r (2D with out == weight.size(0) == ", out, " and r == lora_A.size(0) == ", r,

@@ -50,7 +50,8 @@ TEST(LoraForward, MatchesReferenceWithAndWithoutDropout) {
       if (dropout > 0) {
         xd = x * dropout_mask(x, dropout, in.seed) / (1 - dropout);
       }
-      const at::Tensor want = at::linear(x, in.weight, in.bias) + 0.5 * at::linear(at::linear(xd, in.lora_A), in.lora_B);
+      const at::Tensor want =
+          at::linear(x, in.weight, in.bias) + 0.5 * at::linear(at::linear(xd, in.lora_A), in.lora_B);
       EXPECT_TRUE(at::allclose(y, want, 1e-4, 1e-4)) << "dropout " << dropout << ", x " << x.sizes();
     }
   }
