@@ -23,6 +23,18 @@ void check_same(const char* op, const char* name, const at::Tensor& t, const at:
               t.scalar_type(), " (cast the adapters to the compute dtype first)");
 }
 
+// Checks that A is r x in and B is out x r, naming where in and out came from; returns r.
+int64_t check_adapters(const char* op, const at::Tensor& lora_A, const at::Tensor& lora_B, int64_t in, int64_t out,
+                       const char* in_from) {
+  TORCH_CHECK(lora_A.dim() == 2 && lora_A.size(1) == in, op, ": lora_A must be r x in (2D with in == ", in_from,
+              " == ", in, "), got ", lora_A.sizes());
+  const int64_t r = lora_A.size(0);
+  TORCH_CHECK(lora_B.dim() == 2 && lora_B.size(0) == out && lora_B.size(1) == r, op,
+              ": lora_B must be out x r (2D with out == weight.size(0) == ", out, " and r == lora_A.size(0) == ", r,
+              "), got ", lora_B.sizes());
+  return r;
+}
+
 // Checks x, weight, A and B of an apply op and returns (in, out, r).
 std::tuple<int64_t, int64_t, int64_t> check_apply(const char* op, const at::Tensor& x, const at::Tensor& weight,
                                                   const at::Tensor& lora_A, const at::Tensor& lora_B) {
@@ -33,12 +45,7 @@ std::tuple<int64_t, int64_t, int64_t> check_apply(const char* op, const at::Tens
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == in, op,
               ": weight must be out x in (2D with in == x.size(-1) == ", in, "), got ", weight.sizes());
   const int64_t out = weight.size(0);
-  TORCH_CHECK(lora_A.dim() == 2 && lora_A.size(1) == in, op,
-              ": lora_A must be r x in (2D with in == x.size(-1) == ", in, "), got ", lora_A.sizes());
-  const int64_t r = lora_A.size(0);
-  TORCH_CHECK(lora_B.dim() == 2 && lora_B.size(0) == out && lora_B.size(1) == r, op,
-              ": lora_B must be out x r (2D with out == weight.size(0) == ", out, " and r == lora_A.size(0) == ", r,
-              "), got ", lora_B.sizes());
+  const int64_t r = check_adapters(op, lora_A, lora_B, in, out, "x.size(-1)");
   check_same(op, "weight", weight, x);
   check_same(op, "lora_A", lora_A, x);
   check_same(op, "lora_B", lora_B, x);
@@ -269,12 +276,7 @@ void lora_merge(const char* op, const at::Tensor& weight, const at::Tensor& lora
               ": weight must be float32, bfloat16, float16 or float64, got ", weight.scalar_type());
   const int64_t out = weight.size(0);
   const int64_t in = weight.size(1);
-  TORCH_CHECK(lora_A.dim() == 2 && lora_A.size(1) == in, op,
-              ": lora_A must be r x in (2D with in == weight.size(1) == ", in, "), got ", lora_A.sizes());
-  const int64_t r = lora_A.size(0);
-  TORCH_CHECK(lora_B.dim() == 2 && lora_B.size(0) == out && lora_B.size(1) == r, op,
-              ": lora_B must be out x r (2D with out == weight.size(0) == ", out, " and r == lora_A.size(0) == ", r,
-              "), got ", lora_B.sizes());
+  check_adapters(op, lora_A, lora_B, in, out, "weight.size(1)");
   TORCH_CHECK(lora_A.device() == weight.device(), op, ": lora_A must be on weight's device ", weight.device(),
               ", got ", lora_A.device());
   TORCH_CHECK(lora_B.device() == weight.device(), op, ": lora_B must be on weight's device ", weight.device(),

@@ -48,6 +48,21 @@ def assert_close_scaled(got, want, tol):
     assert error <= tol * max(want.abs().max().item(), 1.0), f"error {error} over {tol} x max |reference|"
 
 
+def assert_op_matches_reference(x, weight, b, lora_A, lora_B, scale, dropout, seed, tol, grad_y=None):
+    """``d9d::lora_forward`` and its backward against the float64 reference: y and the grads of x, A and B."""
+    params = [t.requires_grad_() for t in (x, lora_A, lora_B)]
+    y = torch.ops.d9d.lora_forward(x, weight, b, lora_A, lora_B, scale, dropout, seed)
+    keep = dropout_mask(x, dropout, seed) if dropout > 0 else None
+    refs = [t.detach().double().requires_grad_() for t in params]
+    y64 = reference(refs[0], weight, b, refs[1], refs[2], scale, keep, dropout)
+    assert_close_scaled(y, y64, tol)
+    grad_y = torch.randn_like(y) if grad_y is None else grad_y
+    y.backward(grad_y)
+    y64.backward(grad_y.double())
+    for got, want in zip(params, refs, strict=True):
+        assert_close_scaled(got.grad, want.grad, tol)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
@@ -86,18 +101,8 @@ def test_forward_and_backward_match_reference(device, dtype, dropout, bias, shap
 def test_ranks_across_panel_widths_match_reference(rank, dropout, rows):
     # On AVX-512 CPUs the float32 backward pads r to panels of 16 columns: one, exactly one, two and three panels.
     x, weight, b, lora_A, lora_B = make_inputs((rows,), 70, 50, rank)
-    params = [t.requires_grad_() for t in (x, lora_A, lora_B)]
-    seed = torch.tensor([5])
-    y = torch.ops.d9d.lora_forward(x, weight, b, lora_A, lora_B, 0.8, dropout, seed)
-    keep = dropout_mask(x, dropout, seed) if dropout > 0 else None
-    refs = [t.detach().double().requires_grad_() for t in params]
-    y64 = reference(refs[0], weight, b, refs[1], refs[2], 0.8, keep, dropout)
-    assert_close_scaled(y, y64, TOLERANCES[torch.float32])
-    grad_y = torch.randn_like(y)
-    y.backward(grad_y)
-    y64.backward(grad_y.double())
-    for got, want in zip(params, refs, strict=True):
-        assert_close_scaled(got.grad, want.grad, TOLERANCES[torch.float32])
+    tol = TOLERANCES[torch.float32]
+    assert_op_matches_reference(x, weight, b, lora_A, lora_B, 0.8, dropout, torch.tensor([5]), tol)
 
 
 def test_folded_weights_of_other_shapes_and_dtypes_in_turn_match_reference():
@@ -139,19 +144,10 @@ def test_fold_after_inference_mode_still_trains():
 def test_one_input_or_output_feature_with_any_strides(in_features, out_features, dropout):
     # A size-1 dimension may keep any stride through .contiguous(): x and grad_y come in transposed here.
     x, weight, b, lora_A, lora_B = make_inputs((40,), in_features, out_features, 3)
-    x = x.t().contiguous().t().requires_grad_()
-    params = [x, lora_A.requires_grad_(), lora_B.requires_grad_()]
-    seed = torch.tensor([9])
-    y = torch.ops.d9d.lora_forward(x, weight, b, lora_A, lora_B, 0.5, dropout, seed)
-    keep = dropout_mask(x, dropout, seed) if dropout > 0 else None
-    refs = [t.detach().double().requires_grad_() for t in params]
-    y64 = reference(refs[0], weight, b, refs[1], refs[2], 0.5, keep, dropout)
+    x = x.t().contiguous().t()
     grad_y = torch.randn(out_features, 40).t()
-    y.backward(grad_y)
-    y64.backward(grad_y.double())
-    assert_close_scaled(y, y64, TOLERANCES[torch.float32])
-    for got, want in zip(params, refs, strict=True):
-        assert_close_scaled(got.grad, want.grad, TOLERANCES[torch.float32])
+    tol = TOLERANCES[torch.float32]
+    assert_op_matches_reference(x, weight, b, lora_A, lora_B, 0.5, dropout, torch.tensor([9]), tol, grad_y)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -189,18 +185,7 @@ def test_float32_backward_on_atens_gemms_matches_reference_too():
 def test_inputs_spanning_many_blocks_and_threads_match_reference(dtype, dropout):
     # The CPU kernels process 2^17-element blocks of rows spread over the threads: 3000 x 300 makes seven blocks.
     x, weight, b, lora_A, lora_B = make_inputs((3000,), 300, 260, 4, dtype=dtype)
-    params = [t.requires_grad_() for t in (x, lora_A, lora_B)]
-    seed = torch.tensor([11])
-    y = torch.ops.d9d.lora_forward(x, weight, b, lora_A, lora_B, 0.5, dropout, seed)
-    keep = dropout_mask(x, dropout, seed) if dropout > 0 else None
-    refs = [t.detach().double().requires_grad_() for t in params]
-    y64 = reference(refs[0], weight, b, refs[1], refs[2], 0.5, keep, dropout)
-    assert_close_scaled(y, y64, TOLERANCES[dtype])
-    grad_y = torch.randn_like(y)
-    y.backward(grad_y)
-    y64.backward(grad_y.double())
-    for got, want in zip(params, refs, strict=True):
-        assert_close_scaled(got.grad, want.grad, TOLERANCES[dtype])
+    assert_op_matches_reference(x, weight, b, lora_A, lora_B, 0.5, dropout, torch.tensor([11]), TOLERANCES[dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)
