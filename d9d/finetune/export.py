@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from d9d.adapter import adapter_layers
 from d9d.finetune.model import BuiltModel, ModelSource, auto_model_class
 from d9d.model_state.io import save_model_state
 from d9d.parallel import barrier, is_main_rank
 from d9d.peft import merge_peft
-from d9d.peft.lora import LoRALinear
 from d9d.peft.lora.peft_format import save_peft_adapter
 
 PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "masked_lm": None}
@@ -23,7 +23,7 @@ def export_peft(built: BuiltModel, source: ModelSource, dest: Path) -> tuple[Pat
     Fully-tuned modules go into PEFT's ``modules_to_save`` when PEFT can express them; otherwise the adapter
     holds LoRA only and the note says so (the merged export always holds everything).
     """
-    if not any(isinstance(m, LoRALinear) for m in built.model.modules()):
+    if not adapter_layers(built.model):
         return None, "no LoRA in the PEFT config: no PEFT adapter written"
     kwargs = {"base_model_name_or_path": str(source.path.resolve()),
               "task_type": PEFT_TASK_TYPES[source.task]}

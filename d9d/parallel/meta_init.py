@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from d9d.adapter import AdapterLayer, adapter_layers
 from d9d.dtensor import is_meta, local_part
-from d9d.peft.lora import LoRALinear
 
 
 @contextlib.contextmanager
@@ -50,7 +50,7 @@ def materialize_model(model: nn.Module, device: torch.device | str, allow_uninit
     """Allocates ``model``'s meta tensors on ``device`` (only the local shards of a sharded model), in place.
 
     Parameters come back uninitialized, to be filled by ``d9d.model_state.io.load_model_state``; LoRA adapters,
-    which no pretrained checkpoint holds, are re-initialized (``LoRALinear.reset_lora_parameters``). For sharded
+    which no pretrained checkpoint holds, are re-initialized (``AdapterLayer.reset_adapter_parameters``). For sharded
     adapters the initialization runs on the full (small, r x features) tensors and each rank keeps its shard, so
     the adapters do not depend on the world size as long as every rank seeded its RNG identically. Buffers that
     were real (see :func:`init_empty_parameters`) keep their values.
@@ -87,22 +87,21 @@ def materialize_model(model: nn.Module, device: torch.device | str, allow_uninit
     model.to_empty(device=device)
     for name, old in real_buffers.items():
         model.get_buffer(name).copy_(old)
-    for module in model.modules():
-        if isinstance(module, LoRALinear):
-            _reset_lora_unsharded(module)
+    for layer in adapter_layers(model).values():
+        _reset_adapters_unsharded(layer)
 
 
-def _reset_lora_unsharded(layer: LoRALinear) -> None:
-    """``layer.reset_lora_parameters()`` as if unsharded: init full tensors, keep this rank's shard of each."""
+def _reset_adapters_unsharded(layer: AdapterLayer) -> None:
+    """``layer.reset_adapter_parameters()`` as if unsharded: init full tensors, keep this rank's shard of each."""
     sharded = {n: p for n, p in layer.named_parameters(recurse=False) if isinstance(p, DTensor)}
     if not sharded:
-        layer.reset_lora_parameters()
+        layer.reset_adapter_parameters()
         return
     full = {n: nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=p.to_local().device)) for n, p in
             sharded.items()}
     try:
         layer._parameters.update(full)  # briefly swap in full tensors so the layer's own init runs on them
-        layer.reset_lora_parameters()
+        layer.reset_adapter_parameters()
     finally:
         layer._parameters.update(sharded)
     for n, p in sharded.items():

@@ -3,10 +3,10 @@
 import torch
 from torch import nn
 
+from d9d.adapter import adapter_state_keys
 from d9d.model_state.mapper import ModelStateMapper
 from d9d.model_state.mapper.compose import ModelStateMapperParallel
 from d9d.model_state.mapper.leaf import ModelStateMapperIdentity
-from d9d.peft.lora import LoRALinear
 
 
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -20,15 +20,6 @@ def alias_groups(state: dict[str, torch.Tensor]) -> list[list[str]]:
     for key, tensor in state.items():
         groups.setdefault(id(tensor), []).append(key)
     return list(groups.values())
-
-
-def adapter_state_keys(model: nn.Module) -> frozenset[str]:
-    """Keys of PEFT adapter parameters (``LoRALinear.lora_A`` / ``lora_B``): a pretrained checkpoint lacks them."""
-    keys = set()
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            keys.update(f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False))
-    return frozenset(keys)
 
 
 def checkpoint_mapper_for(model: nn.Module, injection_mapper: ModelStateMapper) -> ModelStateMapper:

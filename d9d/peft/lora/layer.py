@@ -5,12 +5,13 @@ import math
 import torch
 from torch import nn
 
+from d9d.adapter import AdapterLayer, PeftAdapterSpec
 from d9d.ops import lora_linear
 from d9d.peft.lora.config import LoRAParameters
 from d9d.peft.lora.merge import merge_lora_weight_
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(AdapterLayer):
     """``base(x) + scale * B A dropout(x)`` around a frozen ``nn.Linear`` kept as ``base``.
 
     ``lora_A`` (r x in) starts Kaiming-uniform and ``lora_B`` (out x r) at zero, so a fresh wrapper computes exactly
@@ -33,10 +34,13 @@ class LoRALinear(nn.Module):
         self.use_rslora = params.use_rslora
         self.scale = params.alpha / (math.sqrt(params.r) if params.use_rslora else params.r)
         self.dropout = params.dropout
-        self.reset_lora_parameters()
+        self.reset_adapter_parameters()
+
+    def adapter_parameter_names(self) -> tuple[str, ...]:
+        return ("lora_A", "lora_B")
 
     @torch.no_grad()
-    def reset_lora_parameters(self) -> None:
+    def reset_adapter_parameters(self) -> None:
         """Kaiming-uniform ``lora_A``, zero ``lora_B`` (also used after a meta-device model is materialized)."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
@@ -47,10 +51,17 @@ class LoRALinear(nn.Module):
         )
 
     @torch.no_grad()
-    def merge_with_base_(self) -> nn.Linear:
+    def merge_into_base(self) -> nn.Linear:
         """Folds ``scale * B A`` into ``base.weight`` in place (sharded weights stay sharded) and returns ``base``."""
         merge_lora_weight_(self.base.weight, self.lora_A, self.lora_B, self.scale)
         return self.base
+
+    def peft_spec(self) -> PeftAdapterSpec:
+        return PeftAdapterSpec(
+            tensors={"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"},
+            options={"r": self.r, "lora_alpha": self.alpha, "use_rslora": self.use_rslora,
+                     "lora_dropout": self.dropout},
+        )
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scale={self.scale:g}, dropout={self.dropout:g}"

@@ -86,7 +86,7 @@ class LoRA(PlannedPeftMethod[LoRAConfig]):
     def merge(self, module: nn.Module) -> None:
         self.check_merge(module)
         for name in self.wrapped_modules:
-            replace_submodule(module, name, module.get_submodule(name).merge_with_base_())
+            replace_submodule(module, name, module.get_submodule(name).merge_into_base())
         self._merged = True
 
 

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from d9d.adapter import AdapterLayer, adapter_layers
 from d9d.dtensor import full_tensor, local_part
 from d9d.model_state.io.atomic import atomic_directory
 from d9d.parallel.process_group import barrier, is_main_rank
-from d9d.peft.lora.layer import LoRALinear
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -32,18 +32,14 @@ PREFIX = "base_model.model."
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "load_peft_adapter", "peft_adapter_state", "save_peft_adapter"]
 
 
-def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-def _modules_to_save(model: nn.Module, lora: dict[str, LoRALinear]) -> dict[str, nn.Module]:
+def _modules_to_save(model: nn.Module, lora: dict[str, AdapterLayer]) -> dict[str, nn.Module]:
     """Modules whose parameters all train, outside LoRA layers: PEFT's ``modules_to_save``.
 
     Raises:
         ValueError: If a trainable non-adapter parameter cannot be expressed (it lives inside a LoRA layer, or its
             module also holds frozen parameters); the message names it.
     """
-    inside_lora = {id(p) for m in lora.values() for p in (m.lora_A, m.lora_B)}
+    inside_lora = {id(p) for m in lora.values() for p in m.adapter_parameters()}
     chosen: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         direct = dict(module.named_parameters(recurse=False))
@@ -76,13 +72,14 @@ def peft_adapter_state(
     Raises:
         ValueError: If the model has no LoRA layer, or a trainable parameter cannot be expressed (see above).
     """
-    lora = _lora_layers(model)
+    lora = adapter_layers(model)
     if not lora:
         raise ValueError("the model has no LoRA layer to export")
     state: dict[str, torch.Tensor] = {}
     for name, layer in lora.items():
-        state[f"{PREFIX}{name}.lora_A.weight"] = full_tensor(layer.lora_A).detach().cpu().contiguous()
-        state[f"{PREFIX}{name}.lora_B.weight"] = full_tensor(layer.lora_B).detach().cpu().contiguous()
+        for key, param_name in layer.peft_spec().tensors.items():
+            param = getattr(layer, param_name)
+            state[f"{PREFIX}{name}.{key}"] = full_tensor(param).detach().cpu().contiguous()
     saved = _modules_to_save(model, lora) if include_modules_to_save else {}
     for name, module in saved.items():
         for pname, param in module.named_parameters(recurse=False):
@@ -91,20 +88,21 @@ def peft_adapter_state(
 
 
 def _adapter_config(
-    lora: dict[str, LoRALinear],
+    lora: dict[str, AdapterLayer],
     modules_to_save: list[str],
     base_model_name_or_path: str | None,
     task_type: str | None,
 ) -> dict:
-    rslora = {m.use_rslora for m in lora.values()}
+    options = {n: m.peft_spec().options for n, m in lora.items()}
+    rslora = {o["use_rslora"] for o in options.values()}
     if len(rslora) > 1:
         raise ValueError("PEFT's format has one use_rslora for all layers; the stack mixes rsLoRA and plain LoRA")
     use_rslora = rslora.pop()
-    alpha = {n: m.alpha for n, m in lora.items()}
-    ranks = {n: m.r for n, m in lora.items()}
+    alpha = {n: o["lora_alpha"] for n, o in options.items()}
+    ranks = {n: o["r"] for n, o in options.items()}
     r = Counter(ranks.values()).most_common(1)[0][0]
     lora_alpha = Counter(alpha.values()).most_common(1)[0][0]
-    dropout = Counter(m.dropout for m in lora.values()).most_common(1)[0][0]
+    dropout = Counter(o["lora_dropout"] for o in options.values()).most_common(1)[0][0]
     return {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -139,7 +137,7 @@ def save_peft_adapter(
     On a sharded model every rank must call it (the adapters are gathered); rank 0 writes.
 
     Args:
-        model: A model with d9d ``LoRALinear`` layers (the model PEFT will wrap, so the names match).
+        model: A model with d9d adapter layers (the model PEFT will wrap, so the names match).
         dest_dir: The adapter folder (replaced if it exists).
         base_model_name_or_path: Recorded for ``PeftModel.from_pretrained`` users.
         task_type: PEFT's task type, e.g. ``"CAUSAL_LM"``; ``None`` for a plain ``PeftModel``.
@@ -155,7 +153,7 @@ def save_peft_adapter(
 
     dest = Path(dest_dir)
     state, modules_to_save = peft_adapter_state(model, include_modules_to_save)
-    lora = _lora_layers(model)
+    lora = adapter_layers(model)
     config = _adapter_config(lora, modules_to_save, base_model_name_or_path, task_type)
     for target in modules_to_save:
         clashes = [n for n in _peft_modules_to_save(model, [target]) if n != target]
@@ -219,12 +217,12 @@ def load_peft_adapter(model: nn.Module, src_dir: str | os.PathLike, check_scale:
         if config.get(key, plain) != plain:
             raise ValueError(f"{config_path}: {key}={config[key]!r} is not supported (expected {plain!r})")
     state = load_file(str(weights_path))
-    lora = _lora_layers(model)
+    lora = adapter_layers(model)
     params = dict(model.named_parameters())
     targets: dict[str, torch.Tensor] = {}
     for name, layer in lora.items():
-        targets[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A
-        targets[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B
+        for key, param_name in layer.peft_spec().tensors.items():
+            targets[f"{PREFIX}{name}.{key}"] = getattr(layer, param_name)
     saved_modules = _peft_modules_to_save(model, config.get("modules_to_save") or [])
     for pname, param in params.items():
         if any(pname.startswith(module + ".") for module in saved_modules):
@@ -243,10 +241,12 @@ def load_peft_adapter(model: nn.Module, src_dir: str | os.PathLike, check_scale:
                              f"has {tuple(param.shape)}")
     if check_scale:
         for name, layer in lora.items():
-            scale = _peft_scale(config, name, layer.r)
-            if not math.isclose(scale, layer.scale, rel_tol=1e-6):
+            ours = layer.peft_spec().options
+            ours_scale = ours["lora_alpha"] / (math.sqrt(ours["r"]) if ours["use_rslora"] else ours["r"])
+            scale = _peft_scale(config, name, ours["r"])
+            if not math.isclose(scale, ours_scale, rel_tol=1e-6):
                 raise ValueError(f"{config_path}: LoRA layer {name!r} has scale {scale:g} in the adapter but "
-                                 f"{layer.scale:g} in the model (check lora_alpha, r and use_rslora)")
+                                 f"{ours_scale:g} in the model (check lora_alpha, r and use_rslora)")
     for key, param in targets.items():
         value = state[key].to(param.dtype)
         if isinstance(param, DTensor):
