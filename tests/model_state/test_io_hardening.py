@@ -147,3 +147,28 @@ def test_export_with_config_loads_in_transformers(tmp_path: Path) -> None:
     tokens = torch.randint(0, 32, (1, 5))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(tokens).logits, model(tokens).logits)
+
+
+def test_peft_adapter_destination_that_is_a_file_or_the_working_directory_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+
+    from d9d.peft import inject_peft_and_freeze
+    from d9d.peft.lora import LoRA, LoRAConfig, LoRAParameters
+    from d9d.peft.lora.peft_format import save_peft_adapter
+
+    model = Small()
+    inject_peft_and_freeze(LoRA(LoRAConfig(module_name_pattern=re.compile("a"), params=LoRAParameters(r=1, alpha=1))),
+                           model)
+    dest = tmp_path / "adapter"
+    dest.write_text("precious")
+    with pytest.raises(ValueError, match="existing file"):
+        save_peft_adapter(model, dest)
+    assert dest.read_text() == "precious"
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    with pytest.raises(ValueError, match="working directory"):
+        save_peft_adapter(model, ".")
+    assert list(work.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "work"]
