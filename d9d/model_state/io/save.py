@@ -138,6 +138,8 @@ def _write_round(files: list[_PlannedFile], mapper: ModelStateMapper, state: dic
     rank = dist.get_rank() if dist.is_initialized() else 0
     mine = files[rank] if rank < len(files) else None
     kept: dict[str, torch.Tensor] = {}
+    if mine is not None and not mine.groups:  # a model without state: one empty file
+        save_file(kept, folder / mine.name, metadata={"format": "pt"})
     for step in range(max(len(f.groups) for f in files)):
         work = [(owner, f.groups[step]) for owner, f in enumerate(files) if step < len(f.groups)]
         inputs = _gather_step(work, state, pieces)
