@@ -2,6 +2,7 @@
 the adapted model."""
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from d9d.parallel import barrier, is_main_rank
 from d9d.peft import merge_peft
 from d9d.peft.lora.peft_format import save_peft_adapter
 
+GENERATION_CONFIG = "generation_config.json"
 PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "masked_lm": None}
 
 
@@ -45,17 +47,20 @@ def export_merged(built: BuiltModel, source: ModelSource, dest: Path, shard_size
                   show_progress: bool) -> Path:
     """Merges the adapters into the sharded weights and writes a Hugging Face checkpoint (every rank calls it).
 
-    The weights are written shard-wise by every rank (``save_model_state``); rank 0 then adds ``config.json`` and
-    the tokenizer files. After this the model has its original architecture; it no longer trains.
+    The weights and ``config.json`` are written shard-wise by every rank (``save_model_state``); rank 0 then adds
+    the base's ``generation_config.json`` (when it has one) and the tokenizer files. After this the model has its
+    original architecture; it no longer trains.
     """
     merge_peft(built.method, built.model)
-    save_model_state(dest, None, built.model, shard_size_gb=shard_size_gb, show_progress=show_progress)
+    config = built.hf_config
+    config.architectures = [built.architecture]
+    if built.tied.ties:
+        config.tie_word_embeddings = False  # both copies are saved; they may differ after training
+    save_model_state(dest, None, built.model, shard_size_gb=shard_size_gb, show_progress=show_progress,
+                     config=config)
     if is_main_rank():
-        config = built.hf_config
-        config.architectures = [built.architecture]
-        if built.tied.ties:
-            config.tie_word_embeddings = False  # both copies are saved; they may differ after training
-        config.save_pretrained(dest)
+        if (source.path / GENERATION_CONFIG).is_file():  # generate() keeps the base's decoding defaults
+            shutil.copyfile(source.path / GENERATION_CONFIG, dest / GENERATION_CONFIG)
         tokenizer.save_pretrained(dest)
     barrier()
     return dest

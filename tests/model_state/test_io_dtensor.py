@@ -1,4 +1,4 @@
-"""DTensor mappers and I/O on an FSDP2-sharded model, in one process (a world of one, gloo)."""
+"""I/O on an FSDP2-sharded model, in one process (a world of one, gloo)."""
 
 from collections.abc import Iterator
 from pathlib import Path
@@ -8,12 +8,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from d9d.model_state.io import load_model_state, save_model_state
+from d9d.model_state.mapper import StateGroup
 from d9d.model_state.mapper.adapters import identity_mapper_from_module
-from d9d.model_state.mapper.compose import ModelStateMapperSequential
-from d9d.model_state.mapper.leaf import ModelStateMapperDistribute, ModelStateMapperGatherFullTensor
+from d9d.model_state.mapper.leaf import ModelStateMapperIdentity
 from d9d.parallel import find_free_port, shard_model
 
 pytestmark = pytest.mark.local
@@ -42,28 +42,6 @@ class Net(nn.Module):
         return self.out(x)
 
 
-def test_distribute_and_gather_round_trip(mesh: DeviceMesh) -> None:
-    full = torch.randn(5, 4)
-    dt = ModelStateMapperDistribute("w", mesh, [Shard(0)]).apply({"w": full})["w"]
-    assert isinstance(dt, DTensor)
-    assert dt.placements == (Shard(0),)
-    assert dt.shape == full.shape
-    gathered = ModelStateMapperGatherFullTensor(["w", "plain"]).apply({"w": dt, "plain": full})
-    assert not isinstance(gathered["w"], DTensor)
-    torch.testing.assert_close(gathered["w"], full)
-    assert gathered["plain"] is full
-
-
-def test_distribute_declares_one_group_per_key(mesh: DeviceMesh) -> None:
-    mapper = ModelStateMapperDistribute(["a", "b"], mesh, [Replicate()])
-    assert mapper.input_keys() == mapper.output_keys() == {"a", "b"}
-    assert len(mapper.state_dependency_groups()) == 2
-    with pytest.raises(ValueError, match="placement"):
-        ModelStateMapperDistribute("a", mesh, [Shard(0), Shard(1)])
-    with pytest.raises(TypeError, match="'a'"):
-        mapper.apply({"a": mapper.apply({"a": torch.ones(2)})["a"]})
-
-
 def test_sharded_model_save_then_load(mesh: DeviceMesh, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = Net()
@@ -80,13 +58,24 @@ def test_sharded_model_save_then_load(mesh: DeviceMesh, tmp_path: Path) -> None:
     torch.testing.assert_close(fresh(x), reference(x))
 
 
-def test_load_accepts_a_mapper_that_distributes(mesh: DeviceMesh, tmp_path: Path) -> None:
+def test_load_reads_only_the_local_shard_and_refuses_a_dtensor_from_the_mapper(mesh: DeviceMesh,
+                                                                              tmp_path: Path) -> None:
     model = Net()
     save_model_state(tmp_path / "ckpt", None, model, show_progress=False)
     fresh = Net()
     shard_model(fresh, nn.Sequential, mesh=mesh)
-    keys = list(fresh.state_dict())
-    mapper = ModelStateMapperSequential([identity_mapper_from_module(fresh),
-                                         ModelStateMapperDistribute(keys, mesh, [Shard(0)])])
-    load_model_state(tmp_path / "ckpt", mapper, "cpu", fresh, show_progress=False)
+    stats = load_model_state(tmp_path / "ckpt", identity_mapper_from_module(fresh), "cpu", fresh,
+                             show_progress=False)
+    assert stats.bytes_read == stats.checkpoint_bytes  # a world of one keeps everything
+    assert stats.sliced_tensors == len(fresh.state_dict())
     torch.testing.assert_close(fresh.out.weight.full_tensor(), model.out.weight)
+
+    class Distributing(ModelStateMapperIdentity):
+        def passthrough_sources(self, group: StateGroup) -> None:
+            return None
+
+        def apply(self, group: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in group.items()}
+
+    with pytest.raises(TypeError, match="produced a DTensor"):
+        load_model_state(tmp_path / "ckpt", Distributing(fresh.state_dict()), "cpu", fresh, show_progress=False)

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from d9d.model_state.mapper import ModelStateMapper, StateGroup
+from d9d.model_state.mapper.abc import group_order_key
 from d9d.model_state.mapper.adapters import identity_mapper_from_module
 from d9d.model_state.mapper.compose import ModelStateMapperParallel, ModelStateMapperSequential
-from d9d.model_state.mapper.leaf import ModelStateMapperIdentity, ModelStateMapperRename
+from d9d.model_state.mapper.leaf import ModelStateMapperDuplicate, ModelStateMapperIdentity, ModelStateMapperRename
 from tests.conftest import TinyModel
 
 pytestmark = pytest.mark.local
@@ -70,6 +71,29 @@ def test_sequential_fuses_groups_across_stages():
     out = mapper.apply_all(state)
     torch.testing.assert_close(out["abc"], torch.cat([state["a"], state["b"], state["c"]]))
     assert torch.equal(out["d2"], state["d"])
+
+
+def test_passthrough_sources_compose_through_every_mapper():
+    first = ModelStateMapperParallel([ModelStateMapperRename({"a": "a1", "b": "b1", "c": "c1"}),
+                                      ModelStateMapperDuplicate("t", ["t_copy"])])
+    second = ModelStateMapperParallel([Concat(["a1", "b1"], "ab"), ModelStateMapperRename({"c1": "c2"}),
+                                       ModelStateMapperIdentity(["t", "t_copy"])])
+    mapper = ModelStateMapperSequential([first, second])
+    sources = {tuple(sorted(g.outputs)): mapper.passthrough_sources(g) for g in mapper.state_dependency_groups()}
+    assert sources == {("ab",): None, ("c2",): {"c2": "c"}, ("t", "t_copy"): {"t": "t", "t_copy": "t"}}
+    # What a loader reads for a pass-through group is what apply gives.
+    state = {k: torch.randn(3) for k in ("a", "b", "c", "t")}
+    out = mapper.apply_all(state)
+    for group in mapper.state_dependency_groups():
+        for output, source in (mapper.passthrough_sources(group) or {}).items():
+            assert torch.equal(out[output], state[source])
+    assert Concat(["a"], "x").passthrough_sources(next(iter(Concat(["a"], "x").state_dependency_groups()))) is None
+
+
+def test_group_order_keeps_layers_in_numeric_order():
+    mapper = ModelStateMapperIdentity([f"layers.{i}.w" for i in (10, 2, 1)])
+    assert [sorted(g.outputs) for g in sorted(mapper.state_dependency_groups(), key=group_order_key)] == [
+        ["layers.1.w"], ["layers.2.w"], ["layers.10.w"]]
 
 
 def test_sequential_rejects_a_broken_chain():

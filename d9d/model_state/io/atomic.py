@@ -12,7 +12,24 @@ from pathlib import Path
 
 from d9d.parallel.process_group import barrier, is_main_rank
 
-__all__ = ["atomic_directory", "replace_directory", "temporary_sibling"]
+__all__ = ["atomic_directory", "check_destination", "replace_directory", "temporary_sibling"]
+
+
+def check_destination(dest: str | os.PathLike) -> None:
+    """Refuses a destination that an atomic write would destroy or cannot replace, before anything is written.
+
+    Raises:
+        ValueError: If ``dest`` is an existing file (or other non-folder), or resolves to the file system root, the
+            working directory or one of its parents (``"."``, ``".."``): replacing it would move the running
+            process's own folder away. The message names ``dest``.
+    """
+    path = Path(dest)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"destination {str(path)!r} is an existing file, not a folder; refusing to replace it")
+    resolved, cwd = path.resolve(), Path.cwd().resolve()
+    if resolved == resolved.parent or cwd == resolved or resolved in cwd.parents:
+        raise ValueError(f"destination {str(path)!r} resolves to {resolved}, which holds the working directory "
+                         f"{cwd}; write into a new subfolder instead")
 
 
 def temporary_sibling(dest: str | os.PathLike) -> Path:
@@ -48,10 +65,12 @@ def atomic_directory(dest: str | os.PathLike, collective: bool = False) -> Itera
     writing into it) and the next write removes it.
 
     Args:
-        dest: The folder to create or replace.
+        dest: The folder to create or replace; it must not be a file or hold the working directory
+            (:func:`check_destination`, checked before anything is written).
         collective: Whether every rank of the default process group writes into the folder.
     """
-    dest = Path(dest)
+    check_destination(dest)
+    dest = Path(os.path.abspath(dest))  # "out" and "out/" name the same folder; a symlink stays a symlink
     tmp = temporary_sibling(dest)
     main = is_main_rank() or not collective
     if main:

@@ -2,13 +2,10 @@
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-
-from d9d.model_state.mapper import StateGroup
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -44,6 +41,11 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
 
+    @property
+    def nbytes(self) -> int:
+        """The tensor's size in the file."""
+        return self.dtype.itemsize * int(torch.Size(self.shape).numel())
+
     def meta(self) -> torch.Tensor:
         """An empty ``meta`` tensor of this shape and dtype (for dry-running mappers)."""
         return torch.empty(self.shape, dtype=self.dtype, device="meta")
@@ -60,17 +62,15 @@ def read_layout(src_dir: str | Path) -> dict[str, TensorInfo]:
     Raises:
         FileNotFoundError: If the folder has neither layout, or the index names a file that does not exist (the
             message names the file and one key mapped to it).
-        ValueError: If a file is unreadable or truncated (the message names the file and safetensors' reason), a
+        ValueError: If the index is malformed or names a file outside the folder (see :func:`read_weight_map`),
+            a file is unreadable or truncated (the message names the file and safetensors' reason), a
             file lacks a tensor the index maps to it, a file holds a tensor the index does not list, or two files
             hold the same key.
     """
     src = Path(src_dir)
     index_path = src / INDEX_FILE
     if index_path.is_file():
-        try:
-            weight_map: dict[str, str] | None = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index_path} is not a safetensors index with a 'weight_map': {e}") from e
+        weight_map: dict[str, str] | None = read_weight_map(src)
         files = sorted(set(weight_map.values()))
         for file in files:
             if not (src / file).is_file():
@@ -96,6 +96,34 @@ def read_layout(src_dir: str | Path) -> dict[str, TensorInfo]:
     return layout
 
 
+def read_weight_map(src: Path) -> dict[str, str]:
+    """The index's ``weight_map``, checked: a JSON object of string keys to file names inside ``src``.
+
+    A file name that is absolute, climbs out with ``..``, or resolves outside ``src`` through a symlink is
+    refused, so a crafted index cannot make every rank read an arbitrary file.
+
+    Raises:
+        ValueError: If the index is not JSON, has no ``weight_map`` object, maps a key to something other than a
+            string, or maps a key to a file outside ``src``; the message names the index and the key.
+    """
+    index_path = src / INDEX_FILE
+    try:
+        index = json.loads(index_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{index_path} is not valid JSON: {e}") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index_path} has no 'weight_map' object (got {type(weight_map).__name__})")
+    root = src.resolve()
+    for key, file in weight_map.items():
+        if not isinstance(file, str) or not file:
+            raise ValueError(f"{index_path} maps {key!r} to {file!r}, not a file name")
+        if Path(file).is_absolute() or not (src / file).resolve().is_relative_to(root):
+            raise ValueError(f"{index_path} maps {key!r} to {file!r}, which resolves to {(src / file).resolve()}, "
+                             f"outside the checkpoint folder {root}")
+    return weight_map
+
+
 def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Shapes and dtypes of a ``.safetensors`` file's tensors, read from its header.
 
@@ -115,13 +143,3 @@ def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
             return header
     except (SafetensorError, OSError) as e:
         raise ValueError(f"cannot read safetensors file {path}: {e}") from e
-
-
-def natural_key(key: str) -> tuple[str | int, ...]:
-    """Sort key that orders ``layers.2`` before ``layers.10``."""
-    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key))
-
-
-def group_order_key(group: StateGroup) -> tuple[tuple[str | int, ...], ...]:
-    """A deterministic group order (every rank walks groups identically) that keeps layers consecutive."""
-    return tuple(sorted(natural_key(k) for k in group.outputs))

@@ -4,18 +4,14 @@ from d9d.model_state.mapper.abc import ModelStateMapper, StateGroup
 from d9d.model_state.mapper.adapters import identity_mapper_from_module
 from d9d.model_state.mapper.compose import ModelStateMapperParallel, ModelStateMapperSequential
 from d9d.model_state.mapper.leaf import (
-    ModelStateMapperDistribute,
     ModelStateMapperDuplicate,
-    ModelStateMapperGatherFullTensor,
     ModelStateMapperIdentity,
     ModelStateMapperRename,
 )
 
 __all__ = [
     "ModelStateMapper",
-    "ModelStateMapperDistribute",
     "ModelStateMapperDuplicate",
-    "ModelStateMapperGatherFullTensor",
     "ModelStateMapperIdentity",
     "ModelStateMapperParallel",
     "ModelStateMapperRename",

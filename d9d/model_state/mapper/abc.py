@@ -2,6 +2,7 @@
 
 import abc
 import dataclasses
+import re
 
 import torch
 
@@ -42,6 +43,19 @@ class ModelStateMapper(abc.ABC):
             The produced tensors; the keys are exactly that group's ``outputs``.
         """
 
+    def passthrough_sources(self, group: StateGroup) -> dict[str, str] | None:
+        """For a group whose outputs are its inputs unchanged (renamed or repeated at most): each output key's
+        input key. ``None`` (the default) when the group computes its outputs.
+
+        A loader reads a pass-through output's input only where the output is needed (a sharded rank: its shard's
+        rows or columns); it reads the inputs of any other group whole and applies the group.
+
+        Args:
+            group: One of this mapper's ``state_dependency_groups()``.
+        """
+        del group
+        return None
+
     def input_keys(self) -> frozenset[str]:
         """Every key this mapper reads."""
         return frozenset().union(*(g.inputs for g in self.state_dependency_groups()))
@@ -57,7 +71,7 @@ class ModelStateMapper(abc.ABC):
             KeyError: If ``state`` lacks a key that some group needs; the message names the key.
         """
         result: dict[str, torch.Tensor] = {}
-        for group in sorted(self.state_dependency_groups(), key=group_sort_key):
+        for group in sorted(self.state_dependency_groups(), key=group_order_key):
             missing = sorted(group.inputs - state.keys())
             if missing:
                 raise KeyError(f"state is missing key(s) {missing} needed to produce {sorted(group.outputs)}")
@@ -65,6 +79,11 @@ class ModelStateMapper(abc.ABC):
         return result
 
 
-def group_sort_key(group: StateGroup) -> tuple[str, ...]:
-    """A deterministic order for groups, so every rank walks them identically."""
-    return tuple(sorted(group.outputs))
+def natural_key(key: str) -> tuple[str | int, ...]:
+    """Sort key that orders ``layers.2`` before ``layers.10``."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key))
+
+
+def group_order_key(group: StateGroup) -> tuple[tuple[str | int, ...], ...]:
+    """The one deterministic order of groups (every rank walks them identically), keeping layers consecutive."""
+    return tuple(sorted(natural_key(k) for k in group.outputs))

@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from d9d.adapter import AdapterLayer, adapter_layers
 from d9d.dtensor import full_tensor, local_part
-from d9d.model_state.io.atomic import atomic_directory
+from d9d.model_state.io.atomic import atomic_directory, check_destination
 from d9d.parallel.process_group import barrier, is_main_rank
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -147,11 +147,13 @@ def save_peft_adapter(
         ``dest_dir`` as a ``Path``.
 
     Raises:
-        ValueError: If the model cannot be expressed in PEFT's format; the message names the layer or parameter.
+        ValueError: If the model cannot be expressed in PEFT's format (the message names the layer or parameter), or
+            ``dest_dir`` is an existing file or holds the working directory.
     """
     from safetensors.torch import save_file
 
     dest = Path(dest_dir)
+    check_destination(dest)  # on every rank, before the gather: rank 0 alone raising would leave the others waiting
     state, modules_to_save = peft_adapter_state(model, include_modules_to_save)
     lora = adapter_layers(model)
     config = _adapter_config(lora, modules_to_save, base_model_name_or_path, task_type)

@@ -43,6 +43,9 @@ class ModelStateMapperParallel(ModelStateMapper):
     def state_dependency_groups(self) -> frozenset[StateGroup]:
         return frozenset(self._owner)
 
+    def passthrough_sources(self, group: StateGroup) -> dict[str, str] | None:
+        return self._owner[group].passthrough_sources(group)
+
     def apply(self, group: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         part = self._by_inputs.get(frozenset(group))
         if part is None:

@@ -69,6 +69,19 @@ class ModelStateMapperSequential(ModelStateMapper):
     def state_dependency_groups(self) -> frozenset[StateGroup]:
         return frozenset(self._groups)
 
+    def passthrough_sources(self, group: StateGroup) -> dict[str, str] | None:
+        """Pass-through when every stage's part of the group is: the sources compose, last stage first."""
+        sources = {k: k for k in group.outputs}
+        for mapper, stage_groups in reversed(list(zip(self._mappers, self._groups[group], strict=True))):
+            stage: dict[str, str] = {}
+            for g in stage_groups:
+                part = mapper.passthrough_sources(g)
+                if part is None:
+                    return None
+                stage.update(part)
+            sources = {out: stage[mid] for out, mid in sources.items()}
+        return sources
+
     def apply(self, group: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         history = self._by_inputs.get(frozenset(group))
         if history is None:

@@ -35,6 +35,9 @@ class ModelStateMapperDuplicate(ModelStateMapper):
         outputs = frozenset([self._source, *self._copies])
         return frozenset([StateGroup(inputs=frozenset([self._source]), outputs=outputs)])
 
+    def passthrough_sources(self, group: StateGroup) -> dict[str, str]:
+        return dict.fromkeys(group.outputs, self._source)
+
     def apply(self, group: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         tensor = group[self._source]
         return {self._source: tensor, **{k: tensor.clone() for k in self._copies}}

@@ -19,5 +19,8 @@ class ModelStateMapperIdentity(ModelStateMapper):
     def state_dependency_groups(self) -> frozenset[StateGroup]:
         return frozenset(StateGroup(inputs=frozenset([k]), outputs=frozenset([k])) for k in self._keys)
 
+    def passthrough_sources(self, group: StateGroup) -> dict[str, str]:
+        return {k: k for k in group.outputs}
+
     def apply(self, group: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return dict(group)

@@ -34,5 +34,8 @@ class ModelStateMapperRename(ModelStateMapper):
             StateGroup(inputs=frozenset([src]), outputs=frozenset([dst])) for src, dst in self._renames.items()
         )
 
+    def passthrough_sources(self, group: StateGroup) -> dict[str, str]:
+        return {self._renames[k]: k for k in group.inputs}
+
     def apply(self, group: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {self._renames[k]: v for k, v in group.items()}
