@@ -45,21 +45,21 @@ class Rotary(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: TinyLlamaConfig):
         super().__init__()
-        self.heads = cfg.heads
+        self.head_dim = cfg.dim // cfg.heads
         self.q_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.k_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.dim, bias=True)
         self.o_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
-        b, s, d = x.shape
+        b, s, _ = x.shape
 
-        def split(t: torch.Tensor) -> torch.Tensor:
-            return t.view(b, s, self.heads, d // self.heads).transpose(1, 2)
+        def split(t: torch.Tensor) -> torch.Tensor:  # -1 heads: under tensor parallelism, this rank's heads
+            return t.view(b, s, -1, self.head_dim).transpose(1, 2)
 
         q, k, v = rotary(split(self.q_proj(x))), rotary(split(self.k_proj(x))), split(self.v_proj(x))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, d))
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
 class FeedForward(nn.Module):

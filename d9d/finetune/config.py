@@ -87,7 +87,9 @@ class DataConfig(_Strict):
     )
     seq_len: int = Field(default=128, ge=8, description="Tokens per packed training sequence.")
     global_batch_size: int = Field(
-        default=8, gt=0, description="Sequences per optimizer step over all ranks; divisible by the world size."
+        default=8, gt=0,
+        description="Sequences per optimizer step over all ranks; divisible by the data-parallel size "
+        "(world size / parallel.tp).",
     )
     mlm_probability: float = Field(
         default=0.15, gt=0, lt=1, description="Fraction of tokens masked per sequence (masked-LM task only)."
@@ -137,6 +139,21 @@ class ExportConfig(_Strict):
     )
 
 
+class ParallelConfig(_Strict):
+    """How the ranks split the work: ``dp_shard = world_size / (dp_replicate * tp)`` (see ``d9d.parallel``)."""
+
+    dp_replicate: int = Field(
+        default=1, ge=1,
+        description="Data-parallel replicas (HSDP): the frozen base is sharded within a replica and only gradients "
+        "of what trains cross replicas. For multi-node runs, the number of nodes.",
+    )
+    tp: int = Field(
+        default=1, ge=1,
+        description="Tensor-parallel ranks per replica (attention heads and MLP split over them); must divide the "
+        "attention heads, the KV heads and the intermediate size. Keep it within a node.",
+    )
+
+
 class FinetuneConfig(_Strict):
     """A complete fine-tune run. Every field has a default: ``FinetuneConfig()`` is the demo run."""
 
@@ -161,6 +178,7 @@ class FinetuneConfig(_Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Adapter checkpoints, resume.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="PEFT adapter and merged exports.")
     timeout_s: float = Field(default=600.0, gt=0, description="Collective timeout of the process group.")
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="HSDP and tensor parallelism.")
 
     def peft_config(self) -> AnyPeftConfig:
         """The configured PEFT method, or the default stack."""

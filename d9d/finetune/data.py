@@ -144,15 +144,14 @@ class PackedBatches:
         return inputs, labels
 
     def batch(self, step: int, rank: int, world_size: int) -> Batch:
-        """Rank ``rank``'s contiguous slice of global batch ``step``.
+        """Rank ``rank``'s contiguous slice of global batch ``step``, among ``world_size`` data-parallel ranks.
 
         Raises:
-            ValueError: If the world size does not divide the global batch size.
+            ValueError: If the data-parallel size does not divide the global batch size.
         """
         if self.global_batch_size % world_size:
-            raise ValueError(
-                f"data.global_batch_size={self.global_batch_size} is not divisible by the world size {world_size}"
-            )
+            raise ValueError(f"data.global_batch_size={self.global_batch_size} is not divisible by the data-parallel "
+                             f"size {world_size} (world size / parallel.tp)")
         inputs, labels = self.global_batch(step)
         shifted = labels[:, 1:] if self.task == "causal_lm" else labels
         num_targets = int((shifted != IGNORE_INDEX).sum())

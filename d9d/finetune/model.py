@@ -7,13 +7,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
 
 from d9d.finetune.config import FinetuneConfig, GeneratedLlamaSource, LocalModelSource, PackagedMiniLMSource
 from d9d.finetune.tied import TiedWeights, untie_weights
 from d9d.model_state.io import checkpoint_mapper_for, load_model_state
 from d9d.model_state.io.atomic import atomic_directory
-from d9d.parallel import init_empty_parameters, is_main_rank, materialize_model, shard_model
+from d9d.parallel import (
+    ParallelMesh,
+    apply_tensor_parallel,
+    check_tensor_parallel,
+    init_empty_parameters,
+    is_main_rank,
+    materialize_model,
+    shard_model,
+)
 from d9d.peft import PeftMethod, inject_peft_and_freeze
 from d9d.peft.all import peft_method_from_config
 
@@ -154,17 +161,23 @@ class BuiltModel:
 
 
 def build_model(
-    cfg: FinetuneConfig, source: ModelSource, mesh: DeviceMesh, device: torch.device, show_progress: bool
+    cfg: FinetuneConfig, source: ModelSource, mesh: ParallelMesh, device: torch.device, show_progress: bool
 ) -> BuiltModel:
-    """Builds the model on ``meta``, injects the PEFT stack, shards it with FSDP2, then streams the weights in.
+    """Builds the model on ``meta``, injects the PEFT stack, applies tensor parallelism over ``mesh.tp`` (when
+    ``parallel.tp`` > 1), shards it with FSDP2 (HSDP when ``parallel.dp_replicate`` > 1) over ``mesh.dp``, then
+    streams the weights in.
 
     No rank ever holds the whole model: parameters are allocated only as local shards, and the checkpoint is read
     one file at a time through the injection's mapper. Adapters are initialized from ``cfg.seed`` identically on
-    every rank, so they do not depend on the world size.
+    every rank, so they do not depend on the world size or the layout.
+
+    Raises:
+        ValueError: If ``parallel.tp`` does not divide the model's heads, KV heads or intermediate size.
     """
     from transformers import AutoConfig
 
     hf_config = AutoConfig.from_pretrained(source.path)
+    check_tensor_parallel(hf_config, mesh.dims.tp)
     dtype = getattr(torch, cfg.dtype)
     with init_empty_parameters():
         model = auto_model_class(source.task).from_config(hf_config, dtype=dtype)
@@ -172,8 +185,9 @@ def build_model(
     tied = untie_weights(model)
     method = peft_method_from_config(cfg.peft_config())
     injection_mapper = inject_peft_and_freeze(method, model)
+    apply_tensor_parallel(model, mesh.tp)
     block_names = set(getattr(model, "_no_split_modules", None) or ())
-    shard_model(model, lambda _name, m: type(m).__name__ in block_names, mesh=mesh)
+    shard_model(model, lambda _name, m: type(m).__name__ in block_names, mesh=mesh.dp)
     torch.manual_seed(cfg.seed)
     materialize_model(model, device)
     mapper = tied.loading_mapper(checkpoint_mapper_for(model, injection_mapper), source.path)

@@ -16,7 +16,7 @@ from d9d.finetune.data import PackedBatches, load_documents, pack_documents
 from d9d.finetune.export import export_merged, export_peft, model_logits, verify_exports
 from d9d.finetune.model import build_model, prepare_model_source
 from d9d.finetune.train import build_optimizer, train
-from d9d.parallel import find_free_port, init_distributed
+from d9d.parallel import find_free_port, init_parallel
 from d9d.peft import count_parameters
 from d9d.peft.lora.peft_format import load_peft_adapter
 
@@ -45,12 +45,12 @@ class RunSummary:
     reproduction: list[dict]
 
 
-def setup_distributed(timeout_s: float):
-    """The process group from torchrun's environment; a plain ``python`` run becomes a world of one."""
+def setup_distributed(timeout_s: float, dp_replicate: int = 1, tp: int = 1):
+    """The process group from torchrun's environment and the named mesh; a plain ``python`` run is a world of one."""
     if "RANK" not in os.environ and not dist.is_initialized():
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(find_free_port()))
-    mesh = init_distributed(timeout=timedelta(seconds=timeout_s))
+    mesh = init_parallel(dp_replicate=dp_replicate, tp=tp, timeout=timedelta(seconds=timeout_s))
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return mesh, device
 
@@ -67,8 +67,9 @@ def run_finetune(cfg: FinetuneConfig) -> RunSummary:
     # FSDP2 warns that the root returns a view (HF's logits); the loop never modifies outputs in place.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
-    mesh, device = setup_distributed(cfg.timeout_s)
+    mesh, device = setup_distributed(cfg.timeout_s, cfg.parallel.dp_replicate, cfg.parallel.tp)
     rank, world = dist.get_rank(), dist.get_world_size()
+    dp_rank, dp_size = mesh.dp_rank, mesh.dp_size  # the ranks of a tp group share a batch
     main = rank == 0
     ckpt_root = cfg.checkpoint_dir()
     earlier = list_checkpoints(ckpt_root)
@@ -77,7 +78,8 @@ def run_finetune(cfg: FinetuneConfig) -> RunSummary:
                          f"{earlier[-1].name}); pass --resume to continue it, or remove them or choose another "
                          "work_dir to start afresh")
     source = prepare_model_source(cfg)
-    _say(main, f"[d9d] world size {world}, device {device.type}; base model {source.path} ({source.task})")
+    _say(main, f"[d9d] world size {world} = dp_replicate {mesh.dims.dp_replicate} x dp_shard {mesh.dims.dp_shard} "
+               f"x tp {mesh.dims.tp}, device {device.type}; base model {source.path} ({source.task})")
     tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_path)
     sequences = pack_documents(load_documents(cfg.data.text_files), tokenizer, cfg.data.seq_len)
     special = [t for t in (tokenizer.sep_token_id, tokenizer.cls_token_id, tokenizer.eos_token_id,
@@ -85,9 +87,9 @@ def run_finetune(cfg: FinetuneConfig) -> RunSummary:
     data = PackedBatches(sequences, cfg.data.global_batch_size, cfg.seed, source.task,
                          mask_token_id=tokenizer.mask_token_id, mlm_probability=cfg.data.mlm_probability,
                          special_token_ids=special)
-    data.batch(0, rank, world)  # validates the batch split before the model is built
+    data.batch(0, dp_rank, dp_size)  # validates the batch split before the model is built
     _say(main, f"[d9d] data: {sequences.shape[0]} sequences of {cfg.data.seq_len} tokens, global batch "
-               f"{cfg.data.global_batch_size} ({cfg.data.global_batch_size // world} per rank)")
+               f"{cfg.data.global_batch_size} ({cfg.data.global_batch_size // dp_size} per data-parallel rank)")
 
     built = build_model(cfg, source, mesh, device, show_progress=main)
     if cfg.init_adapter_dir is not None:
@@ -112,7 +114,7 @@ def run_finetune(cfg: FinetuneConfig) -> RunSummary:
             last_ckpt[:] = [save_checkpoint(ckpt_root, done, built.model, optimizer, cfg.checkpoint.keep_last)]
 
     log = train(built.model, optimizer, data, cfg.optimizer, start_step, cfg.steps, cfg.seed, cfg.log_interval,
-                device, on_step_end)
+                device, on_step_end, dp=(dp_rank, dp_size))
     losses = [log.losses[s] for s in sorted(log.losses)]
     if losses:
         _say(main, f"[d9d] loss {losses[0]:.4f} (step {start_step + 1}) -> {losses[-1]:.4f} (step {cfg.steps}) in "

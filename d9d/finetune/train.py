@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from d9d.finetune.config import OptimizerConfig
 from d9d.finetune.data import IGNORE_INDEX, Batch, PackedBatches, step_seed
+from d9d.parallel.grad_norm import clip_grad_norm_
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
@@ -34,12 +35,14 @@ def learning_rate(cfg: OptimizerConfig, step: int) -> float:
     return cfg.lr
 
 
-def loss_terms(model: nn.Module, batch: Batch, task: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_terms(model: nn.Module, batch: Batch, task: str, device: torch.device,
+               dp_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss_to_backward, summed_token_loss)`` of this rank's slice.
 
-    The backward loss is this rank's summed token loss over the *global* target count, times the world size:
-    FSDP2 averages gradients over ranks, so the update equals that of the global mean token loss whatever the
-    split (ranks may hold different numbers of masked-LM targets).
+    The backward loss is this rank's summed token loss over the *global* target count, times the data-parallel
+    size (``dp_size``; ``None``: the world size): FSDP2 averages gradients over the data-parallel ranks, so the
+    update equals that of the global mean token loss whatever the split (ranks may hold different numbers of
+    masked-LM targets).
     """
     input_ids, labels = batch.input_ids.to(device), batch.labels.to(device)
     logits = model(input_ids=input_ids).logits.float()
@@ -47,8 +50,9 @@ def loss_terms(model: nn.Module, batch: Batch, task: str, device: torch.device) 
         logits, labels = logits[:, :-1], labels[:, 1:]
     token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                  ignore_index=IGNORE_INDEX, reduction="sum")
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    return token_loss * world / batch.num_target_tokens, token_loss.detach()
+    if dp_size is None:
+        dp_size = dist.get_world_size() if dist.is_initialized() else 1
+    return token_loss * dp_size / batch.num_target_tokens, token_loss.detach()
 
 
 @dataclasses.dataclass
@@ -71,16 +75,20 @@ def train(
     log_interval: int,
     device: torch.device,
     on_step_end: Callable[[int], None] | None = None,
+    dp: tuple[int, int] | None = None,
 ) -> TrainLog:
     """Trains steps ``start_step .. steps - 1``. ``on_step_end(completed_steps)`` runs after each step (checkpoints).
 
-    Dropout is re-seeded from ``(seed, step, rank)`` before every step, so a resumed run replays exactly.
+    Dropout is re-seeded from ``(seed, step, dp rank)`` before every step, so a resumed run replays exactly and
+    the ranks of a tensor-parallel group draw the same seeds (see ``d9d/ops/sharding.py``). ``dp`` is this rank's
+    ``(data-parallel rank, data-parallel size)``; ``None``: ``(rank, world size)``.
 
     Raises:
         FloatingPointError: If the loss becomes NaN or infinite; the message names the step.
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     main = rank == 0
+    dp_rank, dp_size = dp if dp is not None else (rank, world)
     log = TrainLog()
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
@@ -91,17 +99,17 @@ def train(
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(opt_cfg, step)
-        torch.manual_seed(step_seed(seed, step, rank))
-        batch = data.batch(step, rank, world)
-        loss, token_loss = loss_terms(model, batch, data.task, device)
+        torch.manual_seed(step_seed(seed, step, dp_rank))
+        batch = data.batch(step, dp_rank, dp_size)
+        loss, token_loss = loss_terms(model, batch, data.task, device, dp_size)
         loss.backward()
         if opt_cfg.grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(trainable, opt_cfg.grad_clip_norm, foreach=True)
+            clip_grad_norm_(trainable, opt_cfg.grad_clip_norm, foreach=True)  # across meshes (tensor parallelism)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if dist.is_initialized():
-            dist.all_reduce(token_loss)
-        mean_loss = token_loss.item() / batch.num_target_tokens
+            dist.all_reduce(token_loss)  # every rank of a tp group holds its dp rank's whole loss: count it once
+        mean_loss = token_loss.item() / batch.num_target_tokens / (world // dp_size)
         if not math.isfinite(mean_loss):
             raise FloatingPointError(f"loss is {mean_loss} at step {step}; lower optimizer.lr")
         log.losses[step] = mean_loss

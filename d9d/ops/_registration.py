@@ -19,14 +19,15 @@ __all__ = ["draw_seed", "no_seed"]
 def draw_seed() -> torch.Tensor:
     """A fresh dropout seed from torch's default generator, so ``torch.manual_seed`` makes the masks reproducible.
 
-    The seed travels as a CPU int64 tensor rather than a Python int so that ``torch.compile`` traces it as data.
+    The seed travels as a 0-dim CPU int64 tensor rather than a Python int so that ``torch.compile`` traces it as
+    data; 0-dim, so that DTensor takes it as a replicated scalar without a warning.
     """
-    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device="cpu")  # never the default device
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu")  # never the default device
 
 
 def no_seed() -> torch.Tensor:
     """The seed argument for calls without dropout (its value is ignored)."""
-    return torch.zeros(1, dtype=torch.int64, device="cpu")
+    return torch.zeros((), dtype=torch.int64, device="cpu")
 
 
 @torch.library.register_fake("d9d::lora_forward")

@@ -1,8 +1,10 @@
 """LoRA apply and merge on the fused kernels of ``d9d._C`` (``torch.ops.d9d.*``)."""
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from d9d.ops._registration import draw_seed, no_seed
+from d9d.ops.sharding import lora_forward_dtensor
 
 __all__ = ["dropout_mask", "lora_linear", "lora_merge_", "lora_unmerge_"]
 
@@ -34,6 +36,9 @@ def lora_linear(
         dropout: Dropout probability on the LoRA branch's input, in ``[0, 1)``.
         training: Whether dropout is active.
 
+    On DTensors (tensor parallelism) the op runs through its sharding rules (``d9d/ops/sharding.py``), which also
+    say how dropout masks are drawn per rank.
+
     Returns:
         The output, of shape ``(..., out)``.
     """
@@ -43,6 +48,8 @@ def lora_linear(
         lora_B = lora_B.to(x.dtype)
     p = float(dropout) if training and dropout > 0 else 0.0
     seed = draw_seed() if p > 0 else no_seed()
+    if isinstance(x, DTensor) or isinstance(weight, DTensor):  # tensor parallelism: see d9d/ops/sharding.py
+        return lora_forward_dtensor(x, weight, bias, lora_A, lora_B, float(scale), p, seed)
     return torch.ops.d9d.lora_forward(x, weight, bias, lora_A, lora_B, float(scale), p, seed)
 
 

@@ -36,7 +36,9 @@ def shard_model(
         model: The (injected) model.
         blocks: Which submodules form a sharding unit: a module class, a sequence of classes, or a predicate
             ``(qualified_name, module) -> bool``. Typically the transformer layer class.
-        mesh: The 1-D data-parallel mesh; ``None`` uses all ranks of the default process group.
+        mesh: The data-parallel mesh: 1-D (FSDP), or 2-D ``(replicate, shard)`` for HSDP (replicas of the
+            sharded model, gradients all-reduced across them); ``ParallelMesh.dp`` gives the right one. ``None``
+            uses all ranks of the default process group.
         mp_policy: FSDP2's mixed-precision policy; ``None`` computes in each parameter's own dtype.
         reshard_after_forward: Free the gathered parameters after forward (re-gathered in backward), trading
             communication for memory.

@@ -9,6 +9,7 @@ import os
 import re
 import sys
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,7 +22,15 @@ sys.path.insert(0, str(Path(__file__).parents[2]))  # the repository root: ``tes
 
 import d9d.model_state.io.save as save_module
 from d9d.model_state.io import checkpoint_mapper_for, load_model_state, save_model_state
-from d9d.parallel import init_distributed, init_empty_parameters, materialize_model, shard_model
+from d9d.parallel import (
+    ParallelDims,
+    ParallelMesh,
+    apply_tensor_parallel,
+    init_distributed,
+    init_empty_parameters,
+    materialize_model,
+    shard_model,
+)
 from d9d.peft import inject_peft_and_freeze, merge_peft
 from d9d.peft.all import PeftStackConfig, peft_method_from_config
 from d9d.peft.full_tune import FullTuneConfig
@@ -35,10 +44,15 @@ BAD_CASES = ("missing_key", "unexpected_key", "shape_mismatch", "truncated_file"
              "unlisted_in_index")
 
 
-def peft_config(lora_dtype: str | None = None, lora_pattern: str = r".*attention\..*_proj") -> PeftStackConfig:
+# Mesh layouts at world size 4: (dp_replicate, tp); dp_shard is what they leave.
+LAYOUTS = {"hsdp": (2, 1), "tp_fsdp": (1, 2), "tp_hsdp": (2, 2)}
+
+
+def peft_config(lora_dtype: str | None = None, lora_pattern: str = r".*attention\..*_proj",
+                dropout: float = 0.0) -> PeftStackConfig:
     return PeftStackConfig(methods=[
         LoRAConfig(module_name_pattern=re.compile(lora_pattern),
-                   params=LoRAParameters(r=3, alpha=6, dropout=0.0, dtype=lora_dtype)),
+                   params=LoRAParameters(r=3, alpha=6, dropout=dropout, dtype=lora_dtype)),
         FullTuneConfig(module_name_pattern=re.compile(r".*norm")),
     ])
 
@@ -52,23 +66,27 @@ def data(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def build_sharded(ckpt: Path, dtype: torch.dtype = torch.float32, lora_dtype: str | None = None,
                   mp_policy: MixedPrecisionPolicy | None = None, config: PeftStackConfig | None = None,
-                  reshard_after_forward: bool = True):
-    """Meta init, inject, shard, materialize, load: nothing is ever materialized in full."""
+                  reshard_after_forward: bool = True, mesh: ParallelMesh | None = None):
+    """Meta init, inject, (tensor-parallelize,) shard, materialize, load: nothing is ever materialized in full."""
     torch.manual_seed(0)  # same adapter init on every rank and every world size
     with init_empty_parameters():
         model = TinyLlama(TinyLlamaConfig()).to(dtype)
     method = peft_method_from_config(config or peft_config(lora_dtype))
     injection = inject_peft_and_freeze(method, model)
-    shard_model(model, Block, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    if mesh is not None:
+        apply_tensor_parallel(model, mesh.tp)
+    shard_model(model, Block, mesh=mesh.dp if mesh is not None else None, mp_policy=mp_policy,
+                reshard_after_forward=reshard_after_forward)
     materialize_model(model, "cpu")
     load_model_state(ckpt, checkpoint_mapper_for(model, injection), "cpu", model, show_progress=False)
     return model, method
 
 
-def train(model: torch.nn.Module, steps: int = STEPS) -> list[float]:
-    rank, world = dist.get_rank(), dist.get_world_size()
+def train(model: torch.nn.Module, steps: int = STEPS, mesh: ParallelMesh | None = None) -> list[float]:
+    world = dist.get_world_size()
+    dp_rank, dp_size = (mesh.dp_rank, mesh.dp_size) if mesh is not None else (dist.get_rank(), world)
     tokens, _ = data(TinyLlamaConfig().vocab)
-    local = tokens.chunk(world)[rank]  # each rank its equal part of the same global batch
+    local = tokens.chunk(dp_size)[dp_rank]  # each dp rank its equal part of the same global batch (tp ranks share)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(steps):
@@ -78,7 +96,7 @@ def train(model: torch.nn.Module, steps: int = STEPS) -> list[float]:
         opt.step()
         opt.zero_grad()
         reported = loss.detach().clone()
-        dist.all_reduce(reported)
+        dist.all_reduce(reported)  # the ranks of a tp group hold the same loss: the mean over all is the dp mean
         losses.append(reported.item() / world)
     return losses
 
@@ -184,7 +202,42 @@ def scenario_export(work: Path, tag: str) -> None:
     save_model_state(work / tag / "export", None, model, shard_size_gb=20e-6, show_progress=False)
 
 
-SCENARIOS = {"train": scenario_train, "mixed_dtype": scenario_mixed_dtype, "bad": scenario_bad,
+def scenario_layout(work: Path, tag: str, layout: str, dropout: float = 0.0) -> None:
+    """Train, merge and export on a named mesh: HSDP, TP x FSDP or TP x HSDP (see ``LAYOUTS``)."""
+    dp_replicate, tp = LAYOUTS[layout]
+    mesh = ParallelDims(dist.get_world_size(), dp_replicate=dp_replicate, tp=tp).build_mesh("cpu")
+    out = work / tag / (layout if dropout == 0 else f"{layout}_dropout")
+    model, method = build_sharded(work / "base", mesh=mesh, config=peft_config(
+        lora_pattern=r".*(attention\..*_proj|feed_forward\.(up|down)_proj)", dropout=dropout))
+    q, o = model.layers[0].attention.q_proj, model.layers[0].attention.o_proj
+    facts = {"dp_rank": mesh.dp_rank, "dp_size": mesh.dp_size, "mesh": mesh.world.mesh.tolist(),
+             "q_weight": str(q.base.weight.placements), "q_lora_B": str(q.lora_B.placements),
+             "o_weight": str(o.base.weight.placements), "o_lora_A": str(o.lora_A.placements)}
+    before = o.lora_A.full_tensor().clone()
+    losses = train(model, mesh=mesh)
+    facts["o_lora_A_moved"] = (o.lora_A.full_tensor() - before).abs().max().item()
+    model.eval()  # no dropout in the logits that the export must reproduce
+    merge_and_export(model, method, adapted_logits(model), out)
+    (out / f"facts_rank{dist.get_rank()}.json").write_text(json.dumps(facts))
+    if dist.get_rank() == 0:
+        (out / "losses.json").write_text(json.dumps(losses))
+
+
+def scenario_train_wide(work: Path, tag: str) -> None:
+    """``train`` with the LoRA targets of ``scenario_layout`` (attention and two MLP projections)."""
+    out = work / tag / "wide"
+    model, method = build_sharded(work / "base", config=peft_config(
+        lora_pattern=r".*(attention\..*_proj|feed_forward\.(up|down)_proj)"))
+    losses = train(model)
+    merge_and_export(model, method, adapted_logits(model), out)
+    if dist.get_rank() == 0:
+        (out / "losses.json").write_text(json.dumps(losses))
+
+
+SCENARIOS = {"hsdp": partial(scenario_layout, layout="hsdp"), "tp_fsdp": partial(scenario_layout, layout="tp_fsdp"),
+             "tp_hsdp": partial(scenario_layout, layout="tp_hsdp"),
+             "tp_dropout": partial(scenario_layout, layout="tp_fsdp", dropout=0.3), "train_wide": scenario_train_wide,
+             "train": scenario_train, "mixed_dtype": scenario_mixed_dtype, "bad": scenario_bad,
              "export": scenario_export, "no_reshard": scenario_no_reshard, "root_lora": scenario_root_lora}
 
 

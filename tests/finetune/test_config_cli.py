@@ -26,6 +26,9 @@ def test_defaults_are_valid_and_round_trip():
         ({"peft": {"kind": "lora", "module_name_pattern": ".*", "params": {"r": 0, "alpha": 1}}}, "peft.lora.params.r"),
         ({"peft": {"kind": "lorra"}}, "peft"),
         ({"checkpoint": {"resume": "maybe"}}, "checkpoint.resume"),
+        ({"parallel": {"tp": 0}}, "parallel.tp"),
+        ({"parallel": {"dp_replicate": -1}}, "parallel.dp_replicate"),
+        ({"parallel": {"dp_shard": 2}}, "parallel.dp_shard"),  # derived, not set
     ],
 )
 def test_bad_config_is_rejected_naming_the_field(config, named):
@@ -65,3 +68,12 @@ def test_override_through_a_non_object_field_is_a_clean_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "'checkpoint'" in err
     assert "Traceback" not in err
+
+
+def test_parallel_sizes_that_do_not_divide_the_world_are_named(tmp_path):
+    """A plain python run is a world of one: tp=2 cannot divide it, and the run says so before building anything."""
+    config = write_config(tmp_path / "c.json", {"work_dir": str(tmp_path / "w"), "parallel": {"tp": 2}})
+    proc = finetune(config, nproc=None, expect_rc=1)
+    assert "parallel.tp (2)" in proc.stderr
+    assert "must divide the world size 1" in proc.stderr
+    assert not (tmp_path / "w" / "base_model").exists()

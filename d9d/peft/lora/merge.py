@@ -1,7 +1,8 @@
 """Folding a LoRA update into a weight that may be a sharded DTensor."""
 
 import torch
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from d9d.dtensor import full_tensor
 from d9d.ops import lora_merge_
@@ -10,22 +11,50 @@ from d9d.ops import lora_merge_
 def merge_lora_weight_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> None:
     """``weight += scale * lora_B @ lora_A`` in place; a sharded ``weight`` stays sharded and is never gathered.
 
-    On DTensors the merge op's sharding rule (``d9d/ops/sharding.py``) does the work: for FSDP2's row sharding,
-    ``lora_B`` is sharded like ``weight`` (same number of rows), so each rank updates its rows with its rows of
-    ``B`` and the gathered ``A`` (r x in), the only communication.
+    For a DTensor ``weight``, each rank updates its local shard with the rows of ``B`` and the columns of ``A``
+    that the shard covers. Which global rows and columns those are is found by laying out index vectors exactly
+    as the weight is laid out, so every placement that sharding produces works: FSDP2's ``Shard(0)``, HSDP's
+    ``(Replicate(), Shard(0))``, tensor parallelism's ``Shard(0)`` / ``Shard(1)``, and FSDP2 on top of tensor
+    parallelism (``(_StridedShard(0), Shard(0))``), uneven shards included. The adapters (``r x in``, ``out x r``,
+    small) are gathered whole; the only communication.
+
+    Raises:
+        ValueError: If ``weight`` is a DTensor with a placement other than a shard of dim 0 or 1 or a replica
+            (a partial sum cannot take an update in place); the message names the placements.
     """
-    if isinstance(weight, DTensor):
-        if any(not (isinstance(p, Replicate) or (type(p) is Shard and p.dim in (0, 1))) for p in weight.placements):
-            # DTensor would redistribute the weight to merge into a copy, and the update would be lost.
-            raise ValueError(f"cannot merge LoRA into a weight placed as {weight.placements}; expected Shard(0), "
-                             "Shard(1) or Replicate on each mesh dimension")
-        lora_A, lora_B = _on_mesh_of(lora_A, weight), _on_mesh_of(lora_B, weight)
-    lora_merge_(weight, lora_A, lora_B, scale)
+    if not isinstance(weight, DTensor):
+        lora_merge_(weight, full_tensor(lora_A), full_tensor(lora_B), scale)
+        return
+    if any(not (isinstance(p, Replicate) or (_is_shard(p) and p.dim in (0, 1))) for p in weight.placements):
+        raise ValueError(f"cannot merge LoRA into a weight placed as {weight.placements}; expected shards of dim 0 "
+                         "or 1, or replicas, on each mesh dimension")
+    A, B = full_tensor(lora_A), full_tensor(lora_B)  # collectives: every rank gathers the same adapters
+    local = weight.to_local()
+    out, inp = weight.shape  # the global shape
+    rows = _local_indices(weight, dim=0, size=out)
+    cols = _local_indices(weight, dim=1, size=inp)
+    lora_merge_(local, A.to(local.device)[:, cols], B.to(local.device)[rows], scale)
 
 
-def _on_mesh_of(t: torch.Tensor, weight: DTensor) -> torch.Tensor:
-    """``t`` as a DTensor on ``weight``'s mesh (adapters that were not sharded with it are replicated: small)."""
-    if isinstance(t, DTensor) and t.device_mesh == weight.device_mesh:
-        return t
-    replicate = [Replicate()] * weight.device_mesh.ndim
-    return DTensor.from_local(full_tensor(t), weight.device_mesh, replicate, run_check=False)
+def _local_indices(weight: DTensor, dim: int, size: int) -> torch.Tensor:
+    """The global indices along ``dim`` that ``weight``'s local shard holds, in local order.
+
+    ``arange(size)`` is cut as ``weight`` is cut along ``dim`` (shards of the other dim become replicas), locally:
+    no communication.
+    """
+    placements = [_index_placement(p, dim) for p in weight.placements]
+    index = torch.arange(size, device=weight.to_local().device)
+    return distribute_tensor(index, weight.device_mesh, placements, src_data_rank=None).to_local()
+
+
+def _index_placement(p: Placement, dim: int) -> Placement:
+    """How a 1-D index vector along ``dim`` is laid out where the weight has placement ``p``."""
+    if not _is_shard(p):
+        return p
+    if p.dim != dim:
+        return Replicate()
+    return _StridedShard(0, split_factor=p.split_factor) if isinstance(p, _StridedShard) else Shard(0)
+
+
+def _is_shard(p: Placement) -> bool:
+    return isinstance(p, Shard | _StridedShard)  # _StridedShard (FSDP2 on top of TP) is no Shard subclass
