@@ -6,7 +6,6 @@ write what the test compares under WORKDIR.
 
 import json
 import os
-import re
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -17,16 +16,13 @@ import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 
-sys.path.insert(0, str(Path(__file__).parents[2]))  # the repository root: ``tests`` is a package there
-
 import d9d.model_state.io.save as save_module
 from d9d.model_state.io import checkpoint_mapper_for, load_model_state, save_model_state
 from d9d.parallel import init_distributed, init_empty_parameters, materialize_model, shard_model
 from d9d.peft import inject_peft_and_freeze, merge_peft
 from d9d.peft.all import PeftStackConfig, peft_method_from_config
-from d9d.peft.full_tune import FullTuneConfig
-from d9d.peft.lora import LoRAConfig, LoRAParameters
-from tests.tiny_llama import Block, TinyLlama, TinyLlamaConfig
+from tests.fixtures import lora_and_norms
+from tests.tiny_llama import TinyLlama, TinyLlamaBlock, TinyLlamaConfig
 
 STEPS = 3
 GLOBAL_BATCH = 4
@@ -36,11 +32,7 @@ BAD_CASES = ("missing_key", "unexpected_key", "shape_mismatch", "truncated_file"
 
 
 def peft_config(lora_dtype: str | None = None, lora_pattern: str = r".*attention\..*_proj") -> PeftStackConfig:
-    return PeftStackConfig(methods=[
-        LoRAConfig(module_name_pattern=re.compile(lora_pattern),
-                   params=LoRAParameters(r=3, alpha=6, dropout=0.0, dtype=lora_dtype)),
-        FullTuneConfig(module_name_pattern=re.compile(r".*norm")),
-    ])
+    return lora_and_norms(lora_pattern, r".*norm", r=3, alpha=6, dtype=lora_dtype)
 
 
 def data(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +51,7 @@ def build_sharded(ckpt: Path, dtype: torch.dtype = torch.float32, lora_dtype: st
         model = TinyLlama(TinyLlamaConfig()).to(dtype)
     method = peft_method_from_config(config or peft_config(lora_dtype))
     injection = inject_peft_and_freeze(method, model)
-    shard_model(model, Block, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    shard_model(model, TinyLlamaBlock, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
     materialize_model(model, "cpu")
     load_model_state(ckpt, checkpoint_mapper_for(model, injection), "cpu", model, show_progress=False)
     return model, method

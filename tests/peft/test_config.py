@@ -9,20 +9,13 @@ from d9d.peft.all import PeftStackConfig, peft_method_from_config
 from d9d.peft.all.method import PeftStack
 from d9d.peft.full_tune import FullTune, FullTuneConfig
 from d9d.peft.lora import LoRA, LoRAConfig, LoRAParameters
+from tests.fixtures import full_tune, lora, stack
 
 pytestmark = pytest.mark.local
 
 
 def make_stack() -> PeftStackConfig:
-    return PeftStackConfig(
-        methods=[
-            LoRAConfig(
-                module_name_pattern=re.compile(r".*attention\..*_proj.*"),
-                params=LoRAParameters(r=8, alpha=16, dropout=0.05, use_rslora=True, dtype="float32"),
-            ),
-            PeftStackConfig(methods=[FullTuneConfig(module_name_pattern=re.compile(r".*norm.*"))]),
-        ]
-    )
+    return stack(lora(r=8, alpha=16, dropout=0.05, use_rslora=True, dtype="float32"), stack(full_tune()))
 
 
 def test_json_round_trip_keeps_config_and_working_patterns():

@@ -12,7 +12,7 @@ from d9d.peft import PeftInjectionResult, PeftMethod, count_parameters, inject_p
 from d9d.peft.all import PeftStack, PeftStackConfig, peft_method_from_config
 from d9d.peft.full_tune import FullTuneConfig
 from d9d.peft.lora import LoRAConfig, LoRALinear, LoRAParameters
-from tests.conftest import TinyModel, assert_unchanged, snapshot
+from tests.fixtures import TinyModel, assert_unchanged, lora_and_norms, snapshot
 
 pytestmark = pytest.mark.local
 
@@ -25,7 +25,7 @@ def lora(pattern=PROJ, **params) -> LoRAConfig:
 
 
 def readme_config() -> PeftStackConfig:
-    return PeftStackConfig(methods=[lora(dropout=0.05), FullTuneConfig(module_name_pattern=NORM)])
+    return lora_and_norms(dropout=0.05)
 
 
 def test_readme_example_wraps_freezes_and_maps(tiny_model):
