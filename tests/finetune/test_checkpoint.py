@@ -129,7 +129,7 @@ def test_changed_rank_is_one_line_naming_parameter_and_shapes(saved):
     _, _, _, path = saved
     other = lora_and_norms(dropout=0.0, r=2)
     fresh, fresh_optimizer = _fresh(other)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError, match="lora_A") as info:
         load_checkpoint(path, fresh, fresh_optimizer, peft_config=other.model_dump(mode="json"))
     message = str(info.value)
     assert "\n" not in message
