@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from d9d.finetune.tensor_parts import Part, PartReader, local_view, writes_part
 from d9d.model_state.io.atomic import atomic_directory
@@ -73,7 +74,11 @@ def _state_layout(optimizer, names, trained) -> tuple[dict, dict[str, torch.Tens
         entries = {}
         for key, value in optimizer.state.get(param, {}).items():
             if isinstance(value, torch.Tensor):
-                like_param = value.shape == param.shape and type(value) is type(param)
+                sharded = isinstance(value, DTensor)
+                like_param = value.shape == param.shape and sharded == isinstance(param, DTensor)
+                if sharded and not like_param:
+                    raise ValueError(f"cannot checkpoint optimizer state {key!r} of {name!r}: a DTensor not laid "
+                                     "out like its parameter")
                 entries[key] = {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch."),
                                 "like_param": like_param}
                 tensors[f"optim/{name}/{key}"] = value
@@ -106,7 +111,7 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
     mine, my_parts = {}, {}
     for key, t in [*((f"param/{n}", p) for n, p in trained.items()), *state_tensors.items()]:
         local, offset = local_view(t.detach())
-        if writes_part(t, rank) and local.numel():
+        if writes_part(t) and local.numel():
             mine[key] = local.contiguous().cpu()
             my_parts[key] = Part(rank, offset, tuple(local.shape)).to_json()
     every_rank = [my_parts]
@@ -194,7 +199,8 @@ def config_differences(saved, current, where: str = "peft") -> list[str]:
 
 def _check_compatible(path: Path, meta: dict, trained: dict[str, nn.Parameter], peft_config: dict | None) -> None:
     """Refuses, in one line naming the first difference, a checkpoint of other parameters or another PEFT config."""
-    changed = config_differences(meta.get("peft"), peft_config) if peft_config is not None else []
+    recorded = meta.get("peft")
+    changed = config_differences(recorded, peft_config) if None not in (recorded, peft_config) else []
     hint = f"; the PEFT config changed: {'; '.join(changed[:3])}" if changed else \
         " (was it written with another PEFT config?)"
     saved = meta["parameters"]
@@ -263,7 +269,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     _check_compatible(path, meta, trained, peft_config)
     names = _optimizer_names(optimizer, trained)
     parts = {key: [Part.from_json(p) for p in ps] for key, ps in meta["parts"].items()}
-    reader = PartReader({r: path / f for r, f in enumerate(meta["files"])}, parts)
+    reader = PartReader({r: path / f for r, f in enumerate(meta["files"])}, parts, _rank_world()[0])
     with torch.no_grad():
         for name, param in trained.items():
             reader.fill(f"param/{name}", param)

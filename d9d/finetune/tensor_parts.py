@@ -1,8 +1,9 @@
 """Tensors saved as per-rank parts (safetensors) and read back into any sharding, without pickle.
 
-Each rank writes only the part of a tensor it holds: its shard of a ``DTensor`` (with the shard's global offset),
-or, for a tensor every rank holds whole, rank 0 writes it. A reader fills its own part of a tensor from the parts
-that overlap it, so a rank reads only what it needs: with the same sharding as at save time, exactly its own part.
+Each rank writes only the part of a tensor it holds: its shard of a ``DTensor`` (with the shard's global offset;
+replicas are written once), or its own copy of a plain tensor (in a sharded model only small optimizer scalars are
+plain, such as Adam's step). A reader fills its own part of a tensor from the parts that overlap it, so a rank
+reads only what it needs: with the same sharding as at save time, only its own file.
 """
 
 import dataclasses
@@ -47,10 +48,10 @@ def local_view(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     return t.to_local(), tuple(offset)
 
 
-def writes_part(t: torch.Tensor, rank: int) -> bool:
-    """Whether this rank is the one that saves its part of ``t`` (replicas are written once)."""
+def writes_part(t: torch.Tensor) -> bool:
+    """Whether this rank saves its part of ``t``: every rank its plain tensors, one rank per DTensor replica."""
     if not isinstance(t, DTensor):
-        return rank == 0
+        return True
     coordinate = t.device_mesh.get_coordinate() or []
     return all(c == 0 for c, p in zip(coordinate, t.placements, strict=False) if p.is_replicate())
 
@@ -74,13 +75,15 @@ class PartReader:
     overlap its own.
     """
 
-    def __init__(self, files: dict[int, Path], parts: dict[str, list[Part]]):
+    def __init__(self, files: dict[int, Path], parts: dict[str, list[Part]], rank: int):
         """Args:
         files: The file of each writing rank.
         parts: For every tensor key, the parts the files hold.
+        rank: The reading rank: where several ranks saved the same part, its own copy is read.
         """
         self._files = files
         self._parts = parts
+        self._rank = rank
         self._open: dict[int, object] = {}
 
     def _file(self, rank: int):
@@ -96,11 +99,12 @@ class PartReader:
             ValueError: If the saved parts do not cover the local part exactly; the message names the key.
         """
         local, offset = local_view(target)
-        covered = 0
-        for part in self._parts.get(key, []):
+        covered, seen = 0, set()
+        for part in sorted(self._parts.get(key, []), key=lambda p: p.rank != self._rank):  # own copies first
             both = _overlap(offset, tuple(local.shape), part.offset, part.shape)
-            if both is None:
+            if both is None or (part.offset, part.shape) in seen:
                 continue
+            seen.add((part.offset, part.shape))
             into_local, into_part = both
             whole = all(s.start == 0 and s.stop == n for s, n in zip(into_part, part.shape, strict=False))
             file = self._file(part.rank)

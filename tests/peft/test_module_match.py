@@ -7,8 +7,9 @@ from torch import nn
 
 from d9d.peft import inject_peft_and_freeze
 from d9d.peft.all import peft_method_from_config
+from d9d.peft.lora import LoRALinear
 from d9d.peft.module_match import PatternTimeoutError, match_modules
-from tests.fixtures import TinyModel, assert_unchanged, lora, snapshot
+from tests.fixtures import TinyModel, assert_unchanged, full_tune, lora, snapshot, stack
 
 pytestmark = pytest.mark.local
 
@@ -43,12 +44,17 @@ def test_no_match_without_a_prefix_that_helps_lists_names_only(tiny_model):
     assert "'layers.0'" in str(info.value)
 
 
-def test_readme_patterns_on_a_transformers_llama():
+def test_readme_examples_on_a_transformers_llama():
+    """The README's first stack is for d9d-style names; its Hugging Face stack injects into a real Llama."""
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=1)
     model = transformers.LlamaForCausalLM(config)
-    with pytest.raises(ValueError, match="matches no module"):  # the seed's example is for d9d-style names
+    with pytest.raises(ValueError, match="matches no module"):
         match_modules(model, re.compile(r".*attention\..*_proj.*"), "LoRA")
-    hf = match_modules(model, re.compile(r".*\.self_attn\.(q|k|v|o)_proj"), "LoRA")
-    assert [n for n, _ in hf] == [f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"]
+    hf_config = stack(lora(r".*\.self_attn\.(q|k|v|o)_proj", r=8, alpha=16, dropout=0.05), full_tune(r".*norm"))
+    inject_peft_and_freeze(peft_method_from_config(hf_config), model)
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    assert wrapped == [f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"]
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"model.norm.weight", "model.layers.0.input_layernorm.weight"} < trained
