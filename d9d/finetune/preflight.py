@@ -18,10 +18,10 @@ def check_tokenizer_dir(path: Path, field: str) -> None:
     """Raises ``ValueError`` naming ``field`` and the expected files if ``path`` holds no tokenizer."""
     if not path.is_dir():
         raise ValueError(f"{field}: {str(path)!r} is not a folder")
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+    if not any((path / name).is_file() for name in TOKENIZER_FILES) and not any(path.glob("*.tiktoken")):
         raise ValueError(
-            f"{field}: {str(path)!r} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); put the "
-            "tokenizer there, or set model.tokenizer_path to the folder that holds it"
+            f"{field}: {str(path)!r} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}, *.tiktoken); "
+            "put the tokenizer there, or set model.tokenizer_path to the folder that holds it"
         )
 
 
