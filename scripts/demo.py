@@ -7,12 +7,33 @@ model as a Hugging Face checkpoint, and checks that both reproduce the adapted m
 """
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 WORK_DIR = Path("runs/demo")
+# torchrun's own report of a failed worker: "... failed (exitcode: 2) local_rank: 0 ...", then its traceback and a
+# table. The worker already printed its error once, so the launcher keeps only the worker's exit status.
+_TORCHRUN_FAILURE = re.compile(r"torch/distributed/elastic/.*failed \(exitcode: (-?\d+)\)")
+
+
+def run_quietly(cmd: list[str]) -> int:
+    """Runs torchrun, passing its output through except its failure report; returns the worker's exit status.
+
+    torchrun exits with 1 whatever status its worker had (2 for a bad config): the status is taken from its report.
+    """
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, bufsize=1)
+    status = None
+    for line in proc.stderr:
+        found = _TORCHRUN_FAILURE.search(line)
+        if found and status is None:
+            status = int(found.group(1))
+        if status is None:
+            sys.stderr.write(line)
+    rc = proc.wait()
+    return rc if rc == 0 or status is None or status <= 0 else status
 
 
 def main(argv: list[str]) -> int:
@@ -21,7 +42,7 @@ def main(argv: list[str]) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "d9d.finetune", "--work-dir", str(WORK_DIR), *argv]
     print("$", " ".join(cmd), flush=True)
-    rc = subprocess.call(cmd)
+    rc = run_quietly(cmd)
     if rc != 0:
         print(f"demo: the fine-tune failed with exit status {rc}", file=sys.stderr)
         return rc
@@ -36,7 +57,7 @@ def main(argv: list[str]) -> int:
         print(f"world size {summary['world_size']}: nothing to train (resumed at step {summary['start_step']})")
     print(f"trainable {summary['trainable_parameters']:,} of {summary['total_parameters']:,} parameters")
     print(f"base model (generated, sharded HF checkpoint): {summary['base_model']}")
-    print(f"adapter checkpoint (DCP, resumable):            {summary['checkpoint']}")
+    print(f"adapter checkpoint (resumable):                  {summary['checkpoint']}")
     print(f"PEFT adapter (peft.PeftModel.from_pretrained):  {summary['peft_adapter']}")
     print(f"merged model (AutoModelForCausalLM):            {summary['merged_export']}")
     for check in summary["reproduction"]:

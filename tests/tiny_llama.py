@@ -42,7 +42,7 @@ class Rotary(nn.Module):
         return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
 
 
-class Attention(nn.Module):
+class TinyLlamaAttention(nn.Module):
     def __init__(self, cfg: TinyLlamaConfig):
         super().__init__()
         self.head_dim = cfg.dim // cfg.heads
@@ -73,11 +73,11 @@ class FeedForward(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Block(nn.Module):
+class TinyLlamaBlock(nn.Module):
     def __init__(self, cfg: TinyLlamaConfig):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim)
-        self.attention = Attention(cfg)
+        self.attention = TinyLlamaAttention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim)
         self.feed_forward = FeedForward(cfg)
 
@@ -91,7 +91,7 @@ class TinyLlama(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab, cfg.dim)
         self.rotary = Rotary(cfg.dim // cfg.heads)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(TinyLlamaBlock(cfg) for _ in range(cfg.layers))
         self.norm = RMSNorm(cfg.dim)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab, bias=False)
 

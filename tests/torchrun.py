@@ -11,6 +11,8 @@ import pytest
 from d9d.parallel import find_free_port
 
 TAIL_CHARS = 6000
+REPO_ROOT = Path(__file__).parents[1]
+"""Every launch runs here, so ``-m tests.<module>`` finds the ``tests`` package without editing ``sys.path``."""
 
 
 def torchrun_command(args: list[str], nproc: int = 2, nnodes: int = 1, node_rank: int = 0,
@@ -35,7 +37,7 @@ def run_checked(cmd: list[str], timeout_s: float, expect_rc: int = 0,
     exit status other than ``expect_rc``."""
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env={**os.environ, **(env or {})},
-                              check=False)
+                              check=False, cwd=REPO_ROOT)
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         pytest.fail(f"{' '.join(cmd)} timed out after {timeout_s}s; output:\n{out[-TAIL_CHARS:]}")
@@ -71,7 +73,7 @@ class Launch:
         self.log = log
         with log.open("w") as out:
             self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT,
-                                         env={**os.environ, **(env or {})})
+                                         env={**os.environ, **(env or {})}, cwd=REPO_ROOT)
 
     def output(self) -> str:
         return self.log.read_text()[-TAIL_CHARS:]

@@ -2,12 +2,14 @@
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from d9d.finetune.config import FinetuneConfig
+from d9d.finetune.preflight import check_inputs
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,9 +66,13 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parses arguments, validates the config and runs; returns the process exit status."""
-    args = _parser().parse_args(argv)
+def _reports_here() -> bool:
+    # Under torchrun every rank validates the same config and reaches the same verdict: one rank per node says it.
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def _validated_config(args: argparse.Namespace) -> FinetuneConfig | None:
+    """The config with the command line's overrides, its input paths checked; None after reporting an error."""
     overrides: dict = {}
     if args.work_dir is not None:
         overrides["work_dir"] = str(args.work_dir)
@@ -77,27 +83,41 @@ def main(argv: list[str] | None = None) -> int:
     source = str(args.config) if args.config else "defaults"
     try:
         cfg = load_config(args.config, overrides)
+        if not args.print_config:
+            check_inputs(cfg)
     except ValidationError as e:
-        print(_format_validation_error(e, source), file=sys.stderr)
-        return 2
+        message = _format_validation_error(e, source)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        message = f"error: {e}"
+    else:
+        return cfg
+    if _reports_here():
+        print(message, file=sys.stderr)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses arguments, validates the config and runs; returns the process exit status.
+
+    Exit status 2: the config or an input path is invalid (found before transformers is imported or any process
+    group is set up); 1: the run failed. Each failure is printed once (see ``d9d.finetune.session``).
+    """
+    args = _parser().parse_args(argv)
+    cfg = _validated_config(args)
+    if cfg is None:
         return 2
     if args.print_config:
         print(cfg.model_copy(update={"peft": cfg.peft_config()}).model_dump_json(indent=2))
         return 0
     from d9d.finetune.run import run_finetune
+    from d9d.finetune.session import RunFailedError
 
     try:
         summary = run_finetune(cfg)
-    except (ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except RunFailedError as e:
+        if e.print_here:
+            print(f"error: {e.message}", file=sys.stderr)
         return 1
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
     failed = [r for r in summary.reproduction if not r["ok"]]
     if failed:
         print(f"error: the exports do not reproduce the adapted model: {[r['what'] for r in failed]}", file=sys.stderr)

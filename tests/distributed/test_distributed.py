@@ -20,8 +20,7 @@ from tests.torchrun import Launch, wait_all
 
 pytestmark = pytest.mark.distributed
 
-HERE = Path(__file__).parent
-WORKER = HERE / "worker.py"
+WORKER = ["-m", "tests.distributed.worker"]  # run from the repository root (tests.torchrun does)
 TIMEOUT_S = 150
 BAD = {  # case -> what its error message must name
     "missing_key": ["layers.1.ffn_norm.weight", "model.safetensors"],
@@ -36,7 +35,7 @@ BAD = {  # case -> what its error message must name
 def torchrun(work: Path, tag: str, scenarios: list[str], nproc: int = 2, nnodes: int = 1, node_rank: int = 0,
              port: int | None = None, env: dict[str, str] | None = None) -> Launch:
     """Starts the worker with ``scenarios`` in the background; its output goes to ``<work>/<tag>-node<N>.log``."""
-    return Launch([str(WORKER), str(work), tag, *scenarios], work / f"{tag}-node{node_rank}.log", nproc=nproc,
+    return Launch([*WORKER, str(work), tag, *scenarios], work / f"{tag}-node{node_rank}.log", nproc=nproc,
                   nnodes=nnodes, node_rank=node_rank, port=port, env=env)
 
 

@@ -6,7 +6,6 @@ write what the test compares under WORKDIR.
 
 import json
 import os
-import re
 import sys
 from datetime import timedelta
 from functools import partial
@@ -17,8 +16,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
-
-sys.path.insert(0, str(Path(__file__).parents[2]))  # the repository root: ``tests`` is a package there
 
 import d9d.model_state.io.save as save_module
 from d9d.model_state.io import checkpoint_mapper_for, load_model_state, save_model_state
@@ -33,9 +30,8 @@ from d9d.parallel import (
 )
 from d9d.peft import inject_peft_and_freeze, merge_peft
 from d9d.peft.all import PeftStackConfig, peft_method_from_config
-from d9d.peft.full_tune import FullTuneConfig
-from d9d.peft.lora import LoRAConfig, LoRAParameters
-from tests.tiny_llama import Block, TinyLlama, TinyLlamaConfig
+from tests.fixtures import lora_and_norms
+from tests.tiny_llama import TinyLlama, TinyLlamaBlock, TinyLlamaConfig
 
 STEPS = 3
 GLOBAL_BATCH = 4
@@ -50,11 +46,7 @@ LAYOUTS = {"hsdp": (2, 1), "tp_fsdp": (1, 2), "tp_hsdp": (2, 2)}
 
 def peft_config(lora_dtype: str | None = None, lora_pattern: str = r".*attention\..*_proj",
                 dropout: float = 0.0) -> PeftStackConfig:
-    return PeftStackConfig(methods=[
-        LoRAConfig(module_name_pattern=re.compile(lora_pattern),
-                   params=LoRAParameters(r=3, alpha=6, dropout=dropout, dtype=lora_dtype)),
-        FullTuneConfig(module_name_pattern=re.compile(r".*norm")),
-    ])
+    return lora_and_norms(lora_pattern, r".*norm", r=3, alpha=6, dropout=dropout, dtype=lora_dtype)
 
 
 def data(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +67,7 @@ def build_sharded(ckpt: Path, dtype: torch.dtype = torch.float32, lora_dtype: st
     injection = inject_peft_and_freeze(method, model)
     if mesh is not None:
         apply_tensor_parallel(model, mesh.tp)
-    shard_model(model, Block, mesh=mesh.dp if mesh is not None else None, mp_policy=mp_policy,
+    shard_model(model, TinyLlamaBlock, mesh=mesh.dp if mesh is not None else None, mp_policy=mp_policy,
                 reshard_after_forward=reshard_after_forward)
     materialize_model(model, "cpu")
     load_model_state(ckpt, checkpoint_mapper_for(model, injection), "cpu", model, show_progress=False)

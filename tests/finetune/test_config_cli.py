@@ -1,10 +1,14 @@
 """Config validation and the CLI's error reporting: unknown keys and bad values are named, no traceback."""
 
+import importlib.util
+
 import pytest
 from pydantic import ValidationError
 
 from d9d.finetune import FinetuneConfig, load_config, main
+from d9d.finetune.preflight import check_inputs
 from tests.finetune.runner import finetune, write_config
+from tests.torchrun import REPO_ROOT, torchrun_command
 
 pytestmark = pytest.mark.local
 
@@ -77,3 +81,50 @@ def test_parallel_sizes_that_do_not_divide_the_world_are_named(tmp_path):
     assert "parallel.tp (2)" in proc.stderr
     assert "must divide the world size 1" in proc.stderr
     assert not (tmp_path / "w" / "base_model").exists()
+
+
+def test_model_folder_without_tokenizer_files_names_them_and_tokenizer_path(tmp_path):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    (model_dir / "tokenizer_config.json").write_text("{}")  # a config alone is no tokenizer
+    config = write_config(tmp_path / "c.json", {"model": {"kind": "local", "path": str(model_dir)}})
+    err = finetune(config, nproc=None, expect_rc=2).stderr
+    assert "Traceback" not in err
+    assert f"model.path (the tokenizer folder unless model.tokenizer_path is set): {str(model_dir)!r} has no " \
+           "tokenizer files (none of tokenizer.json, tokenizer.model, vocab.txt" in err
+    assert "set model.tokenizer_path" in err
+    (tmp_path / "tok").mkdir()
+    config = write_config(tmp_path / "c.json", {"model": {"kind": "local", "path": str(model_dir),
+                                                          "tokenizer_path": str(tmp_path / "tok")}})
+    with pytest.raises(ValueError, match=r"model\.tokenizer_path: .*tok' has no tokenizer files"):
+        check_inputs(load_config(config, {}))
+
+
+def test_missing_inputs_are_named_before_the_run(tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("[]")
+    for fields, named in [({"data": {"text_files": [str(tmp_path / "nope.txt")]}}, "data.text_files: .*nope.txt"),
+                          ({"init_adapter_dir": str(adapter)}, "adapter_config.json must hold a JSON object")]:
+        with pytest.raises(ValueError, match=named):
+            check_inputs(load_config(write_config(tmp_path / "c.json", fields), {}))
+
+
+def test_errors_under_torchrun_print_once_and_the_demo_launcher_keeps_status_2(tmp_path, capsys):
+    """Two ranks validate the same bad config: one message; torchrun's own failure report is dropped."""
+    demo = _load_script("demo")
+    bad = write_config(tmp_path / "bad.json", {"optimizer": {"lr": -1}})
+    cmd = torchrun_command(["-m", "d9d.finetune", "--config", str(bad)], nproc=2)
+    assert demo.run_quietly(cmd) == 2
+    err = capsys.readouterr().err
+    assert err.count("optimizer.lr: Input should be greater than 0") == 1, err
+    assert "ChildFailedError" not in err
+    assert "Traceback" not in err
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from d9d.finetune.config import default_peft_config
 from tests.finetune.runner import SMALL_MODEL, finetune, summary, write_config
 
 pytestmark = pytest.mark.distributed
@@ -77,10 +78,27 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     refused = finetune(cfg, nproc=None, expect_rc=1)
     assert "already holds checkpoints" in refused.stderr
     assert "--resume" in refused.stderr
-    # Resuming a finished run trains nothing, says so, and exports what it has.
+    # Resuming a finished run trains nothing, says so, and exports what it has; a newer incomplete checkpoint
+    # folder is skipped with a warning naming it.
+    (resumed / "checkpoints" / "step_00000099").mkdir()
     again = finetune(cfg, "--resume", nproc=None)
+    assert "warning: skipping an incomplete checkpoint: checkpoint" in again.stdout
+    assert "step_00000099' has no checkpoint.json" in again.stdout
+    assert "resumed from" in again.stdout
+    assert "step_00000006 at step 6" in again.stdout
     assert "nothing to train" in again.stdout
     assert summary(resumed)["losses"] == {}
+
+    # A resume with another LoRA rank: one line, printed once, naming the parameter, both shapes and the field.
+    peft = default_peft_config().model_dump(mode="json")
+    peft["methods"][0]["params"]["r"] = 4
+    changed = write_config(tmp_path / "c.json", {**base, "work_dir": str(resumed), "peft": peft})
+    err = finetune(changed, "--resume", expect_rc=1).stderr
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    assert "'model.layers.0.self_attn.q_proj.lora_A' has shape (8, 64) in the checkpoint but (4, 64) in the " \
+           "model; the PEFT config changed: peft.methods[0].params.r: 8 in the checkpoint, 4 now" in errors[0]
+    assert "CheckpointException" not in err
 
 
 @pytest.mark.local

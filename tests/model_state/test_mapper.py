@@ -8,7 +8,7 @@ from d9d.model_state.mapper.abc import group_order_key
 from d9d.model_state.mapper.adapters import identity_mapper_from_module
 from d9d.model_state.mapper.compose import ModelStateMapperParallel, ModelStateMapperSequential
 from d9d.model_state.mapper.leaf import ModelStateMapperDuplicate, ModelStateMapperIdentity, ModelStateMapperRename
-from tests.conftest import TinyModel
+from tests.fixtures import TinyModel
 
 pytestmark = pytest.mark.local
 

@@ -11,7 +11,7 @@ peft = pytest.importorskip("peft")
 from d9d.peft import inject_peft_and_freeze, merge_peft  # noqa: E402
 from d9d.peft.all import peft_method_from_config  # noqa: E402
 from d9d.peft.lora import LoRAConfig, LoRALinear, LoRAParameters  # noqa: E402
-from tests.conftest import TinyModel  # noqa: E402
+from tests.fixtures import TinyModel  # noqa: E402
 
 pytestmark = pytest.mark.local
 

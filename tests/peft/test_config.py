@@ -9,20 +9,14 @@ from d9d.peft.all import PeftStackConfig, peft_method_from_config
 from d9d.peft.all.method import PeftStack
 from d9d.peft.full_tune import FullTune, FullTuneConfig
 from d9d.peft.lora import LoRA, LoRAConfig, LoRAParameters
+from d9d.peft.lora.config import kept_fraction
+from tests.fixtures import full_tune, lora, stack
 
 pytestmark = pytest.mark.local
 
 
 def make_stack() -> PeftStackConfig:
-    return PeftStackConfig(
-        methods=[
-            LoRAConfig(
-                module_name_pattern=re.compile(r".*attention\..*_proj.*"),
-                params=LoRAParameters(r=8, alpha=16, dropout=0.05, use_rslora=True, dtype="float32"),
-            ),
-            PeftStackConfig(methods=[FullTuneConfig(module_name_pattern=re.compile(r".*norm.*"))]),
-        ]
-    )
+    return stack(lora(r=8, alpha=16, dropout=0.05, use_rslora=True, dtype="float32"), stack(full_tune()))
 
 
 def test_json_round_trip_keeps_config_and_working_patterns():
@@ -89,3 +83,22 @@ def test_inline_flags_round_trip_and_compiled_flags_are_refused():
     assert FullTuneConfig.model_validate_json(config.model_dump_json()) == config
     with pytest.raises(ValidationError, match=r"module_name_pattern[\s\S]*IGNORECASE.*inline"):
         FullTuneConfig(module_name_pattern=re.compile("NORM", re.IGNORECASE))
+
+
+@pytest.mark.parametrize("alpha", [float("inf"), float("nan"), 1e308])
+def test_alpha_whose_scale_is_not_finite_in_float32_is_refused(alpha):
+    with pytest.raises(ValidationError, match="alpha"):
+        LoRAParameters(r=1, alpha=alpha)
+    assert LoRAParameters(r=1, alpha=1e38).scale == 1e38
+
+
+@pytest.mark.parametrize("dropout", [0.99999, 0.999995, 0.99985])
+def test_dropout_the_mask_cannot_resolve_is_refused(dropout):
+    with pytest.raises(ValidationError, match=rf"dropout={dropout}.*1/65536"):
+        LoRAParameters(r=1, alpha=1, dropout=dropout)
+
+
+def test_every_dropout_up_to_0_999_keeps_its_fraction_within_1_percent():
+    for dropout in [i / 100_000 for i in range(0, 99_901, 7)]:
+        params = LoRAParameters(r=1, alpha=1, dropout=dropout)
+        assert kept_fraction(params.dropout) == pytest.approx(1 - dropout, rel=0.01)

@@ -11,8 +11,8 @@ from d9d.model_state.mapper.leaf import ModelStateMapperIdentity
 from d9d.peft import PeftInjectionResult, PeftMethod, count_parameters, inject_peft_and_freeze, merge_peft
 from d9d.peft.all import PeftStack, PeftStackConfig, peft_method_from_config
 from d9d.peft.full_tune import FullTuneConfig
-from d9d.peft.lora import LoRAConfig, LoRALinear, LoRAParameters
-from tests.conftest import TinyModel, assert_unchanged, snapshot
+from d9d.peft.lora import LoRALinear
+from tests.fixtures import TinyModel, assert_unchanged, full_tune, lora, lora_and_norms, snapshot, stack
 
 pytestmark = pytest.mark.local
 
@@ -20,12 +20,8 @@ PROJ = re.compile(r".*attention\..*_proj.*")
 NORM = re.compile(r".*norm.*")
 
 
-def lora(pattern=PROJ, **params) -> LoRAConfig:
-    return LoRAConfig(module_name_pattern=pattern, params=LoRAParameters(**{"r": 4, "alpha": 8, **params}))
-
-
 def readme_config() -> PeftStackConfig:
-    return PeftStackConfig(methods=[lora(dropout=0.05), FullTuneConfig(module_name_pattern=NORM)])
+    return lora_and_norms(dropout=0.05)
 
 
 def test_readme_example_wraps_freezes_and_maps(tiny_model):
@@ -110,7 +106,7 @@ def test_stack_order_does_not_change_the_outcome():
         torch.manual_seed(0)
         model = TinyModel()
         parts = [lora(re.compile(r".*q_proj")), FullTuneConfig(module_name_pattern=re.compile(r"layers\.0\..*"))]
-        inject_peft_and_freeze(peft_method_from_config(PeftStackConfig(methods=[parts[i] for i in order])), model)
+        inject_peft_and_freeze(peft_method_from_config(stack(*(parts[i] for i in order))), model)
         results.append(
             (
                 {n for n, p in model.named_parameters() if p.requires_grad},
@@ -137,11 +133,11 @@ class WithConv(nn.Module):
         (lora(re.compile(r"nothing\.here")), r"'nothing\\.here' matches no module"),
         (FullTuneConfig(module_name_pattern=re.compile("missing")), "'missing' matches no module"),
         (
-            PeftStackConfig(methods=[lora(), lora(re.compile(r"layers\.0\.attention\.q_proj"))]),
+            stack(lora(), lora(re.compile(r"layers\.0\.attention\.q_proj"))),
             r"'layers\.0\.attention\.q_proj' would be wrapped by both",
         ),
         # A valid first method must not be applied when a later one is invalid.
-        (PeftStackConfig(methods=[lora(), FullTuneConfig(module_name_pattern=re.compile("nope"))]), "matches no"),
+        (stack(lora(), full_tune("nope")), "matches no"),
         (lora(re.compile(r"layers\.0\.attention_norm")), r"matches no nn\.Linear.*layers\.0\.attention_norm"),
     ],
 )

@@ -1,6 +1,5 @@
 """merge_peft: folds exactly what was injected, reproduces the adapted model, refuses a second merge."""
 
-import re
 
 import pytest
 import torch
@@ -8,23 +7,14 @@ from torch import nn
 
 from d9d.peft import inject_peft_and_freeze, merge_peft
 from d9d.peft.all import PeftStackConfig, peft_method_from_config
-from d9d.peft.full_tune import FullTuneConfig
-from d9d.peft.lora import LoRAConfig, LoRALinear, LoRAParameters
-from tests.conftest import TinyModel
+from d9d.peft.lora import LoRALinear, LoRAParameters
+from tests.fixtures import TinyModel, lora_and_norms
 
 pytestmark = pytest.mark.local
 
 
 def stack(dropout: float = 0.05, dtype: str | None = None) -> PeftStackConfig:
-    return PeftStackConfig(
-        methods=[
-            LoRAConfig(
-                module_name_pattern=re.compile(r".*attention\..*_proj.*"),
-                params=LoRAParameters(r=4, alpha=8, dropout=dropout, dtype=dtype),
-            ),
-            FullTuneConfig(module_name_pattern=re.compile(r".*norm.*")),
-        ]
-    )
+    return lora_and_norms(dropout=dropout, dtype=dtype)
 
 
 def train_a_few_steps(model: nn.Module, steps: int = 5) -> None:

@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 
 from d9d.peft import inject_peft_and_freeze
 from d9d.peft.all import PeftStackConfig, peft_method_from_config
-from d9d.peft.full_tune import FullTuneConfig
 from d9d.peft.lora import LoRAConfig, LoRAParameters
 from d9d.peft.lora.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft_adapter, save_peft_adapter
+from tests.fixtures import full_tune, lora, stack
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -29,15 +29,9 @@ def _tiny_llama(seed: int = 0):
 
 
 def _stack(with_norms: bool, rslora: bool = False) -> PeftStackConfig:
-    methods = [
-        LoRAConfig(module_name_pattern=re.compile(r".*\.(q_proj|v_proj)"),
-                   params=LoRAParameters(r=4, alpha=8, dropout=0.1, use_rslora=rslora)),
-        LoRAConfig(module_name_pattern=re.compile(r".*\.down_proj"),
-                   params=LoRAParameters(r=2, alpha=3, use_rslora=rslora)),
-    ]
-    if with_norms:
-        methods.append(FullTuneConfig(module_name_pattern=re.compile(r".*norm")))
-    return PeftStackConfig(methods=methods)
+    methods = [lora(r".*\.(q_proj|v_proj)", dropout=0.1, use_rslora=rslora),
+               lora(r".*\.down_proj", r=2, alpha=3, use_rslora=rslora)]
+    return stack(*methods, *([full_tune(r".*norm")] if with_norms else []))
 
 
 def _perturb(model) -> None:

@@ -1,16 +1,14 @@
 """Injection and merge on real Hugging Face transformers architectures (built from a config, no download)."""
 
-import re
-
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
 from d9d.peft import inject_peft_and_freeze, merge_peft  # noqa: E402
-from d9d.peft.all import PeftStackConfig, peft_method_from_config  # noqa: E402
-from d9d.peft.full_tune import FullTuneConfig  # noqa: E402
-from d9d.peft.lora import LoRAConfig, LoRALinear, LoRAParameters  # noqa: E402
+from d9d.peft.all import peft_method_from_config  # noqa: E402
+from d9d.peft.lora import LoRALinear  # noqa: E402
+from tests.fixtures import lora_and_norms  # noqa: E402
 
 pytestmark = pytest.mark.local
 
@@ -45,14 +43,7 @@ def test_inject_train_merge_on_transformers(build, lora_pattern, full_pattern, e
     keys = list(model.state_dict())
     ids = torch.randint(0, 64, (2, 9))
     before = model(ids)[0]
-    method = peft_method_from_config(
-        PeftStackConfig(
-            methods=[
-                LoRAConfig(module_name_pattern=re.compile(lora_pattern), params=LoRAParameters(r=4, alpha=8)),
-                FullTuneConfig(module_name_pattern=re.compile(full_pattern)),
-            ]
-        )
-    )
+    method = peft_method_from_config(lora_and_norms(lora_pattern, full_pattern))
     inject_peft_and_freeze(method, model)
     assert sum(isinstance(m, LoRALinear) for m in model.modules()) == expected_wrapped
     torch.testing.assert_close(model(ids)[0], before, rtol=0, atol=0)

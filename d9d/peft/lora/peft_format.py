@@ -29,7 +29,14 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "load_peft_adapter", "peft_adapter_state", "save_peft_adapter"]
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "load_peft_adapter",
+    "peft_adapter_state",
+    "read_adapter_config",
+    "save_peft_adapter",
+]
 
 
 def _modules_to_save(model: nn.Module, lora: dict[str, AdapterLayer]) -> dict[str, nn.Module]:
@@ -188,6 +195,39 @@ def _peft_scale(config: dict, name: str, r: int) -> float:
     return alpha / (math.sqrt(r) if config.get("use_rslora") else r)
 
 
+def read_adapter_config(src_dir: str | os.PathLike) -> dict:
+    """The ``adapter_config.json`` of a PEFT adapter folder, checked to be a plain LoRA config d9d can load.
+
+    Raises:
+        ValueError: If the file is missing, not UTF-8 JSON, not a JSON object, or not a plain LoRA adapter; the
+            message names the file.
+    """
+    config_path = Path(src_dir) / ADAPTER_CONFIG
+    if not config_path.is_file():
+        raise ValueError(f"PEFT adapter folder {str(src_dir)!r} has no {ADAPTER_CONFIG}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_path} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{config_path}: peft_type is {config.get('peft_type')!r}; only 'LORA' adapters load")
+    for key, plain in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none")):
+        if config.get(key, plain) != plain:
+            raise ValueError(f"{config_path}: {key}={config[key]!r} is not supported (expected {plain!r})")
+    for key in ("alpha_pattern", "rank_pattern"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise ValueError(f"{config_path}: {key} must be an object, got {type(config[key]).__name__}")
+    alpha = config.get("lora_alpha", 8)
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+        raise ValueError(f"{config_path}: lora_alpha must be a number, got {alpha!r}")
+    if not isinstance(config.get("modules_to_save") or [], list):
+        raise ValueError(f"{config_path}: modules_to_save must be a list, got "
+                         f"{type(config['modules_to_save']).__name__}")
+    return config
+
+
 @torch.no_grad()
 def load_peft_adapter(model: nn.Module, src_dir: str | os.PathLike, check_scale: bool = True) -> None:
     """Loads a PEFT-format LoRA adapter into a d9d LoRA-injected model (sharded or not), in place.
@@ -209,15 +249,9 @@ def load_peft_adapter(model: nn.Module, src_dir: str | os.PathLike, check_scale:
 
     src = Path(src_dir)
     config_path, weights_path = src / ADAPTER_CONFIG, src / ADAPTER_WEIGHTS
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise ValueError(f"PEFT adapter folder {str(src)!r} has no {path.name}")
-    config = json.loads(config_path.read_text())
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{config_path}: peft_type is {config.get('peft_type')!r}; only 'LORA' adapters load")
-    for key, plain in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none")):
-        if config.get(key, plain) != plain:
-            raise ValueError(f"{config_path}: {key}={config[key]!r} is not supported (expected {plain!r})")
+    config = read_adapter_config(src)
+    if not weights_path.is_file():
+        raise ValueError(f"PEFT adapter folder {str(src)!r} has no {weights_path.name}")
     state = load_file(str(weights_path))
     lora = adapter_layers(model)
     params = dict(model.named_parameters())
