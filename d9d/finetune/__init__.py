@@ -10,6 +10,7 @@ from d9d.finetune.config import (
     LocalModelSource,
     OptimizerConfig,
     PackagedMiniLMSource,
+    ParallelConfig,
 )
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "LocalModelSource",
     "OptimizerConfig",
     "PackagedMiniLMSource",
+    "ParallelConfig",
     "load_config",
     "main",
 ]

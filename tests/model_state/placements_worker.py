@@ -1,7 +1,8 @@
 """Worker run by ``torchrun`` from ``test_io_placements.py``: load a checkpoint into a model laid out one way
 (1-D FSDP, HSDP, TP by hand, TP x FSDP), record what each rank read and holds, then export it.
 
-Usage: ``placements_worker.py WORKDIR LAYOUT``. Reads ``WORKDIR/ckpt``; writes ``WORKDIR/LAYOUT-wsN/``.
+Usage: ``placements_worker.py WORKDIR LAYOUT [LAYOUT ...]`` (one after another in the same processes). Reads
+``WORKDIR/ckpt``; writes ``WORKDIR/LAYOUT-wsN/``.
 """
 
 import json
@@ -88,54 +89,62 @@ def lay_out(model: Net, layout: str) -> None:
         raise ValueError(layout)
 
 
-def main() -> None:
-    work, layout = Path(sys.argv[1]), sys.argv[2]
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+def run_layout(work: Path, layout: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     out = work / f"{layout}-ws{world}"
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        torch.manual_seed(0)
-        model = Net()
-        lay_out(model, layout)
-        with torch.no_grad():  # not the checkpoint's values, so a missed copy shows
-            for p in model.parameters():
-                (p.to_local() if isinstance(p, DTensor) else p).fill_(float("nan"))
-        stats = load_model_state(work / "ckpt", checkpoint_mapper(model), "cpu", model, show_progress=False)
+    torch.manual_seed(0)
+    model = Net()
+    lay_out(model, layout)
+    with torch.no_grad():  # not the checkpoint's values, so a missed copy shows
+        for p in model.parameters():
+            (p.to_local() if isinstance(p, DTensor) else p).fill_(float("nan"))
+    stats = load_model_state(work / "ckpt", checkpoint_mapper(model), "cpu", model, show_progress=False)
 
-        # What this rank should have read: the local shard of every pass-through tensor, the fused parts whole.
-        state = model.state_dict()
-        expected_read = sum(v.to_local().numel() * 4 if isinstance(v, DTensor) else v.numel() * 4
-                            for k, v in state.items() if k != FUSED) + state[FUSED].numel() * 4
-        reference = torch.load(work / "reference.pt")
-        wrong = []
-        for key, value in state.items():
-            if isinstance(value, DTensor):
-                if not torch.equal(value.to_local(), local_part(reference[key], value)):
-                    wrong.append(key)
-            elif not torch.equal(value, reference[key]):
+    # What this rank should have read: the local shard of every pass-through tensor, the fused parts whole.
+    state = model.state_dict()
+    expected_read = sum(v.to_local().numel() * 4 if isinstance(v, DTensor) else v.numel() * 4
+                        for k, v in state.items() if k != FUSED) + state[FUSED].numel() * 4
+    reference = torch.load(work / "reference.pt")
+    wrong = []
+    for key, value in state.items():
+        if isinstance(value, DTensor):
+            if not torch.equal(value.to_local(), local_part(reference[key], value)):
                 wrong.append(key)
-        facts = {"bytes_read": stats.bytes_read, "expected_read": expected_read,
-                 "checkpoint_bytes": stats.checkpoint_bytes, "sliced": stats.sliced_tensors,
-                 "whole": stats.whole_tensors, "wrong": wrong,
-                 "placements": {k: str(v.placements) for k, v in state.items() if isinstance(v, DTensor)}}
+        elif not torch.equal(value, reference[key]):
+            wrong.append(key)
+    facts = {"bytes_read": stats.bytes_read, "expected_read": expected_read,
+             "checkpoint_bytes": stats.checkpoint_bytes, "sliced": stats.sliced_tensors,
+             "whole": stats.whole_tensors, "wrong": wrong,
+             "placements": {k: str(v.placements) for k, v in state.items() if isinstance(v, DTensor)}}
 
-        # Export: never full_tensor(), never a lone send/recv; record which rank wrote which file.
-        def refuse(*args, **kwargs):
-            raise AssertionError("the export called full_tensor() or a lone send/recv")
+    # Export: never full_tensor(), never a lone send/recv; record which rank wrote which file.
+    def refuse(*args, **kwargs):
+        raise AssertionError("the export called full_tensor() or a lone send/recv")
 
-        DTensor.full_tensor, dist.send, dist.recv = refuse, refuse, refuse
-        written = []
-        original = save_module.save_file
+    written = []
 
-        def recording_save(tensors, path, *args, **kwargs):
-            written.append(Path(path).name)
-            return original(tensors, path, *args, **kwargs)
+    def recording_save(tensors, path, *args, **kwargs):
+        written.append(Path(path).name)
+        return original_save(tensors, path, *args, **kwargs)
 
-        save_module.save_file = recording_save
+    saved = DTensor.full_tensor, dist.send, dist.recv, save_module.save_file
+    original_save = save_module.save_file
+    DTensor.full_tensor, dist.send, dist.recv, save_module.save_file = refuse, refuse, refuse, recording_save
+    try:
         save_model_state(out / "export", None, model, shard_size_gb=100e-9, show_progress=False)
-        facts["written"] = written
-        (out / f"facts{rank}.json").write_text(json.dumps(facts))
+    finally:
+        DTensor.full_tensor, dist.send, dist.recv, save_module.save_file = saved
+    facts["written"] = written
+    (out / f"facts{rank}.json").write_text(json.dumps(facts))
+
+
+def main() -> None:
+    work, layouts = Path(sys.argv[1]), sys.argv[2:]
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    try:
+        for layout in layouts:
+            run_layout(work, layout)
     finally:
         dist.destroy_process_group()
 

@@ -41,8 +41,11 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
         weight_map.update(dict.fromkeys(part, name))
     (work / "ckpt" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     env = {"OMP_NUM_THREADS": "1"}
-    launches = [Launch([str(WORKER), str(work), layout], work / f"{layout}-ws{n}.log", nproc=n, env=env)
-                for layout, n in RUNS]
+    by_world: dict[int, list[str]] = {}
+    for layout, n in RUNS:
+        by_world.setdefault(n, []).append(layout)
+    launches = [Launch([str(WORKER), str(work), *layouts], work / f"ws{n}.log", nproc=n, env=env)
+                for n, layouts in by_world.items()]
     wait_all(*launches, timeout_s=TIMEOUT_S)
     return work
 
