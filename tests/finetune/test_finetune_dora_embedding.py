@@ -13,14 +13,16 @@ pytestmark = pytest.mark.distributed
 CONFIGS = Path(__file__).parents[2] / "configs"
 
 
-@pytest.mark.parametrize(("name", "key"), [("dora.json", "lora_magnitude_vector"),
-                                           ("lora_embeddings.json", "embed_tokens.lora_embedding_A")])
-def test_example_config_trains_and_exports(tmp_path, name, key):
+# DoRA on two ranks (the magnitude's init after the sharded load); the embedding config in one process (its sharded
+# path is in tests/distributed/test_dora_embedding_sharded.py), to keep the suite fast.
+@pytest.mark.parametrize(("name", "key", "nproc"), [("dora.json", "lora_magnitude_vector", 2),
+                                                   ("lora_embeddings.json", "embed_tokens.lora_embedding_A", None)])
+def test_example_config_trains_and_exports(tmp_path, name, key, nproc):
     config = json.loads((CONFIGS / name).read_text())
     work = tmp_path / "run"
-    config.update({"work_dir": str(work), "model": SMALL_MODEL, "steps": 4, "log_interval": 2,
+    config.update({"work_dir": str(work), "model": SMALL_MODEL, "steps": 3, "log_interval": 1,
                    "data": {**config["data"], "seq_len": 32, "global_batch_size": 4}})
-    finetune(write_config(tmp_path / name, config))
+    finetune(write_config(tmp_path / name, config), nproc=nproc)
     s = summary(work)
     assert s["last_loss"] < s["first_loss"], s["losses"]
     # The PEFT adapter (reloaded by peft) and the merged checkpoint (reloaded by transformers) give the adapted
