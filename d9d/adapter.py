@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["AdapterLayer", "PeftAdapterSpec", "adapter_layers", "adapter_state_keys"]
+__all__ = ["AdapterLayer", "PeftAdapterSpec", "adapter_layers", "adapter_state_keys", "init_adapters_from_base"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +55,14 @@ class AdapterLayer(nn.Module, abc.ABC):
         initialization must depend only on the parameters' shapes and torch's RNG.
         """
 
+    def init_from_base(self) -> None:
+        """Initializes the adapter parameters that derive from the base weights (DoRA's magnitude); most have none.
+
+        Runs when the base weights hold their pretrained values: a layer wrapping a loaded module does it on
+        construction, and a meta-initialized model needs :func:`init_adapters_from_base` after
+        ``load_model_state``. Sharded layers initialize shard-locally. The default does nothing.
+        """
+
     @abc.abstractmethod
     def merge_into_base(self) -> nn.Module:
         """Folds the adapter into the base weights in place (shard-locally when sharded); returns the base module.
@@ -83,3 +91,15 @@ def adapter_state_keys(model: nn.Module) -> frozenset[str]:
         f"{name}.{p}" if name else p for name, layer in adapter_layers(model).items()
         for p in layer.adapter_parameter_names()
     )
+
+
+def init_adapters_from_base(model: nn.Module) -> None:
+    """Runs :meth:`AdapterLayer.init_from_base` on every adapter layer of ``model``.
+
+    Call it once after the pretrained base weights are loaded into a model built on ``meta`` (``materialize_model``
+    then ``load_model_state``), and before loading trained adapters: DoRA's magnitude starts as the row norms of
+    the loaded weights. Until then a DoRA layer's magnitude is NaN, so forgetting the call cannot go unnoticed. On a
+    sharded model every rank calls it (no communication beyond gathering the small adapters).
+    """
+    for layer in adapter_layers(model).values():
+        layer.init_from_base()

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from d9d.adapter import init_adapters_from_base
 from d9d.finetune.config import FinetuneConfig, GeneratedLlamaSource, LocalModelSource, PackagedMiniLMSource
 from d9d.finetune.tied import TiedWeights, untie_weights
 from d9d.model_state.io import checkpoint_mapper_for, load_model_state
@@ -192,4 +193,5 @@ def build_model(
     materialize_model(model, device)
     mapper = tied.loading_mapper(checkpoint_mapper_for(model, injection_mapper), source.path)
     load_model_state(source.path, mapper, device, model, show_progress=show_progress)
+    init_adapters_from_base(model)  # DoRA's magnitude: the row norms of the weights just loaded
     return BuiltModel(model=model, method=method, hf_config=hf_config, tied=tied, architecture=architecture)

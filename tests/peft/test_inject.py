@@ -190,7 +190,7 @@ def test_lora_refuses_a_module_registered_twice(tiny_model):
 def test_second_injection_does_not_wrap_inside_a_lora_layer(tiny_model):
     inject_peft_and_freeze(peft_method_from_config(lora()), tiny_model)
     before = snapshot(tiny_model)
-    with pytest.raises(ValueError, match=r"'layers\.0\.attention\.q_proj\.base' is inside a LoRALinear already"):
+    with pytest.raises(ValueError, match=r"'layers\.0\.attention\.q_proj\.base' is inside an adapter layer already"):
         inject_peft_and_freeze(peft_method_from_config(lora()), tiny_model)
     assert_unchanged(tiny_model, before)
 

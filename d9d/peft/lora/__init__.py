@@ -1,7 +1,9 @@
-"""LoRA: low-rank adapters on ``nn.Linear`` layers."""
+"""LoRA: low-rank adapters on ``nn.Linear`` (optionally DoRA) and ``nn.Embedding`` layers."""
 
 from d9d.peft.lora.config import LoRAConfig, LoRAParameters
+from d9d.peft.lora.dora import DoRALinear
+from d9d.peft.lora.embedding import LoRAEmbedding
 from d9d.peft.lora.layer import LoRALinear
 from d9d.peft.lora.method import LoRA
 
-__all__ = ["LoRA", "LoRAConfig", "LoRALinear", "LoRAParameters"]
+__all__ = ["DoRALinear", "LoRA", "LoRAConfig", "LoRAEmbedding", "LoRALinear", "LoRAParameters"]

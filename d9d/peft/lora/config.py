@@ -33,6 +33,8 @@ class LoRAParameters(BaseModel):
             to 1/65536, so rates whose kept fraction would be off by more than 1% are refused (every rate up to
             0.999 is honoured).
         use_rslora: Use the rank-stabilized scale ``alpha / sqrt(r)``.
+        use_dora: Weight-decomposed LoRA (DoRA, PEFT's ``use_dora``): a trainable magnitude per output row rescales
+            ``W + scale B A`` to unit row norm times the magnitude. Linear layers only.
         dtype: Adapter dtype; ``None`` uses the wrapped layer's weight dtype. ``"float32"`` adapters on a
             ``bfloat16`` base is the usual mixed-precision choice.
     """
@@ -43,6 +45,7 @@ class LoRAParameters(BaseModel):
     alpha: float = Field(gt=0, allow_inf_nan=False)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     use_rslora: bool = False
+    use_dora: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
     @property
@@ -67,7 +70,7 @@ class LoRAParameters(BaseModel):
 
 
 class LoRAConfig(BaseModel):
-    """Apply LoRA to every ``nn.Linear`` whose qualified name fully matches ``module_name_pattern``."""
+    """Apply LoRA to every ``nn.Linear`` and ``nn.Embedding`` whose qualified name fully matches the pattern."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

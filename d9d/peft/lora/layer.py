@@ -60,7 +60,7 @@ class LoRALinear(AdapterLayer):
         return PeftAdapterSpec(
             tensors={"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"},
             options={"r": self.r, "lora_alpha": self.alpha, "use_rslora": self.use_rslora,
-                     "lora_dropout": self.dropout},
+                     "lora_dropout": self.dropout, "use_dora": False},
         )
 
     def extra_repr(self) -> str:

@@ -1,11 +1,11 @@
-"""Folding a LoRA update into a weight that may be a sharded DTensor."""
+"""Folding a LoRA or DoRA update into a weight that may be a sharded DTensor."""
 
 import torch
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from d9d.dtensor import full_tensor
-from d9d.ops import lora_merge_
+from d9d.dtensor import full_tensor, local_part
+from d9d.ops import dora_merge_, dora_weight_norm, lora_merge_
 
 
 def merge_lora_weight_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> None:
@@ -58,3 +58,48 @@ def _index_placement(p: Placement, dim: int) -> Placement:
 
 def _is_shard(p: Placement) -> bool:
     return isinstance(p, Shard | _StridedShard)  # _StridedShard (FSDP2 on top of TP) is no Shard subclass
+
+
+def _row_local(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+               what: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``weight``'s local rows, the full ``lora_A`` and the rows of ``lora_B`` that pair with the local rows.
+
+    DoRA's row norms need whole rows of ``W + s B A``, so a weight may be split by rows (FSDP2's ``Shard(0)``) or
+    replicated, not by columns. Only the small adapters are gathered.
+    """
+    if not isinstance(weight, DTensor):
+        return weight, full_tensor(lora_A), full_tensor(lora_B)
+    if any(not (isinstance(p, Replicate) or (type(p) is Shard and p.dim == 0)) for p in weight.placements):
+        raise ValueError(f"cannot {what} on a weight placed as {weight.placements}: DoRA's row norms need whole rows "
+                         "(expected Shard(0) or Replicate on each mesh dimension)")
+    return weight.to_local(), full_tensor(lora_A), local_part(full_tensor(lora_B), weight)
+
+
+def _local_magnitude(magnitude: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The magnitude's entries of ``weight``'s local rows (a view that writes through for a matching DTensor)."""
+    if isinstance(weight, DTensor):
+        if not (isinstance(magnitude, DTensor) and magnitude.device_mesh == weight.device_mesh
+                and magnitude.placements == weight.placements):
+            raise ValueError(f"DoRA's magnitude must be sharded like its weight ({weight.placements}), got "
+                             f"{getattr(magnitude, 'placements', 'a plain tensor')}")
+        return magnitude.to_local()
+    if isinstance(magnitude, DTensor):
+        raise ValueError("DoRA's magnitude is sharded but its weight is not")
+    return magnitude
+
+
+@torch.no_grad()
+def init_dora_magnitude_(magnitude: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                         scale: float) -> None:
+    """``magnitude <- ||W + scale B A||_row`` in place, shard-locally on row-sharded weights (PEFT's DoRA init)."""
+    local_weight, full_A, local_B = _row_local(weight, lora_A, lora_B, "initialize DoRA's magnitude")
+    local_magnitude = _local_magnitude(magnitude, weight)
+    local_magnitude.copy_(dora_weight_norm(local_weight, full_A.to(local_B.dtype), local_B, scale))
+
+
+@torch.no_grad()
+def merge_dora_weight_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, magnitude: torch.Tensor,
+                       scale: float) -> None:
+    """``W <- m / ||W + scale B A|| * (W + scale B A)`` in place; a row-sharded weight stays sharded, never gathered."""
+    local_weight, full_A, local_B = _row_local(weight, lora_A, lora_B, "merge DoRA")
+    dora_merge_(local_weight, full_A, local_B, _local_magnitude(magnitude, weight), scale)

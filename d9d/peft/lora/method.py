@@ -1,22 +1,29 @@
-"""The LoRA method: wrap matching ``nn.Linear`` layers in ``LoRALinear``."""
+"""The LoRA method: wrap matching ``nn.Linear`` layers in ``LoRALinear`` (``DoRALinear`` with ``use_dora``) and
+``nn.Embedding`` layers in ``LoRAEmbedding``."""
 
 from torch import nn
 from typing_extensions import Self
 
+from d9d.adapter import AdapterLayer
 from d9d.model_state.mapper.leaf import ModelStateMapperRename
 from d9d.peft.base import PeftInjectionResult, PeftPlan, PlannedPeftMethod
 from d9d.peft.lora.config import LoRAConfig
+from d9d.peft.lora.dora import DoRALinear
+from d9d.peft.lora.embedding import LoRAEmbedding
 from d9d.peft.lora.layer import LoRALinear
 from d9d.peft.module_match import match_modules, replace_submodule
 
 
 class LoRA(PlannedPeftMethod[LoRAConfig]):
-    """Wraps every plain ``nn.Linear`` whose qualified name fully matches the pattern; remembers them for ``merge``.
+    """Wraps every plain ``nn.Linear`` and ``nn.Embedding`` whose qualified name fully matches the pattern;
+    remembers them for ``merge``.
 
-    Refused (``ValueError``, nothing changed): a layer inside an existing ``LoRALinear`` (LoRA does not stack on one
-    layer), a layer registered under several names, and a layer whose weight is shared with another module (tied
-    embeddings: merging would change the other module too; untie first). ``nn.Linear`` subclasses are not wrapped,
-    since their owners may read their attributes directly (``nn.MultiheadAttention.out_proj``).
+    Linears become ``LoRALinear`` (``DoRALinear`` with ``params.use_dora``), embeddings ``LoRAEmbedding``.
+    Refused (``ValueError``, nothing changed): a layer inside an existing adapter layer (LoRA does not stack on one
+    layer), DoRA on an embedding, an embedding with ``max_norm`` or sparse gradients, a layer registered under
+    several names, and a layer whose weight is shared with another module (tied embeddings: merging would change
+    the other module too; untie first). Subclasses of ``nn.Linear`` / ``nn.Embedding`` are not wrapped, since their
+    owners may read their attributes directly (``nn.MultiheadAttention.out_proj``).
     """
 
     def __init__(self, config: LoRAConfig):
@@ -44,20 +51,23 @@ class LoRA(PlannedPeftMethod[LoRAConfig]):
         if self._wrapped is not None:
             raise RuntimeError(f"{self.name} was already injected; build a new method for another model")
         matched = match_modules(module, self.config.module_name_pattern, self.name)
-        wrappers = [name for name, m in module.named_modules() if isinstance(m, LoRALinear)]
+        wrappers = [name for name, m in module.named_modules() if isinstance(m, AdapterLayer)]
         inside = [name for name, _ in matched if any(name.startswith(f"{w}.") for w in wrappers)]
         if inside:
-            raise ValueError(f"{self.name}: {inside[0]!r} is inside a LoRALinear already; LoRA does not stack on "
+            raise ValueError(f"{self.name}: {inside[0]!r} is inside an adapter layer already; LoRA does not stack on "
                              "one layer (narrow module_name_pattern)")
-        linears = [(name, m) for name, m in matched if type(m) is nn.Linear]
-        if not linears:
+        targets = [(name, m) for name, m in matched if type(m) in (nn.Linear, nn.Embedding)]
+        if not targets:
             found = ", ".join(f"{name} ({type(m).__name__})" for name, m in matched[:5])
             raise ValueError(
-                f"{self.name}: module_name_pattern matches no nn.Linear, LoRA can only wrap nn.Linear; "
+                f"{self.name}: module_name_pattern matches no nn.Linear or nn.Embedding, the layers LoRA can wrap; "
                 f"it matched: {found}{', ...' if len(matched) > 5 else ''}"
             )
-        _refuse_shared(module, linears, self.name)
-        names = [name for name, _ in linears]
+        for name, m in targets:
+            if isinstance(m, nn.Embedding):
+                _check_embedding(name, m, self.config.params.use_dora, self.name)
+        _refuse_shared(module, targets, self.name)
+        names = [name for name, _ in targets]
         return PeftPlan(method_name=self.name, wraps=frozenset(names), targets=tuple(names))
 
     def apply_plan(self, module: nn.Module, plan: PeftPlan) -> PeftInjectionResult:
@@ -65,9 +75,9 @@ class LoRA(PlannedPeftMethod[LoRAConfig]):
         renames: dict[str, str] = {}
         for name in plan.targets:
             base = module.get_submodule(name)
-            wrapper = LoRALinear(base, self.config.params)
+            wrapper = _wrapper_class(base, self.config.params.use_dora)(base, self.config.params)
             replace_submodule(module, name, wrapper)
-            trainable += [wrapper.lora_A, wrapper.lora_B]
+            trainable += list(wrapper.adapter_parameters())
             for param_name, _ in base.named_parameters(recurse=False):
                 renames[f"{name}.{param_name}"] = f"{name}.base.{param_name}"
         self._wrapped = list(plan.targets)
@@ -80,14 +90,30 @@ class LoRA(PlannedPeftMethod[LoRAConfig]):
             raise RuntimeError(f"{self.name} was already merged; merging twice would apply the update twice")
         for name in self._wrapped:
             wrapper = module.get_submodule(name)
-            if not isinstance(wrapper, LoRALinear):
-                raise RuntimeError(f"{self.name}: module {name!r} is no longer a LoRALinear ({type(wrapper).__name__})")
+            if not isinstance(wrapper, (LoRALinear, LoRAEmbedding)):
+                raise RuntimeError(f"{self.name}: module {name!r} is no longer a LoRALinear or "
+                                   f"LoRAEmbedding ({type(wrapper).__name__})")
 
     def merge(self, module: nn.Module) -> None:
         self.check_merge(module)
         for name in self.wrapped_modules:
             replace_submodule(module, name, module.get_submodule(name).merge_into_base())
         self._merged = True
+
+
+def _wrapper_class(base: nn.Module, use_dora: bool) -> type[AdapterLayer]:
+    if isinstance(base, nn.Embedding):
+        return LoRAEmbedding
+    return DoRALinear if use_dora else LoRALinear
+
+
+def _check_embedding(name: str, embedding: nn.Embedding, use_dora: bool, method_name: str) -> None:
+    """Raises, naming the module, for an embedding that ``LoRAEmbedding`` cannot wrap."""
+    if use_dora:
+        raise ValueError(f"{method_name}: {name!r} is an nn.Embedding; DoRA is supported on nn.Linear only "
+                         "(narrow module_name_pattern, or use a separate plain LoRA config for embeddings)")
+    if embedding.max_norm is not None or embedding.sparse:
+        raise ValueError(f"{method_name}: nn.Embedding {name!r} has max_norm or sparse=True, which LoRA cannot wrap")
 
 
 def _refuse_shared(root: nn.Module, targets: list[tuple[str, nn.Module]], method_name: str) -> None:

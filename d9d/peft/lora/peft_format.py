@@ -3,8 +3,10 @@
 A d9d LoRA layer at qualified name ``X`` (``X.lora_A`` is r x in, ``X.lora_B`` is out x r) is PEFT's
 ``base_model.model.X.lora_A.weight`` / ``...lora_B.weight`` with the same shapes and the same scale
 (``lora_alpha / r``, or ``/ sqrt(r)`` with ``use_rslora``). Layers of one stack may differ in rank and scale:
-PEFT's ``rank_pattern`` / ``alpha_pattern`` carry the exceptions. Fully-tuned modules that PEFT can express go into
-``modules_to_save`` (PEFT stores their weights as ``base_model.model.<module>.<param>``).
+PEFT's ``rank_pattern`` / ``alpha_pattern`` carry the exceptions. DoRA layers add ``...lora_magnitude_vector``
+(``use_dora``); embeddings are ``...lora_embedding_A`` / ``...lora_embedding_B``. Import refuses, by name, every
+``adapter_config.json`` option that d9d cannot reproduce exactly (``peft_config_check``). Fully-tuned modules that
+PEFT can express go into ``modules_to_save`` (PEFT stores their weights as ``base_model.model.<module>.<param>``).
 
 Both directions work on FSDP2-sharded models: export gathers the (small) adapters, import keeps each rank's shard.
 """
@@ -24,6 +26,7 @@ from d9d.adapter import AdapterLayer, adapter_layers
 from d9d.dtensor import full_tensor, local_part
 from d9d.model_state.io.atomic import atomic_directory, check_destination
 from d9d.parallel.process_group import barrier, is_main_rank
+from d9d.peft.lora.peft_config_check import refused_peft_options
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -105,6 +108,12 @@ def _adapter_config(
     if len(rslora) > 1:
         raise ValueError("PEFT's format has one use_rslora for all layers; the stack mixes rsLoRA and plain LoRA")
     use_rslora = rslora.pop()
+    dora = {n: bool(o.get("use_dora", False)) for n, o in options.items()}
+    if len(set(dora.values())) > 1:
+        plain = sorted(n for n, d in dora.items() if not d)
+        raise ValueError(f"PEFT's format has one use_dora for all layers; the stack mixes DoRA and plain LoRA layers "
+                         f"(plain: {plain[:3]}{' ...' if len(plain) > 3 else ''})")
+    use_dora = any(dora.values())
     alpha = {n: o["lora_alpha"] for n, o in options.items()}
     ranks = {n: o["r"] for n, o in options.items()}
     r = Counter(ranks.values()).most_common(1)[0][0]
@@ -127,7 +136,7 @@ def _adapter_config(
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "use_dora": False,
+        "use_dora": use_dora,
         "revision": None,
     }
 
@@ -213,9 +222,9 @@ def read_adapter_config(src_dir: str | os.PathLike) -> dict:
         raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{config_path}: peft_type is {config.get('peft_type')!r}; only 'LORA' adapters load")
-    for key, plain in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none")):
-        if config.get(key, plain) != plain:
-            raise ValueError(f"{config_path}: {key}={config[key]!r} is not supported (expected {plain!r})")
+    refused = refused_peft_options(config)
+    if refused:
+        raise ValueError(f"{config_path}: option(s) that d9d cannot reproduce exactly: {'; '.join(refused)}")
     for key in ("alpha_pattern", "rank_pattern"):
         if not isinstance(config.get(key) or {}, dict):
             raise ValueError(f"{config_path}: {key} must be an object, got {type(config[key]).__name__}")
@@ -252,13 +261,23 @@ def load_peft_adapter(model: nn.Module, src_dir: str | os.PathLike, check_scale:
     config = read_adapter_config(src)
     if not weights_path.is_file():
         raise ValueError(f"PEFT adapter folder {str(src)!r} has no {weights_path.name}")
-    state = load_file(str(weights_path))
     lora = adapter_layers(model)
+    use_dora = bool(config.get("use_dora", False))
+    for name, layer in lora.items():
+        if bool(layer.peft_spec().options.get("use_dora", False)) != use_dora:
+            raise ValueError(f"{config_path}: use_dora={use_dora} but the model's layer {name!r} is "
+                             f"{type(layer).__name__} (inject with LoRAParameters(use_dora={use_dora}))")
+    state = load_file(str(weights_path))
     params = dict(model.named_parameters())
     targets: dict[str, torch.Tensor] = {}
     for name, layer in lora.items():
         for key, param_name in layer.peft_spec().tensors.items():
             targets[f"{PREFIX}{name}.{key}"] = getattr(layer, param_name)
+        # PEFT's save_embedding_layers also stores the base weights of adapted embeddings (and LM heads), and
+        # PeftModel.from_pretrained loads them into the base layer: so does d9d.
+        base_key = f"{PREFIX}{name}.base_layer.weight"
+        if base_key in state:
+            targets[base_key] = layer.base.weight
     saved_modules = _peft_modules_to_save(model, config.get("modules_to_save") or [])
     for pname, param in params.items():
         if any(pname.startswith(module + ".") for module in saved_modules):

@@ -1,0 +1,178 @@
+"""DoRA's ops: the row norm and merge of ``d9d::dora_weight_norm`` / ``d9d::dora_merge_``, and ``dora_linear``."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from d9d.ops import dora_linear, dora_merge_, dora_weight_norm
+
+pytestmark = pytest.mark.local
+
+CUDA = pytest.param(
+    "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+)
+DEVICES = ["cpu", CUDA]
+TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float64: 1e-12}
+
+
+def make_weights(out_features, in_features, rank, dtype=torch.float32, device="cpu"):
+    weight = torch.randn(out_features, in_features, dtype=dtype, device=device)
+    lora_A = torch.randn(rank, in_features, dtype=dtype, device=device) / in_features**0.5
+    lora_B = torch.randn(out_features, rank, dtype=dtype, device=device)
+    return weight, lora_A, lora_B
+
+
+def reference_norm(weight, lora_A, lora_B, scale):
+    return torch.linalg.vector_norm(weight.double() + scale * lora_B.double() @ lora_A.double(), dim=1)
+
+
+def reference_dora(x, weight, bias, lora_A, lora_B, magnitude, scale, dropped=None):
+    """PEFT's formula in float64: ``x W^T + b + (f - 1) d W^T + f s d A^T B^T`` with ``d`` the dropped-out input."""
+    x, weight, lora_A, lora_B, magnitude = (t.double() for t in (x, weight, lora_A, lora_B, magnitude))
+    d = x if dropped is None else dropped.double()
+    factor = magnitude / reference_norm(weight, lora_A.detach(), lora_B.detach(), scale)  # PEFT detaches the norm
+    base = F.linear(x, weight, None if bias is None else bias.double())
+    return base + (factor - 1) * F.linear(d, weight) + factor * scale * (d @ lora_A.t() @ lora_B.t())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(7, 5, 3), (300, 9, 4), (1, 1, 1)])  # 300 x 9 spans several row blocks
+def test_weight_norm_matches_reference(device, dtype, shape):
+    weight, lora_A, lora_B = make_weights(*shape, dtype=dtype, device=device)
+    got = dora_weight_norm(weight, lora_A, lora_B, 0.7)
+    assert got.dtype == (torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype)
+    want = reference_norm(weight, lora_A, lora_B, 0.7)
+    torch.testing.assert_close(got.double(), want, rtol=TOLERANCES[dtype], atol=TOLERANCES[dtype])
+
+
+def test_weight_norm_over_many_blocks_of_wide_rows():
+    weight, lora_A, lora_B = make_weights(97, 4099, 5)  # blocks of 15 rows, the last one partial
+    torch.testing.assert_close(dora_weight_norm(weight, lora_A, lora_B, 2.0).double(),
+                               reference_norm(weight, lora_A, lora_B, 2.0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_merge_matches_reference(device, dtype):
+    weight, lora_A, lora_B = make_weights(300, 9, 4, dtype=dtype, device=device)
+    magnitude = torch.rand(300, dtype=torch.float32, device=device) + 0.5
+    folded = weight.double() + 1.5 * lora_B.double() @ lora_A.double()
+    want = magnitude.double().unsqueeze(1) / reference_norm(weight, lora_A, lora_B, 1.5).unsqueeze(1) * folded
+    storage = weight.data_ptr()
+    dora_merge_(weight, lora_A, lora_B, magnitude, 1.5)
+    assert weight.data_ptr() == storage
+    assert weight.dtype == dtype
+    torch.testing.assert_close(weight.double(), want, rtol=TOLERANCES[dtype], atol=TOLERANCES[dtype])
+
+
+def test_merged_rows_have_the_magnitude_as_norm():
+    weight, lora_A, lora_B = make_weights(6, 11, 2, dtype=torch.float64)
+    magnitude = torch.rand(6, dtype=torch.float64) + 0.1
+    dora_merge_(weight, lora_A, lora_B, magnitude, 0.5)
+    torch.testing.assert_close(torch.linalg.vector_norm(weight, dim=1), magnitude, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    weight, lora_A, lora_B = make_weights(13, 6, 3, device=device)
+    magnitude = torch.rand(13, device=device)
+    torch.library.opcheck(torch.ops.d9d.dora_weight_norm.default, (weight, lora_A, lora_B, 0.5))
+    torch.library.opcheck(torch.ops.d9d.dora_merge_.default, (weight, lora_A, lora_B, magnitude, 0.5))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"lora_A": torch.randn(3, 7)}, r"dora_weight_norm: lora_A must be r x in"),
+        ({"lora_B": torch.randn(13, 2)}, r"dora_weight_norm: lora_B must be out x r"),
+        ({"weight": torch.randn(13)}, r"dora_weight_norm: weight must be out x in"),
+        ({"scale": float("inf")}, r"dora_weight_norm: scale must be finite"),
+    ],
+)
+def test_bad_input_names_the_op_and_argument(change, message):
+    weight, lora_A, lora_B = make_weights(13, 6, 3)
+    args = {"weight": weight, "lora_A": lora_A, "lora_B": lora_B, "scale": 0.5, **change}
+    with pytest.raises(RuntimeError, match=message):
+        dora_weight_norm(**args)
+
+
+def test_merge_refuses_a_magnitude_of_the_wrong_size_and_changes_nothing():
+    weight, lora_A, lora_B = make_weights(13, 6, 3)
+    before = weight.clone()
+    with pytest.raises(RuntimeError, match=r"dora_merge_: magnitude must be 1D of size out"):
+        dora_merge_(weight, lora_A, lora_B, torch.rand(12), 0.5)
+    assert torch.equal(weight, before)
+
+
+def dora_inputs(shape, in_features=24, out_features=20, rank=4, dtype=torch.float32, bias=True):
+    x = torch.randn(*shape, in_features, dtype=dtype, requires_grad=True)
+    weight, lora_A, lora_B = make_weights(out_features, in_features, rank, dtype=dtype)
+    b = torch.randn(out_features, dtype=dtype, requires_grad=True) if bias else None
+    magnitude = (torch.rand(out_features, dtype=dtype) + 0.5).requires_grad_()
+    return x, weight, b, lora_A.requires_grad_(), lora_B.requires_grad_(), magnitude
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(3, 5), (64,), (2, 0)])  # 64 rows fold the adapters into the weight
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_dora_linear_matches_reference_forward_and_backward(bias, shape, dropout):
+    x, weight, b, lora_A, lora_B, magnitude = dora_inputs(shape, bias=bias)
+    torch.manual_seed(7)
+    got = dora_linear(x, weight, b, lora_A, lora_B, magnitude, 0.8, dropout, training=True)
+    torch.manual_seed(7)
+    # The op's draw: F.dropout's mask depends on the seed and shape only, so ones give mask / (1 - p).
+    mask = F.dropout(torch.ones_like(x.detach()), dropout, training=True).double() if dropout else None
+    leaves = [t for t in (x, b, lora_A, lora_B, magnitude) if t is not None]
+    refs = [t.detach().double().requires_grad_() for t in leaves]
+    ref_x, *rest = refs
+    ref_b = rest.pop(0) if bias else None
+    ref_A, ref_B, ref_m = rest
+    want = reference_dora(ref_x, weight, ref_b, ref_A, ref_B, ref_m, 0.8,
+                          None if mask is None else ref_x * mask)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(got)
+    got.backward(grad)
+    want.backward(grad.double())
+    for leaf, ref in zip(leaves, refs, strict=True):
+        torch.testing.assert_close(leaf.grad.double(), ref.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_the_norm_is_a_constant_for_autograd():
+    """PEFT detaches the norm: B's gradient has no term through it (it would with a differentiable norm)."""
+    x, weight, _, lora_A, lora_B, magnitude = dora_inputs((5,), dtype=torch.float64, bias=False)
+    dora_linear(x, weight, None, lora_A, lora_B, magnitude, 1.0, 0.0, True).sum().backward()
+    factor = (magnitude / reference_norm(weight, lora_A, lora_B, 1.0)).detach()
+    want_B = (factor.unsqueeze(1) * torch.ones(5, 20, dtype=torch.float64).t()) @ (x.detach() @ lora_A.detach().t())
+    torch.testing.assert_close(lora_B.grad, want_B, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.4])
+@pytest.mark.parametrize("shape", [(3,), (40,)])
+def test_gradcheck_float64(dropout, shape):
+    """x, bias and magnitude: finite differences agree. lora_A and lora_B are left out on purpose: their gradients
+    treat the norm as a constant (as PEFT's do), which finite differences cannot; the float64 reference test checks
+    them with the norm detached."""
+    x, weight, b, lora_A, lora_B, magnitude = dora_inputs(shape, in_features=6, out_features=5, rank=2,
+                                                          dtype=torch.float64)
+
+    def fn(x, b, magnitude):
+        torch.manual_seed(3)  # the same dropout mask on every evaluation
+        return dora_linear(x, weight, b, lora_A, lora_B, magnitude, 0.6, dropout, training=True)
+
+    assert torch.autograd.gradcheck(fn, (x, b, magnitude))
+
+
+def test_eval_mode_applies_no_dropout():
+    x, weight, b, lora_A, lora_B, magnitude = dora_inputs((4,))
+    torch.testing.assert_close(dora_linear(x, weight, b, lora_A, lora_B, magnitude, 0.8, 0.5, training=False),
+                               dora_linear(x, weight, b, lora_A, lora_B, magnitude, 0.8, 0.0, training=True))
+
+
+def test_float32_adapters_on_bfloat16_activations():
+    x, weight, b, lora_A, lora_B, magnitude = dora_inputs((6,))
+    y = dora_linear(x.detach().bfloat16(), weight.bfloat16(), b.detach().bfloat16(), lora_A, lora_B, magnitude,
+                    0.8, 0.0, training=True)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert lora_A.grad.dtype == lora_B.grad.dtype == magnitude.grad.dtype == torch.float32
