@@ -16,7 +16,7 @@ from d9d.model_state.io.atomic import atomic_directory
 from d9d.model_state.io.layout import INDEX_FILE, SINGLE_FILE, group_order_key, shard_file_name
 from d9d.model_state.io.model_keys import alias_groups, model_state
 from d9d.model_state.mapper import ModelStateMapper, StateGroup
-from d9d.model_state.mapper.leaf import ModelStateMapperIdentity
+from d9d.model_state.mapper.adapters import identity_mapper_from_keys
 
 
 @dataclasses.dataclass
@@ -66,7 +66,7 @@ def save_model_state(
         raise ValueError(f"shard_size_gb must be positive, got {shard_size_gb}")
     state = model_state(model)
     if mapper is None:
-        mapper = ModelStateMapperIdentity(aliases[0] for aliases in alias_groups(state))
+        mapper = identity_mapper_from_keys(aliases[0] for aliases in alias_groups(state))
     missing = sorted(mapper.input_keys() - state.keys())
     if missing:
         raise ValueError(f"save_model_state: the mapper reads key(s) the model's state lacks: {missing[:10]}")

@@ -1,25 +1,42 @@
 """Declarative state-dict transforms: interface, leaves, compositions and builders."""
 
 from d9d.model_state.mapper.abc import ModelStateMapper, StateGroup
-from d9d.model_state.mapper.adapters import identity_mapper_from_module
+from d9d.model_state.mapper.adapters import identity_mapper_from_keys, identity_mapper_from_module
 from d9d.model_state.mapper.compose import ModelStateMapperParallel, ModelStateMapperSequential
 from d9d.model_state.mapper.leaf import (
+    ModelStateMapperChunkTensors,
+    ModelStateMapperConcatenateTensors,
     ModelStateMapperDistribute,
     ModelStateMapperDuplicate,
     ModelStateMapperGatherFullTensor,
     ModelStateMapperIdentity,
     ModelStateMapperRename,
+    ModelStateMapperSelectChildModules,
+    ModelStateMapperSqueeze,
+    ModelStateMapperStackTensors,
+    ModelStateMapperTranspose,
+    ModelStateMapperUnsqueeze,
+    ModelStateMapperUnstackTensors,
 )
 
 __all__ = [
     "ModelStateMapper",
+    "ModelStateMapperChunkTensors",
+    "ModelStateMapperConcatenateTensors",
     "ModelStateMapperDistribute",
     "ModelStateMapperDuplicate",
     "ModelStateMapperGatherFullTensor",
     "ModelStateMapperIdentity",
     "ModelStateMapperParallel",
     "ModelStateMapperRename",
+    "ModelStateMapperSelectChildModules",
     "ModelStateMapperSequential",
+    "ModelStateMapperSqueeze",
+    "ModelStateMapperStackTensors",
+    "ModelStateMapperTranspose",
+    "ModelStateMapperUnsqueeze",
+    "ModelStateMapperUnstackTensors",
     "StateGroup",
+    "identity_mapper_from_keys",
     "identity_mapper_from_module",
 ]
