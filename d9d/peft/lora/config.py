@@ -29,7 +29,9 @@ class LoRAParameters(BaseModel):
 
 
 class LoRAConfig(BaseModel):
-    """Apply LoRA to every ``nn.Linear`` whose qualified name fully matches ``module_name_pattern``."""
+    """Apply LoRA to every ``nn.Linear``, and every fused Mixture-of-Experts experts module (3-D ``gate_up_proj`` and
+    ``down_proj``, as transformers v5 stores them: per-expert adapters of rank ``r``), whose qualified name fully
+    matches ``module_name_pattern`` (for example the experts of every layer: ``model.layers.*.mlp.experts``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

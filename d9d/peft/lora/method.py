@@ -6,12 +6,15 @@ from typing_extensions import Self
 from d9d.model_state.mapper.leaf import ModelStateMapperRename
 from d9d.peft.base import PeftInjectionResult, PeftPlan, PlannedPeftMethod
 from d9d.peft.lora.config import LoRAConfig
+from d9d.peft.lora.experts import LoRAExperts, is_fused_experts
 from d9d.peft.lora.layer import LoRALinear
 from d9d.peft.module_match import match_modules, replace_submodule
 
 
 class LoRA(PlannedPeftMethod[LoRAConfig]):
-    """Wraps every plain ``nn.Linear`` whose qualified name fully matches the pattern; remembers them for ``merge``.
+    """Wraps every plain ``nn.Linear`` (in ``LoRALinear``) and every fused Mixture-of-Experts experts module (3-D
+    ``gate_up_proj`` / ``down_proj``, in ``LoRAExperts``) whose qualified name fully matches the pattern; remembers
+    them for ``merge``.
 
     Refused (``ValueError``, nothing changed): a layer inside an existing ``LoRALinear`` (LoRA does not stack on one
     layer), a layer registered under several names, and a layer whose weight is shared with another module (tied
@@ -44,18 +47,22 @@ class LoRA(PlannedPeftMethod[LoRAConfig]):
         if self._wrapped is not None:
             raise RuntimeError(f"{self.name} was already injected; build a new method for another model")
         matched = match_modules(module, self.config.module_name_pattern, self.name)
-        wrappers = [name for name, m in module.named_modules() if isinstance(m, LoRALinear)]
-        inside = [name for name, _ in matched if any(name.startswith(f"{w}.") for w in wrappers)]
+        wrappers = {name: m for name, m in module.named_modules() if isinstance(m, LoRALinear | LoRAExperts)}
+        inside = [(name, w) for name, _ in matched for w in wrappers if name.startswith(f"{w}.")]
         if inside:
-            raise ValueError(f"{self.name}: {inside[0]!r} is inside a LoRALinear already; LoRA does not stack on "
-                             "one layer (narrow module_name_pattern)")
-        linears = [(name, m) for name, m in matched if type(m) is nn.Linear]
+            name, w = inside[0]
+            raise ValueError(f"{self.name}: {name!r} is inside a {type(wrappers[w]).__name__} already; LoRA does not "
+                             "stack on one layer (narrow module_name_pattern)")
+        linears = [(name, m) for name, m in matched if type(m) is nn.Linear or _is_experts(m)]
         if not linears:
             found = ", ".join(f"{name} ({type(m).__name__})" for name, m in matched[:5])
             raise ValueError(
-                f"{self.name}: module_name_pattern matches no nn.Linear, LoRA can only wrap nn.Linear; "
-                f"it matched: {found}{', ...' if len(matched) > 5 else ''}"
+                f"{self.name}: module_name_pattern matches no nn.Linear and no fused experts module, the only "
+                f"modules LoRA wraps; it matched: {found}{', ...' if len(matched) > 5 else ''}"
             )
+        for name, m in linears:
+            if _is_experts(m):
+                LoRAExperts.check_base(m, name)
         _refuse_shared(module, linears, self.name)
         names = [name for name, _ in linears]
         return PeftPlan(method_name=self.name, wraps=frozenset(names), targets=tuple(names))
@@ -65,9 +72,9 @@ class LoRA(PlannedPeftMethod[LoRAConfig]):
         renames: dict[str, str] = {}
         for name in plan.targets:
             base = module.get_submodule(name)
-            wrapper = LoRALinear(base, self.config.params)
+            wrapper = (LoRAExperts if _is_experts(base) else LoRALinear)(base, self.config.params)
             replace_submodule(module, name, wrapper)
-            trainable += [wrapper.lora_A, wrapper.lora_B]
+            trainable += list(wrapper.adapter_parameters())
             for param_name, _ in base.named_parameters(recurse=False):
                 renames[f"{name}.{param_name}"] = f"{name}.base.{param_name}"
         self._wrapped = list(plan.targets)
@@ -80,14 +87,18 @@ class LoRA(PlannedPeftMethod[LoRAConfig]):
             raise RuntimeError(f"{self.name} was already merged; merging twice would apply the update twice")
         for name in self._wrapped:
             wrapper = module.get_submodule(name)
-            if not isinstance(wrapper, LoRALinear):
-                raise RuntimeError(f"{self.name}: module {name!r} is no longer a LoRALinear ({type(wrapper).__name__})")
+            if not isinstance(wrapper, LoRALinear | LoRAExperts):
+                raise RuntimeError(f"{self.name}: module {name!r} is no longer a LoRA layer ({type(wrapper).__name__})")
 
     def merge(self, module: nn.Module) -> None:
         self.check_merge(module)
         for name in self.wrapped_modules:
             replace_submodule(module, name, module.get_submodule(name).merge_into_base())
         self._merged = True
+
+
+def _is_experts(m: nn.Module) -> bool:
+    return not isinstance(m, LoRAExperts) and is_fused_experts(m)
 
 
 def _refuse_shared(root: nn.Module, targets: list[tuple[str, nn.Module]], method_name: str) -> None:
