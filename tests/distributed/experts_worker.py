@@ -18,13 +18,7 @@ from torch.distributed.tensor import DTensor, Shard
 sys.path.insert(0, str(Path(__file__).parents[2]))  # the repository root: ``tests`` is a package there
 
 from d9d.model_state.io import checkpoint_mapper_for, load_model_state, read_layout, save_model_state
-from d9d.model_state.mapper import (
-    ModelStateMapperConcatenateTensors,
-    ModelStateMapperParallel,
-    ModelStateMapperSequential,
-    ModelStateMapperStackTensors,
-    identity_mapper_from_keys,
-)
+from d9d.model_state.mapper import fused_experts_loading_mapper
 from d9d.parallel import init_distributed, init_empty_parameters, materialize_model, shard_model
 from d9d.peft import inject_peft_and_freeze, merge_peft
 from d9d.peft.all import PeftStackConfig, peft_method_from_config
@@ -36,27 +30,6 @@ STACK = PeftStackConfig(methods=[
     LoRAConfig(module_name_pattern=re.compile(pattern), params=LoRAParameters(r=2, alpha=4))
     for pattern in (r"model\.layers\.\d+\.mlp\.experts", r".*\.(q_proj|v_proj)")
 ])
-
-
-def per_expert_mapper(checkpoint_keys: set[str], num_layers: int, num_experts: int):
-    """Per-expert keys -> the fused layout: stack each projection over the experts, then concatenate gate and up."""
-    first, second, fused = [], [], set()
-    for layer in range(num_layers):
-        prefix = f"model.layers.{layer}.mlp.experts"
-        names = {p: [f"{prefix}.{e}.{p}.weight" for e in range(num_experts)]
-                 for p in ("gate_proj", "up_proj", "down_proj")}
-        first += [ModelStateMapperStackTensors(names["gate_proj"], f"{prefix}.gate", dim=0),
-                  ModelStateMapperStackTensors(names["up_proj"], f"{prefix}.up", dim=0),
-                  ModelStateMapperStackTensors(names["down_proj"], f"{prefix}.down_proj", dim=0)]
-        second += [ModelStateMapperConcatenateTensors([f"{prefix}.gate", f"{prefix}.up"], f"{prefix}.gate_up_proj",
-                                                      dim=1)]
-        fused |= {n for ns in names.values() for n in ns}
-        second.append(identity_mapper_from_keys([f"{prefix}.down_proj"]))
-    others = sorted(checkpoint_keys - fused)
-    return ModelStateMapperSequential([
-        ModelStateMapperParallel([*first, identity_mapper_from_keys(others)]),
-        ModelStateMapperParallel([*second, identity_mapper_from_keys(others)]),
-    ])
 
 
 def main(work: Path) -> None:
@@ -72,9 +45,9 @@ def main(work: Path) -> None:
     injection = inject_peft_and_freeze(method, model)
     shard_model(model, transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeDecoderLayer)
     materialize_model(model, "cpu")
-    layout = per_expert_mapper(set(read_layout(work / "per_expert")), config.num_hidden_layers, config.num_experts)
-    load_model_state(work / "per_expert", ModelStateMapperSequential([layout, checkpoint_mapper_for(model, injection)]),
-                     "cpu", model, show_progress=False)
+    # The per-expert keys are stacked over the experts and gate/up concatenated into the fused 3-D weights.
+    mapper = fused_experts_loading_mapper(checkpoint_mapper_for(model, injection), read_layout(work / "per_expert"))
+    load_model_state(work / "per_expert", mapper, "cpu", model, show_progress=False)
 
     evaluation = torch.load(work / "eval_tokens.pt")
     model.eval()

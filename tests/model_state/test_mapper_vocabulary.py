@@ -16,6 +16,7 @@ from d9d.model_state.mapper import (
     ModelStateMapperUnsqueeze,
     ModelStateMapperUnstackTensors,
     StateGroup,
+    fused_experts_loading_mapper,
     identity_mapper_from_keys,
 )
 
@@ -146,3 +147,19 @@ def test_bad_shapes_name_the_key_also_on_meta(make, state, message):
 def test_bad_arguments_are_refused_when_built(make, error, message):
     with pytest.raises(error, match=message):
         make()
+
+
+@pytest.mark.parametrize("names", [("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2")])
+def test_fused_experts_loading_mapper_rebuilds_the_fused_state_from_per_expert_keys(names):
+    num_experts, inter, hidden = 3, 4, 5
+    fused = {"m.experts.gate_up_proj": torch.randn(num_experts, 2 * inter, hidden),
+             "m.experts.down_proj": torch.randn(num_experts, hidden, inter), "m.norm.weight": torch.randn(hidden)}
+    per_expert = {"m.norm.weight": fused["m.norm.weight"]}
+    for e in range(num_experts):
+        gate, up = fused["m.experts.gate_up_proj"][e].chunk(2)
+        per_expert |= {f"m.experts.{e}.{names[0]}.weight": gate, f"m.experts.{e}.{names[1]}.weight": up,
+                       f"m.experts.{e}.{names[2]}.weight": fused["m.experts.down_proj"][e]}
+    model_mapper = identity_mapper_from_keys(fused)
+    mapper = fused_experts_loading_mapper(model_mapper, per_expert.keys())
+    _check(mapper, per_expert, fused)
+    assert fused_experts_loading_mapper(model_mapper, fused.keys()) is model_mapper  # already fused: unchanged

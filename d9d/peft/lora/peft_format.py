@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from d9d.adapter import AdapterLayer, adapter_layers
+from d9d.adapter import AdapterLayer, PeftAdapterSpec, adapter_layers
 from d9d.dtensor import full_tensor
 from d9d.model_state.io import load_model_state
 from d9d.model_state.io.atomic import atomic_directory
@@ -113,6 +113,10 @@ def _adapter_config(
     r = Counter(ranks.values()).most_common(1)[0][0]
     lora_alpha = Counter(alpha.values()).most_common(1)[0][0]
     dropout = Counter(o["lora_dropout"] for o in options.values()).most_common(1)[0][0]
+    if target_parameters:
+        # PEFT's ParamWrapper (target_parameters) refuses lora_dropout != 0 even for inference, where dropout
+        # changes nothing; the trained adapters are the same either way.
+        dropout = 0.0
     return {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -125,8 +129,8 @@ def _adapter_config(
         "target_modules": target_modules or None,
         "target_parameters": target_parameters or None,
         # PEFT matches pattern keys as regexes against module names: escape the names.
-        "rank_pattern": {re.escape(n): v for n, v in ranks.items() if v != r},
-        "alpha_pattern": {re.escape(n): v for n, v in alpha.items() if v != lora_alpha},
+        "rank_pattern": {re.escape(k): ranks[n] for n, k in _pattern_keys(specs) if ranks[n] != r},
+        "alpha_pattern": {re.escape(k): alpha[n] for n, k in _pattern_keys(specs) if alpha[n] != lora_alpha},
         "modules_to_save": modules_to_save or None,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -187,6 +191,13 @@ def _peft_modules_to_save(model: nn.Module, entries: list[str]) -> list[str]:
     file then holds each selected module's parameters under ``base_model.model.<module>.<param>``.
     """
     return [name for name, _ in model.named_modules() if name and any(name.endswith(e) for e in entries)]
+
+
+def _pattern_keys(specs: dict[str, PeftAdapterSpec]) -> list[tuple[str, str]]:
+    """(layer name, the name PEFT matches its rank/alpha pattern against): the module for a module target, each
+    ``<module>.<parameter>`` for a parameter target."""
+    return [(n, f"{n}.{p}") for n, spec in specs.items() for p in spec.target_parameters] + [
+        (n, n) for n, spec in specs.items() if not spec.target_parameters]
 
 
 def _peft_scale(config: dict, name: str, r: int) -> float:
@@ -252,7 +263,8 @@ def load_peft_adapter(model: nn.Module, src_dir: str | os.PathLike, check_scale:
         for name, layer in lora.items():
             ours = layer.peft_spec().options
             ours_scale = ours["lora_alpha"] / (math.sqrt(ours["r"]) if ours["use_rslora"] else ours["r"])
-            scale = _peft_scale(config, name, ours["r"])
+            targets = layer.peft_spec().target_parameters
+            scale = _peft_scale(config, f"{name}.{targets[0]}" if targets else name, ours["r"])
             if not math.isclose(scale, ours_scale, rel_tol=1e-6):
                 raise ValueError(f"{config_path}: LoRA layer {name!r} has scale {scale:g} in the adapter but "
                                  f"{ours_scale:g} in the model (check lora_alpha, r and use_rslora)")
