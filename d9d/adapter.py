@@ -7,9 +7,10 @@ protocol, never through concrete layer classes, so they need no ``isinstance`` c
 
 import abc
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 __all__ = ["AdapterLayer", "PeftAdapterSpec", "adapter_layers", "adapter_state_keys", "init_adapters_from_base"]
@@ -27,11 +28,17 @@ class PeftAdapterSpec:
             ``use_rslora``, ``lora_dropout``, ...); layers of one adapter that differ go into PEFT's patterns.
         target_parameters: For adapters on parameters rather than modules (PEFT's ``target_parameters``), the
             targeted parameter names relative to the layer; empty for a module target (PEFT's ``target_modules``).
+        to_peft: For a PEFT key whose tensor is laid out differently from the layer's parameter, the function from
+            the (full) parameter to PEFT's tensor; keys not listed are stored as they are.
+        from_peft: The inverse of ``to_peft``, from PEFT's tensor to the parameter's layout (it also runs on
+            ``meta`` tensors, to check shapes before loading).
     """
 
     tensors: Mapping[str, str]
     options: Mapping[str, Any]
     target_parameters: tuple[str, ...] = ()
+    to_peft: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] = dataclasses.field(default_factory=dict)
+    from_peft: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] = dataclasses.field(default_factory=dict)
 
 
 class AdapterLayer(nn.Module, abc.ABC):

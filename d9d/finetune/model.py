@@ -9,10 +9,17 @@ import torch.distributed as dist
 from torch import nn
 
 from d9d.adapter import init_adapters_from_base
-from d9d.finetune.config import FinetuneConfig, GeneratedLlamaSource, LocalModelSource, PackagedMiniLMSource
+from d9d.finetune.config import (
+    FinetuneConfig,
+    GeneratedLlamaSource,
+    GeneratedQwen3MoeSource,
+    LocalModelSource,
+    PackagedMiniLMSource,
+)
 from d9d.finetune.tied import TiedWeights, untie_weights
-from d9d.model_state.io import checkpoint_mapper_for, load_model_state
+from d9d.model_state.io import checkpoint_mapper_for, load_model_state, read_layout
 from d9d.model_state.io.atomic import atomic_directory
+from d9d.model_state.mapper import fused_experts_loading_mapper
 from d9d.parallel import (
     ParallelMesh,
     apply_tensor_parallel,
@@ -58,7 +65,9 @@ def prepare_model_source(cfg: FinetuneConfig) -> ModelSource:
             raise ValueError(f"model.path: {str(source.path)!r} has no config.json (expected a Hugging Face folder)")
         return ModelSource(source.path, source.tokenizer_path or source.path, source.task)
     path = cfg.work_dir / "base_model"
-    prepare = _generate_llama if isinstance(source, GeneratedLlamaSource) else _prepare_minilm
+    generated = isinstance(source, GeneratedLlamaSource | GeneratedQwen3MoeSource)
+    prepare = {GeneratedLlamaSource: _generate_llama, GeneratedQwen3MoeSource: _generate_qwen3_moe,
+               PackagedMiniLMSource: _prepare_minilm}[type(source)]
     error = None
     if is_main_rank():
         try:
@@ -72,7 +81,7 @@ def prepare_model_source(cfg: FinetuneConfig) -> ModelSource:
         dist.broadcast_object_list(status, src=0)
         if status[0] is not None:
             raise RuntimeError(f"rank 0 failed to prepare the base model in {path}: {status[0]}")
-    return ModelSource(path, path, "causal_lm" if isinstance(source, GeneratedLlamaSource) else "masked_lm")
+    return ModelSource(path, path, "causal_lm" if generated else "masked_lm")
 
 
 def _is_prepared(path: Path, spec: dict) -> bool:
@@ -135,6 +144,38 @@ def _generate_llama(source: GeneratedLlamaSource, path: Path) -> None:
     _save_atomically(model, tokenizer, path, spec, source.max_shard_size_mb)
 
 
+def _generate_qwen3_moe(source: GeneratedQwen3MoeSource, path: Path) -> None:
+    """Creates the seeded Qwen3-MoE model (fused 3-D experts) and writes it with the MiniLM tokenizer, atomically."""
+    from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    spec = source.model_dump(mode="json")
+    if _is_prepared(path, spec):
+        return
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    config = Qwen3MoeConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=source.hidden_size,
+        intermediate_size=source.moe_intermediate_size,
+        moe_intermediate_size=source.moe_intermediate_size,
+        num_hidden_layers=source.num_layers,
+        num_attention_heads=source.num_heads,
+        num_key_value_heads=source.num_kv_heads,
+        head_dim=source.head_dim,
+        num_experts=source.num_experts,
+        num_experts_per_tok=source.num_experts_per_tok,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    rng_state = torch.random.get_rng_state()
+    torch.manual_seed(source.init_seed)
+    model = Qwen3MoeForCausalLM(config)
+    torch.random.set_rng_state(rng_state)
+    _save_atomically(model, tokenizer, path, spec, source.max_shard_size_mb)
+
+
 def auto_model_class(task: str):
     """The ``transformers`` auto class of a task."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
@@ -192,6 +233,8 @@ def build_model(
     torch.manual_seed(cfg.seed)
     materialize_model(model, device)
     mapper = tied.loading_mapper(checkpoint_mapper_for(model, injection_mapper), source.path)
+    # Hub checkpoints store MoE experts one by one; transformers v5 models hold them fused (3-D).
+    mapper = fused_experts_loading_mapper(mapper, read_layout(source.path).keys())
     load_model_state(source.path, mapper, device, model, show_progress=show_progress)
     init_adapters_from_base(model)  # DoRA's magnitude: the row norms of the weights just loaded
     return BuiltModel(model=model, method=method, hf_config=hf_config, tied=tied, architecture=architecture)

@@ -36,7 +36,7 @@ class TiedWeights:
             return mapper
         produced = set(fill) | {c for copies in fill.values() for c in copies}
         first = ModelStateMapperParallel(
-            [ModelStateMapperIdentity(needed - produced)]
+            [ModelStateMapperIdentity(k) for k in sorted(needed - produced)]
             + [ModelStateMapperDuplicate(src, copies) for src, copies in sorted(fill.items())]
         )
         return ModelStateMapperSequential([first, mapper])

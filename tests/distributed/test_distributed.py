@@ -9,8 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from d9d.model_state.io import load_model_state, save_model_state
-from d9d.model_state.mapper.adapters import identity_mapper_from_module
-from d9d.model_state.mapper.leaf import ModelStateMapperIdentity
+from d9d.model_state.mapper.adapters import identity_mapper_from_keys, identity_mapper_from_module
 from d9d.parallel import find_free_port
 from d9d.peft import inject_peft_and_freeze, merge_peft
 from d9d.peft.all import peft_method_from_config
@@ -118,7 +117,7 @@ def test_sharded_merge_equals_single_process_merge(runs: Path) -> None:
     method = peft_method_from_config(peft_config())
     inject_peft_and_freeze(method, model)
     trained = runs / "ws2" / "trained"
-    load_model_state(trained, ModelStateMapperIdentity(model.state_dict()), "cpu", model, show_progress=False)
+    load_model_state(trained, identity_mapper_from_keys(model.state_dict()), "cpu", model, show_progress=False)
     merge_peft(method, model)
     exported = load_export(runs / "ws2" / "export")
     for key, value in model.state_dict().items():

@@ -21,9 +21,9 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 import d9d.model_state.io.save as save_module
 from d9d.dtensor import local_part
 from d9d.model_state.io import load_model_state, save_model_state
-from d9d.model_state.mapper import ModelStateMapper, StateGroup
+from d9d.model_state.mapper import ModelStateMapper, StateGroup, identity_mapper_from_keys
 from d9d.model_state.mapper.compose import ModelStateMapperParallel
-from d9d.model_state.mapper.leaf import ModelStateMapperIdentity, ModelStateMapperRename
+from d9d.model_state.mapper.leaf import ModelStateMapperRename
 
 FUSED = "layers.0.up.weight"
 FUSED_PARTS = ("fused_a", "fused_b")  # the checkpoint stores layers.0.up.weight as two halves of its rows
@@ -57,7 +57,7 @@ class ConcatRows(ModelStateMapper):
 
 def checkpoint_mapper(model: nn.Module) -> ModelStateMapper:
     rest = set(model.state_dict()) - {FUSED, *RENAMED.values()}
-    return ModelStateMapperParallel([ConcatRows(), ModelStateMapperRename(RENAMED), ModelStateMapperIdentity(rest)])
+    return ModelStateMapperParallel([ConcatRows(), ModelStateMapperRename(RENAMED), identity_mapper_from_keys(rest)])
 
 
 def lay_out(model: Net, layout: str) -> None:

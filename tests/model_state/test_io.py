@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from d9d.model_state.io import INDEX_FILE, SINGLE_FILE, checkpoint_mapper_for, load_model_state, save_model_state
-from d9d.model_state.mapper.adapters import identity_mapper_from_module
-from d9d.model_state.mapper.leaf import ModelStateMapperIdentity, ModelStateMapperRename
+from d9d.model_state.mapper.adapters import identity_mapper_from_keys, identity_mapper_from_module
+from d9d.model_state.mapper.leaf import ModelStateMapperRename
 from d9d.peft import inject_peft_and_freeze
 from d9d.peft.lora import LoRA, LoRAConfig, LoRAParameters
 
@@ -87,7 +87,7 @@ def test_tied_weights_saved_once_and_loaded_into_both(tmp_path: Path) -> None:
     save_model_state(tmp_path / "ckpt", None, model, show_progress=False)
     assert "head.weight" not in state(tmp_path / "ckpt")
     fresh = Stack(layers=1, tied=True)
-    mapper = checkpoint_mapper_for(fresh, ModelStateMapperIdentity([]))
+    mapper = checkpoint_mapper_for(fresh, identity_mapper_from_keys([]))
     load_model_state(tmp_path / "ckpt", mapper, "cpu", fresh, show_progress=False)
     torch.testing.assert_close(fresh.head.weight, model.embed.weight)
     # An identity over every key (tied ones twice) still saves: the duplicate is written as its own tensor.

@@ -13,6 +13,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from d9d.model_state.io import load_model_state, save_model_state
 from d9d.model_state.mapper import StateGroup
 from d9d.model_state.mapper.adapters import identity_mapper_from_module
+from d9d.model_state.mapper.compose import ModelStateMapperParallel
 from d9d.model_state.mapper.leaf import ModelStateMapperIdentity
 from d9d.parallel import find_free_port, shard_model
 
@@ -77,5 +78,6 @@ def test_load_reads_only_the_local_shard_and_refuses_a_dtensor_from_the_mapper(m
         def apply(self, group: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             return {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in group.items()}
 
+    distributing = ModelStateMapperParallel([Distributing(k) for k in fresh.state_dict()])
     with pytest.raises(TypeError, match="produced a DTensor"):
-        load_model_state(tmp_path / "ckpt", Distributing(fresh.state_dict()), "cpu", fresh, show_progress=False)
+        load_model_state(tmp_path / "ckpt", distributing, "cpu", fresh, show_progress=False)

@@ -5,7 +5,7 @@ import torch
 
 from d9d.model_state.mapper import ModelStateMapper, StateGroup
 from d9d.model_state.mapper.abc import group_order_key
-from d9d.model_state.mapper.adapters import identity_mapper_from_module
+from d9d.model_state.mapper.adapters import identity_mapper_from_keys, identity_mapper_from_module
 from d9d.model_state.mapper.compose import ModelStateMapperParallel, ModelStateMapperSequential
 from d9d.model_state.mapper.leaf import ModelStateMapperDuplicate, ModelStateMapperIdentity, ModelStateMapperRename
 from tests.fixtures import TinyModel
@@ -28,7 +28,7 @@ class Concat(ModelStateMapper):
 
 def test_identity_and_rename():
     state = {"a": torch.randn(2), "b": torch.randn(3)}
-    assert ModelStateMapperIdentity(["a", "b"]).apply_all(state).keys() == {"a", "b"}
+    assert identity_mapper_from_keys(["a", "b"]).apply_all(state).keys() == {"a", "b"}
     renamed = ModelStateMapperRename({"a": "x.a", "b": "x.b"}).apply_all(state)
     assert torch.equal(renamed["x.a"], state["a"])
     assert torch.equal(renamed["x.b"], state["b"])
@@ -44,13 +44,13 @@ def test_rename_rejects_colliding_destinations():
 
 def test_parallel_rejects_shared_inputs_and_outputs():
     with pytest.raises(ValueError, match="both read input key 'a'"):
-        ModelStateMapperParallel([ModelStateMapperIdentity(["a"]), ModelStateMapperRename({"a": "b"})])
+        ModelStateMapperParallel([ModelStateMapperIdentity("a"), ModelStateMapperRename({"a": "b"})])
     with pytest.raises(ValueError, match="both produce output key 'b'"):
-        ModelStateMapperParallel([ModelStateMapperIdentity(["b"]), ModelStateMapperRename({"a": "b"})])
+        ModelStateMapperParallel([ModelStateMapperIdentity("b"), ModelStateMapperRename({"a": "b"})])
 
 
 def test_parallel_dispatches_each_group_to_its_part():
-    mapper = ModelStateMapperParallel([ModelStateMapperIdentity(["a"]), Concat(["b", "c"], "bc")])
+    mapper = ModelStateMapperParallel([ModelStateMapperIdentity("a"), Concat(["b", "c"], "bc")])
     state = {k: torch.randn(2) for k in "abc"}
     out = mapper.apply_all(state)
     assert out.keys() == {"a", "bc"}
@@ -59,7 +59,7 @@ def test_parallel_dispatches_each_group_to_its_part():
 
 def test_sequential_fuses_groups_across_stages():
     first = ModelStateMapperRename({"a": "a1", "b": "b1", "c": "c1", "d": "d1"})
-    second = ModelStateMapperParallel([Concat(["a1", "b1"], "ab"), ModelStateMapperIdentity(["c1", "d1"])])
+    second = ModelStateMapperParallel([Concat(["a1", "b1"], "ab"), identity_mapper_from_keys(["c1", "d1"])])
     third = ModelStateMapperParallel([Concat(["ab", "c1"], "abc"), ModelStateMapperRename({"d1": "d2"})])
     mapper = ModelStateMapperSequential([first, second, third])
     groups = mapper.state_dependency_groups()
@@ -77,7 +77,7 @@ def test_passthrough_sources_compose_through_every_mapper():
     first = ModelStateMapperParallel([ModelStateMapperRename({"a": "a1", "b": "b1", "c": "c1"}),
                                       ModelStateMapperDuplicate("t", ["t_copy"])])
     second = ModelStateMapperParallel([Concat(["a1", "b1"], "ab"), ModelStateMapperRename({"c1": "c2"}),
-                                       ModelStateMapperIdentity(["t", "t_copy"])])
+                                       identity_mapper_from_keys(["t", "t_copy"])])
     mapper = ModelStateMapperSequential([first, second])
     sources = {tuple(sorted(g.outputs)): mapper.passthrough_sources(g) for g in mapper.state_dependency_groups()}
     assert sources == {("ab",): None, ("c2",): {"c2": "c"}, ("t", "t_copy"): {"t": "t", "t_copy": "t"}}
@@ -91,14 +91,14 @@ def test_passthrough_sources_compose_through_every_mapper():
 
 
 def test_group_order_keeps_layers_in_numeric_order():
-    mapper = ModelStateMapperIdentity([f"layers.{i}.w" for i in (10, 2, 1)])
+    mapper = identity_mapper_from_keys([f"layers.{i}.w" for i in (10, 2, 1)])
     assert [sorted(g.outputs) for g in sorted(mapper.state_dependency_groups(), key=group_order_key)] == [
         ["layers.1.w"], ["layers.2.w"], ["layers.10.w"]]
 
 
 def test_sequential_rejects_a_broken_chain():
     with pytest.raises(ValueError, match=r"stage 1 reads key\(s\) \['zzz'\]"):
-        ModelStateMapperSequential([ModelStateMapperIdentity(["a"]), ModelStateMapperRename({"zzz": "y"})])
+        ModelStateMapperSequential([ModelStateMapperIdentity("a"), ModelStateMapperRename({"zzz": "y"})])
 
 
 def test_apply_all_names_missing_key():

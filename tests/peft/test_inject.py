@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from d9d.model_state.mapper.adapters import identity_mapper_from_keys
 from d9d.model_state.mapper.compose import ModelStateMapperParallel
-from d9d.model_state.mapper.leaf import ModelStateMapperIdentity
 from d9d.peft import PeftInjectionResult, PeftMethod, count_parameters, inject_peft_and_freeze, merge_peft
 from d9d.peft.all import PeftStack, PeftStackConfig, peft_method_from_config
 from d9d.peft.full_tune import FullTuneConfig
@@ -57,7 +57,7 @@ def test_original_checkpoint_loads_through_mapper():
     target = TinyModel()
     mapper = inject_peft_and_freeze(peft_method_from_config(readme_config()), target)
     state = source.state_dict()
-    full = ModelStateMapperParallel([mapper, ModelStateMapperIdentity(state.keys() - mapper.input_keys())])
+    full = ModelStateMapperParallel([mapper, identity_mapper_from_keys(state.keys() - mapper.input_keys())])
     missing, unexpected = target.load_state_dict(full.apply_all(state), strict=False)
     assert unexpected == []
     assert missing

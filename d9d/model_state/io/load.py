@@ -3,7 +3,7 @@ only what it keeps."""
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import torch
@@ -13,7 +13,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from d9d.dtensor import is_meta, local_part
-from d9d.model_state.io.layout import INDEX_FILE, SINGLE_FILE, TensorInfo, read_layout
+from d9d.model_state.io.layout import INDEX_FILE, SINGLE_FILE, TensorInfo, read_header, read_layout
 from d9d.model_state.io.model_keys import adapter_state_keys, alias_groups, model_state
 from d9d.model_state.io.pieces import blocks, check_placements, local_runs
 from d9d.model_state.mapper import ModelStateMapper, StateGroup
@@ -48,6 +48,7 @@ def load_model_state(
     device: torch.device | str,
     model: nn.Module,
     show_progress: bool = True,
+    only_keys: Collection[str] | None = None,
 ) -> LoadStats:
     """Loads a checkpoint into ``model`` in place, streaming one mapper group at a time.
 
@@ -70,12 +71,15 @@ def load_model_state(
     whole model. Call it on every rank with the same arguments.
 
     Args:
-        src_dir: The checkpoint folder (``model.safetensors``, or shards plus ``model.safetensors.index.json``).
+        src_dir: The checkpoint folder (``model.safetensors``, or shards plus ``model.safetensors.index.json``),
+            or one ``.safetensors`` file of any name (a PEFT adapter's ``adapter_model.safetensors``).
         mapper: Maps checkpoint keys to ``model``'s state keys (see
             :func:`d9d.model_state.io.checkpoint_mapper_for` for a PEFT-injected model).
         device: Where the inputs of computing groups go before the mapper runs (``"cpu"``, or the GPU).
         model: The model to fill, with its parameters allocated (see ``d9d.parallel.materialize_model``).
         show_progress: Show a progress bar on the main rank.
+        only_keys: The model keys this load fills (for example the adapter parameters of a PEFT adapter); every
+            other model tensor is neither expected from the mapper nor touched. ``None``: the whole model state.
 
     Returns:
         What this rank read.
@@ -84,10 +88,16 @@ def load_model_state(
         FileNotFoundError: If the folder has no checkpoint or its index names a missing file.
         ValueError: If the plan does not validate; the message names each offending key (and its file) or file.
     """
-    src = Path(src_dir)
-    layout = read_layout(src)
+    src, layout = _read_source(Path(src_dir))
     targets = model_state(model)
-    groups = _validate_plan(src, layout, mapper, targets, adapter_state_keys(model))
+    optional = adapter_state_keys(model)
+    if only_keys is not None:
+        unknown = sorted(set(only_keys) - targets.keys())
+        if unknown:
+            raise ValueError(f"cannot load checkpoint {src}: only_keys names key(s) the model does not have: "
+                             f"{_listed(unknown)}")
+        targets, optional = {k: v for k, v in targets.items() if k in only_keys}, frozenset()
+    groups = _validate_plan(src, layout, mapper, targets, optional)
 
     def first_file(group: StateGroup) -> str:
         return min(layout[k].file for k in group.inputs) if group.inputs else ""
@@ -98,6 +108,13 @@ def load_model_state(
     for group in progress:
         _load_group(src, layout, group, device, mapper, targets, stats)
     return stats
+
+
+def _read_source(src: Path) -> tuple[Path, dict[str, TensorInfo]]:
+    """The folder the layout's file names are relative to, and the layout of a checkpoint folder or one file."""
+    if src.is_file():
+        return src.parent, {k: TensorInfo(src.name, shape, dtype) for k, (shape, dtype) in read_header(src).items()}
+    return src, read_layout(src)
 
 
 @torch.no_grad()
@@ -170,7 +187,8 @@ def _copy_into(target: torch.Tensor, value: torch.Tensor, key: str) -> None:
 def _validate_plan(src: Path, layout: dict[str, TensorInfo], mapper: ModelStateMapper,
                    targets: dict[str, torch.Tensor], optional: frozenset[str]) -> list[StateGroup]:
     groups = list(mapper.state_dependency_groups())
-    where = src / (INDEX_FILE if (src / INDEX_FILE).is_file() else SINGLE_FILE)
+    files = sorted({info.file for info in layout.values()})
+    where = src / INDEX_FILE if (src / INDEX_FILE).is_file() else src / (files[0] if len(files) == 1 else SINGLE_FILE)
     problems: list[str] = []
 
     needed = frozenset().union(*(g.inputs for g in groups))

@@ -37,4 +37,4 @@ def checkpoint_mapper_for(model: nn.Module, injection_mapper: ModelStateMapper) 
     produced = injection_mapper.output_keys()
     skip = adapter_state_keys(model) | produced
     identity = [group[0] for group in alias_groups(model_state(model)) if not skip.intersection(group)]
-    return ModelStateMapperParallel([injection_mapper, ModelStateMapperIdentity(identity)])
+    return ModelStateMapperParallel([injection_mapper, *(ModelStateMapperIdentity(k) for k in identity)])

@@ -19,7 +19,7 @@ from d9d.model_state.io.model_keys import alias_groups, model_state
 from d9d.model_state.io.pieces import Runs, blocks, check_placements, is_shard_like, local_runs, piece_shape
 from d9d.model_state.mapper import ModelStateMapper, StateGroup
 from d9d.model_state.mapper.abc import group_order_key
-from d9d.model_state.mapper.leaf import ModelStateMapperIdentity
+from d9d.model_state.mapper.adapters import identity_mapper_from_keys
 
 CONFIG_FILE = "config.json"
 
@@ -101,7 +101,7 @@ def save_model_state(
     check_destination(dest)
     state = model_state(model)
     if mapper is None:
-        mapper = ModelStateMapperIdentity(aliases[0] for aliases in alias_groups(state))
+        mapper = identity_mapper_from_keys(aliases[0] for aliases in alias_groups(state))
     missing = sorted(mapper.input_keys() - state.keys())
     if missing:
         raise ValueError(f"save_model_state: the mapper reads key(s) the model's state lacks: {missing[:10]}")

@@ -70,7 +70,10 @@ class LoRAParameters(BaseModel):
 
 
 class LoRAConfig(BaseModel):
-    """Apply LoRA to every ``nn.Linear`` and ``nn.Embedding`` whose qualified name fully matches the pattern."""
+    """Apply LoRA to every ``nn.Linear`` (optionally as DoRA), every ``nn.Embedding``, and every fused
+    Mixture-of-Experts experts module (3-D ``gate_up_proj`` and ``down_proj``, as transformers v5 stores them:
+    per-expert adapters of rank ``r``) whose qualified name fully matches ``module_name_pattern`` (for example the
+    experts of every layer: ``model.layers.*.mlp.experts``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

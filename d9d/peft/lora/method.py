@@ -10,15 +10,17 @@ from d9d.peft.base import PeftInjectionResult, PeftPlan, PlannedPeftMethod
 from d9d.peft.lora.config import LoRAConfig
 from d9d.peft.lora.dora import DoRALinear
 from d9d.peft.lora.embedding import LoRAEmbedding
+from d9d.peft.lora.experts import LoRAExperts, is_fused_experts
 from d9d.peft.lora.layer import LoRALinear
 from d9d.peft.module_match import match_modules, replace_submodule
 
 
 class LoRA(PlannedPeftMethod[LoRAConfig]):
-    """Wraps every plain ``nn.Linear`` and ``nn.Embedding`` whose qualified name fully matches the pattern;
-    remembers them for ``merge``.
+    """Wraps every plain ``nn.Linear``, ``nn.Embedding`` and fused Mixture-of-Experts experts module (3-D
+    ``gate_up_proj`` / ``down_proj``) whose qualified name fully matches the pattern; remembers them for ``merge``.
 
-    Linears become ``LoRALinear`` (``DoRALinear`` with ``params.use_dora``), embeddings ``LoRAEmbedding``.
+    Linears become ``LoRALinear`` (``DoRALinear`` with ``params.use_dora``), embeddings ``LoRAEmbedding``, experts
+    ``LoRAExperts``.
     Refused (``ValueError``, nothing changed): a layer inside an existing adapter layer (LoRA does not stack on one
     layer), DoRA on an embedding, an embedding with ``max_norm`` or sparse gradients, a layer registered under
     several names, and a layer whose weight is shared with another module (tied embeddings: merging would change
@@ -56,16 +58,21 @@ class LoRA(PlannedPeftMethod[LoRAConfig]):
         if inside:
             raise ValueError(f"{self.name}: {inside[0]!r} is inside an adapter layer already; LoRA does not stack on "
                              "one layer (narrow module_name_pattern)")
-        targets = [(name, m) for name, m in matched if type(m) in (nn.Linear, nn.Embedding)]
+        targets = [(name, m) for name, m in matched if type(m) in (nn.Linear, nn.Embedding) or _is_experts(m)]
         if not targets:
             found = ", ".join(f"{name} ({type(m).__name__})" for name, m in matched[:5])
             raise ValueError(
-                f"{self.name}: module_name_pattern matches no nn.Linear or nn.Embedding, the layers LoRA can wrap; "
-                f"it matched: {found}{', ...' if len(matched) > 5 else ''}"
+                f"{self.name}: module_name_pattern matches no nn.Linear, nn.Embedding or fused experts module, "
+                f"the layers LoRA can wrap; it matched: {found}{', ...' if len(matched) > 5 else ''}"
             )
         for name, m in targets:
             if isinstance(m, nn.Embedding):
                 _check_embedding(name, m, self.config.params.use_dora, self.name)
+            elif _is_experts(m):
+                if self.config.params.use_dora:
+                    raise ValueError(f"{self.name}: {name!r} is a fused experts module; DoRA is supported on nn.Linear "
+                                     "only (narrow module_name_pattern, or use a separate plain LoRA config)")
+                LoRAExperts.check_base(m, name)
         _refuse_shared(module, targets, self.name)
         names = [name for name, _ in targets]
         return PeftPlan(method_name=self.name, wraps=frozenset(names), targets=tuple(names))
@@ -90,9 +97,8 @@ class LoRA(PlannedPeftMethod[LoRAConfig]):
             raise RuntimeError(f"{self.name} was already merged; merging twice would apply the update twice")
         for name in self._wrapped:
             wrapper = module.get_submodule(name)
-            if not isinstance(wrapper, (LoRALinear, LoRAEmbedding)):
-                raise RuntimeError(f"{self.name}: module {name!r} is no longer a LoRALinear or "
-                                   f"LoRAEmbedding ({type(wrapper).__name__})")
+            if not isinstance(wrapper, AdapterLayer):
+                raise RuntimeError(f"{self.name}: module {name!r} is no longer a LoRA layer ({type(wrapper).__name__})")
 
     def merge(self, module: nn.Module) -> None:
         self.check_merge(module)
@@ -104,6 +110,8 @@ class LoRA(PlannedPeftMethod[LoRAConfig]):
 def _wrapper_class(base: nn.Module, use_dora: bool) -> type[AdapterLayer]:
     if isinstance(base, nn.Embedding):
         return LoRAEmbedding
+    if _is_experts(base):
+        return LoRAExperts
     return DoRALinear if use_dora else LoRALinear
 
 
@@ -114,6 +122,10 @@ def _check_embedding(name: str, embedding: nn.Embedding, use_dora: bool, method_
                          "(narrow module_name_pattern, or use a separate plain LoRA config for embeddings)")
     if embedding.max_norm is not None or embedding.sparse:
         raise ValueError(f"{method_name}: nn.Embedding {name!r} has max_norm or sparse=True, which LoRA cannot wrap")
+
+
+def _is_experts(m: nn.Module) -> bool:
+    return not isinstance(m, LoRAExperts) and is_fused_experts(m)
 
 
 def _refuse_shared(root: nn.Module, targets: list[tuple[str, nn.Module]], method_name: str) -> None:

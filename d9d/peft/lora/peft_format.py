@@ -16,15 +16,19 @@ import math
 import os
 import re
 from collections import Counter
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
-from d9d.adapter import AdapterLayer, adapter_layers
-from d9d.dtensor import full_tensor, local_part
+from d9d.adapter import AdapterLayer, PeftAdapterSpec, adapter_layers
+from d9d.dtensor import full_tensor
+from d9d.model_state.io import load_model_state
 from d9d.model_state.io.atomic import atomic_directory, check_destination
+from d9d.model_state.io.layout import read_header
+from d9d.model_state.mapper import ModelStateMapper, ModelStateMapperParallel, StateGroup
+from d9d.model_state.mapper.leaf import ModelStateMapperRename
 from d9d.parallel.process_group import barrier, is_main_rank
 from d9d.peft.lora.peft_config_check import refused_peft_options
 
@@ -87,9 +91,12 @@ def peft_adapter_state(
         raise ValueError("the model has no LoRA layer to export")
     state: dict[str, torch.Tensor] = {}
     for name, layer in lora.items():
-        for key, param_name in layer.peft_spec().tensors.items():
-            param = getattr(layer, param_name)
-            state[f"{PREFIX}{name}.{key}"] = full_tensor(param).detach().cpu().contiguous()
+        spec = layer.peft_spec()
+        for key, param_name in spec.tensors.items():
+            tensor = full_tensor(getattr(layer, param_name)).detach()
+            if key in spec.to_peft:
+                tensor = spec.to_peft[key](tensor)
+            state[f"{PREFIX}{name}.{key}"] = tensor.cpu().contiguous()
     saved = _modules_to_save(model, lora) if include_modules_to_save else {}
     for name, module in saved.items():
         for pname, param in module.named_parameters(recurse=False):
@@ -103,7 +110,10 @@ def _adapter_config(
     base_model_name_or_path: str | None,
     task_type: str | None,
 ) -> dict:
-    options = {n: m.peft_spec().options for n, m in lora.items()}
+    specs = {n: m.peft_spec() for n, m in lora.items()}
+    options = {n: spec.options for n, spec in specs.items()}
+    target_modules = sorted(n for n, spec in specs.items() if not spec.target_parameters)
+    target_parameters = sorted(f"{n}.{p}" for n, spec in specs.items() for p in spec.target_parameters)
     rslora = {o["use_rslora"] for o in options.values()}
     if len(rslora) > 1:
         raise ValueError("PEFT's format has one use_rslora for all layers; the stack mixes rsLoRA and plain LoRA")
@@ -119,6 +129,10 @@ def _adapter_config(
     r = Counter(ranks.values()).most_common(1)[0][0]
     lora_alpha = Counter(alpha.values()).most_common(1)[0][0]
     dropout = Counter(o["lora_dropout"] for o in options.values()).most_common(1)[0][0]
+    if target_parameters:
+        # PEFT's ParamWrapper (target_parameters) refuses lora_dropout != 0 even for inference, where dropout
+        # changes nothing; the trained adapters are the same either way.
+        dropout = 0.0
     return {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -127,10 +141,12 @@ def _adapter_config(
         "lora_alpha": lora_alpha,
         "lora_dropout": dropout,
         "use_rslora": use_rslora,
-        "target_modules": sorted(lora),
+        # PEFT wants None, not [], for a kind of target the adapter does not use.
+        "target_modules": target_modules or None,
+        "target_parameters": target_parameters or None,
         # PEFT matches pattern keys as regexes against module names: escape the names.
-        "rank_pattern": {re.escape(n): v for n, v in ranks.items() if v != r},
-        "alpha_pattern": {re.escape(n): v for n, v in alpha.items() if v != lora_alpha},
+        "rank_pattern": {re.escape(k): ranks[n] for n, k in _pattern_keys(specs) if ranks[n] != r},
+        "alpha_pattern": {re.escape(k): alpha[n] for n, k in _pattern_keys(specs) if alpha[n] != lora_alpha},
         "modules_to_save": modules_to_save or None,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -195,6 +211,13 @@ def _peft_modules_to_save(model: nn.Module, entries: list[str]) -> list[str]:
     return [name for name, _ in model.named_modules() if name and any(name.endswith(e) for e in entries)]
 
 
+def _pattern_keys(specs: dict[str, PeftAdapterSpec]) -> list[tuple[str, str]]:
+    """(layer name, the name PEFT matches its rank/alpha pattern against): the module for a module target, each
+    ``<module>.<parameter>`` for a parameter target."""
+    return [(n, f"{n}.{p}") for n, spec in specs.items() for p in spec.target_parameters] + [
+        (n, n) for n, spec in specs.items() if not spec.target_parameters]
+
+
 def _peft_scale(config: dict, name: str, r: int) -> float:
     alpha = config.get("lora_alpha", 8)
     for pattern, value in (config.get("alpha_pattern") or {}).items():
@@ -237,12 +260,13 @@ def read_adapter_config(src_dir: str | os.PathLike) -> dict:
     return config
 
 
-@torch.no_grad()
 def load_peft_adapter(model: nn.Module, src_dir: str | os.PathLike, check_scale: bool = True) -> None:
     """Loads a PEFT-format LoRA adapter into a d9d LoRA-injected model (sharded or not), in place.
 
     Every LoRA layer of the model must get both matrices from the file, and every tensor of the file must land
-    in the model, with the same shape. Call it on every rank of a sharded model (each keeps its shard).
+    in the model, with the same shape. The base weights are not touched. The tensors go through
+    :func:`d9d.model_state.io.load_model_state` with a rename mapper (PEFT key -> model key), so a sharded model
+    keeps each rank's shard without communicating. Call it on every rank of a sharded model.
 
     Args:
         model: The injected model; its LoRA layers must sit at the names the adapter was trained on.
@@ -252,10 +276,8 @@ def load_peft_adapter(model: nn.Module, src_dir: str | os.PathLike, check_scale:
 
     Raises:
         ValueError: If the files are missing, the adapter is not plain LoRA, or keys, shapes or scales disagree;
-            the message names the file, key or layer.
+            the message names the file, key or layer. Nothing is loaded then.
     """
-    from safetensors.torch import load_file
-
     src = Path(src_dir)
     config_path, weights_path = src / ADAPTER_CONFIG, src / ADAPTER_WEIGHTS
     config = read_adapter_config(src)
@@ -267,44 +289,75 @@ def load_peft_adapter(model: nn.Module, src_dir: str | os.PathLike, check_scale:
         if bool(layer.peft_spec().options.get("use_dora", False)) != use_dora:
             raise ValueError(f"{config_path}: use_dora={use_dora} but the model's layer {name!r} is "
                              f"{type(layer).__name__} (inject with LoRAParameters(use_dora={use_dora}))")
-    state = load_file(str(weights_path))
-    params = dict(model.named_parameters())
-    targets: dict[str, torch.Tensor] = {}
-    for name, layer in lora.items():
-        for key, param_name in layer.peft_spec().tensors.items():
-            targets[f"{PREFIX}{name}.{key}"] = getattr(layer, param_name)
-        # PEFT's save_embedding_layers also stores the base weights of adapted embeddings (and LM heads), and
-        # PeftModel.from_pretrained loads them into the base layer: so does d9d.
-        base_key = f"{PREFIX}{name}.base_layer.weight"
-        if base_key in state:
-            targets[base_key] = layer.base.weight
-    saved_modules = _peft_modules_to_save(model, config.get("modules_to_save") or [])
-    for pname, param in params.items():
-        if any(pname.startswith(module + ".") for module in saved_modules):
-            targets[f"{PREFIX}{pname}"] = param
-    missing = sorted(targets.keys() - state.keys())
-    unexpected = sorted(state.keys() - targets.keys())
+    header = read_header(weights_path)
+    sources = _peft_sources(model, lora, config.get("modules_to_save") or [], header.keys())
+    missing = sorted(sources.keys() - header.keys())
+    unexpected = sorted(header.keys() - sources.keys())
     if missing:
         raise ValueError(f"{weights_path}: missing key(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} for "
                          f"the model's LoRA layers")
     if unexpected:
         raise ValueError(f"{weights_path}: unexpected key(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
                          " that match no LoRA layer or modules_to_save parameter of the model")
-    for key, param in targets.items():
-        if tuple(state[key].shape) != tuple(param.shape):
-            raise ValueError(f"{weights_path}: {key!r} has shape {tuple(state[key].shape)}, the model's parameter "
-                             f"has {tuple(param.shape)}")
+    params = dict(model.named_parameters())
+    for key, (target, from_peft) in sources.items():
+        shape, model_shape = tuple(header[key][0]), tuple(params[target].shape)
+        try:
+            converted = tuple(from_peft(torch.empty(shape, device="meta")).shape) if from_peft else shape
+        except RuntimeError:
+            converted = None
+        if converted != model_shape:
+            raise ValueError(f"{weights_path}: {key!r} has shape {shape}, which does not fit the model's parameter "
+                             f"{target!r} of shape {model_shape}")
     if check_scale:
         for name, layer in lora.items():
             ours = layer.peft_spec().options
             ours_scale = ours["lora_alpha"] / (math.sqrt(ours["r"]) if ours["use_rslora"] else ours["r"])
-            scale = _peft_scale(config, name, ours["r"])
+            targets = layer.peft_spec().target_parameters
+            scale = _peft_scale(config, f"{name}.{targets[0]}" if targets else name, ours["r"])
             if not math.isclose(scale, ours_scale, rel_tol=1e-6):
                 raise ValueError(f"{config_path}: LoRA layer {name!r} has scale {scale:g} in the adapter but "
                                  f"{ours_scale:g} in the model (check lora_alpha, r and use_rslora)")
-    for key, param in targets.items():
-        value = state[key].to(param.dtype)
-        if isinstance(param, DTensor):
-            param.to_local().copy_(local_part(value, param))
-        else:
-            param.copy_(value.to(param.device))
+    renames = {key: target for key, (target, from_peft) in sources.items() if from_peft is None}
+    relayouts = [_FromPeftLayout(key, target, from_peft) for key, (target, from_peft) in sources.items() if from_peft]
+    mapper = ModelStateMapperParallel([ModelStateMapperRename(renames), *relayouts])
+    load_model_state(weights_path, mapper, "cpu", model, show_progress=False,
+                     only_keys=[target for target, _ in sources.values()])
+
+
+_Relayout = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _peft_sources(model: nn.Module, lora: dict[str, AdapterLayer], modules_to_save: list[str],
+                  file_keys: Collection[str]) -> dict[str, tuple[str, _Relayout | None]]:
+    """PEFT's key of each adapter tensor and ``modules_to_save`` parameter -> the model's parameter name and the
+    change of layout from PEFT's tensor to it (``None``: the same layout)."""
+    sources: dict[str, tuple[str, _Relayout | None]] = {}
+    for name, layer in lora.items():
+        spec = layer.peft_spec()
+        for key, param_name in spec.tensors.items():
+            sources[f"{PREFIX}{name}.{key}"] = (f"{name}.{param_name}" if name else param_name,
+                                                spec.from_peft.get(key))
+        # PEFT's save_embedding_layers also stores the base weights of adapted embeddings (and LM heads), and
+        # PeftModel.from_pretrained loads them into the base layer: so does d9d.
+        base_key = f"{PREFIX}{name}.base_layer.weight"
+        if base_key in file_keys:
+            sources[base_key] = (f"{name}.base.weight", None)
+    saved_modules = _peft_modules_to_save(model, modules_to_save)
+    for pname, _ in model.named_parameters():
+        if any(pname.startswith(module + ".") for module in saved_modules):
+            sources[f"{PREFIX}{pname}"] = (pname, None)
+    return sources
+
+
+class _FromPeftLayout(ModelStateMapper):
+    """Renames one PEFT key to its model key and changes the tensor's layout to the parameter's."""
+
+    def __init__(self, source: str, target: str, relayout: _Relayout):
+        self._source, self._target, self._relayout = source, target, relayout
+
+    def state_dependency_groups(self) -> frozenset[StateGroup]:
+        return frozenset([StateGroup(inputs=frozenset([self._source]), outputs=frozenset([self._target]))])
+
+    def apply(self, group: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {self._target: self._relayout(group[self._source])}
