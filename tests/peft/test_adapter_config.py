@@ -17,7 +17,7 @@ LORA = {"peft_type": "LORA", "r": 4, "lora_alpha": 8}
     ("[1, 2]", "must hold a JSON object, got list"),
     ('"LORA"', "must hold a JSON object, got str"),
     (json.dumps({**LORA, "peft_type": "IA3"}), "peft_type is 'IA3'"),
-    (json.dumps({**LORA, "use_dora": True}), "use_dora=True is not supported"),
+    (json.dumps({**LORA, "fan_in_fan_out": True}), "fan_in_fan_out=True: changes the outputs"),
     (json.dumps({**LORA, "lora_alpha": "8"}), "lora_alpha must be a number"),
     (json.dumps({**LORA, "alpha_pattern": ["x"]}), "alpha_pattern must be an object"),
     (json.dumps({**LORA, "modules_to_save": "norm"}), "modules_to_save must be a list"),
