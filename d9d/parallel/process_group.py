@@ -14,7 +14,8 @@ def init_distributed(timeout: timedelta = timedelta(minutes=10)) -> DeviceMesh:
 
     The backend follows the hardware: NCCL with one GPU per local rank when CUDA is available, gloo on the CPU.
     Already-initialized process groups are reused. The timeout bounds every collective, so a rank that dies or
-    diverges makes the others fail instead of hanging forever (tests use a short one).
+    diverges makes the others fail instead of hanging forever (tests use a short one). For HSDP or tensor
+    parallelism, :func:`d9d.parallel.init_parallel` builds the named ``(dp_replicate, dp_shard, tp)`` mesh instead.
 
     Args:
         timeout: How long a collective may wait for the other ranks.

@@ -1,14 +1,15 @@
-"""Tensor parallelism of injected models: ``ParallelStyle``s for ``LoRALinear`` and a plan for Llama-shaped models."""
+"""Tensor parallelism of injected models: ``ParallelStyle``s for adapter layers and a plan for Llama-shaped models.
 
-from collections.abc import Callable
+Adapter layers (``LoRALinear``) declare how their parameters split through ``tensor_parallel_placements(style)``;
+the styles here read that, so this module depends on no PEFT layer class.
+"""
+
 from functools import partial
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Placement, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor import Placement, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
-
-from d9d.peft.lora import LoRALinear
 
 __all__ = ["LoRAColwiseParallel", "LoRARowwiseParallel", "apply_tensor_parallel", "tensor_parallel_plan"]
 
@@ -18,59 +19,60 @@ COLWISE_NAMES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROWWISE_NAMES = ("o_proj", "down_proj")
 
 
-def _distribute_params(module: nn.Module, mesh: DeviceMesh, placements: dict[str, Placement],
-                       src_data_rank: int | None) -> None:
-    for name, placement in placements.items():
-        param = module._parameters.get(name)
-        if param is None:
-            continue
-        dist = distribute_tensor(param.data, mesh, [placement], src_data_rank=src_data_rank)
-        module.register_parameter(name, nn.Parameter(dist, requires_grad=param.requires_grad))
+def _placements(module: nn.Module, style: str) -> dict[str, Placement] | None:
+    """The module's own tensor-parallel layout (adapter layers declare one), or None for a plain layer."""
+    declared = getattr(module, "tensor_parallel_placements", None)
+    return declared(style) if callable(declared) else None
 
 
-def _lora_partition_fn(weight: Placement, bias: Placement, lora_A: Placement, lora_B: Placement,
-                       src_data_rank: int | None) -> Callable[[str, nn.Module, DeviceMesh], None]:
-    """A ``distribute_module`` partition function for a ``LoRALinear`` (called on it and on its ``base``)."""
+def _partition_by(placements: dict[str, Placement], src_data_rank: int | None):
+    """A ``distribute_module`` partition function that places the root module's parameters by qualified name."""
 
     def partition(name: str, module: nn.Module, mesh: DeviceMesh) -> None:
-        if isinstance(module, LoRALinear):
-            _distribute_params(module, mesh, {"lora_A": lora_A, "lora_B": lora_B}, src_data_rank)
-        elif name == "base":
-            _distribute_params(module, mesh, {"weight": weight, "bias": bias}, src_data_rank)
+        if name:  # called for every submodule: the root places them all
+            return
+        for qualified, placement in placements.items():
+            owner_name, _, param_name = qualified.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            param = owner._parameters.get(param_name)
+            if param is None:  # a layer without bias
+                continue
+            dist = distribute_tensor(param.data, mesh, [placement], src_data_rank=src_data_rank)
+            owner.register_parameter(param_name, nn.Parameter(dist, requires_grad=param.requires_grad))
 
     return partition
 
 
 class LoRAColwiseParallel(ColwiseParallel):
-    """``ColwiseParallel`` that also takes a ``LoRALinear``: ``W``, ``B`` and the bias split by rows (output
-    features), ``A`` replicated. The input is replicated, the output split on its last dim (a local tensor by
-    default, as for ``ColwiseParallel``). Plain ``nn.Linear`` / ``nn.Embedding`` modules are handled by
-    ``ColwiseParallel`` itself."""
+    """``ColwiseParallel`` that also takes adapter layers (``LoRALinear``: ``W``, ``B`` and the bias split by rows,
+    ``A`` replicated, as the layer's ``tensor_parallel_placements("colwise")`` says). The input is replicated, the
+    output split on its last dim (a local tensor by default, as for ``ColwiseParallel``). Plain ``nn.Linear`` /
+    ``nn.Embedding`` modules are handled by ``ColwiseParallel`` itself."""
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        if not isinstance(module, LoRALinear):
+        placements = _placements(module, "colwise")
+        if placements is None:
             return super()._apply(module, device_mesh)
         return distribute_module(
-            module, device_mesh,
-            _lora_partition_fn(Shard(0), Shard(0), Replicate(), Shard(0), self.src_data_rank),
+            module, device_mesh, _partition_by(placements, self.src_data_rank),
             partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
             partial(self._prepare_output_fn, self.output_layouts, self.use_local_output),
         )
 
 
 class LoRARowwiseParallel(RowwiseParallel):
-    """``RowwiseParallel`` that also takes a ``LoRALinear``: ``W`` and ``A`` split by columns (input features),
-    ``B`` and the bias replicated. The input is split on its last dim; the op's partial sums are reduced to a
-    replicated output (the bias added once, after the reduction). Plain ``nn.Linear`` / ``nn.Embedding`` modules
-    are handled by ``RowwiseParallel`` itself."""
+    """``RowwiseParallel`` that also takes adapter layers (``LoRALinear``: ``W`` and ``A`` split by columns, ``B``
+    and the bias replicated, as the layer's ``tensor_parallel_placements("rowwise")`` says). The input is split on
+    its last dim; the op's partial sums are reduced to a replicated output (the bias added once, after the
+    reduction). Plain ``nn.Linear`` / ``nn.Embedding`` modules are handled by ``RowwiseParallel`` itself."""
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        if not isinstance(module, LoRALinear):
+        placements = _placements(module, "rowwise")
+        if placements is None:
             return super()._apply(module, device_mesh)
         self.desired_input_layouts = (Shard(-1),)  # RowwiseParallel sets it in _apply, per module type
         return distribute_module(
-            module, device_mesh,
-            _lora_partition_fn(Shard(1), Replicate(), Shard(1), Replicate(), self.src_data_rank),
+            module, device_mesh, _partition_by(placements, self.src_data_rank),
             partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
             partial(self._prepare_output_fn, self.output_layouts, self.use_local_output),
         )
@@ -86,17 +88,17 @@ def tensor_parallel_plan(model: nn.Module) -> dict[str, ParallelStyle]:
     their head views from the tensor (``view(..., -1, head_dim)``), as Hugging Face's do.
 
     Raises:
-        ValueError: If the model has none of these projections, or one of them is neither ``LoRALinear`` nor
-            ``nn.Linear``; the message names it.
+        ValueError: If the model has none of these projections, or one of them is neither an ``nn.Linear`` nor an
+            adapter layer that declares ``tensor_parallel_placements``; the message names it.
     """
     plan: dict[str, ParallelStyle] = {}
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         if leaf not in COLWISE_NAMES + ROWWISE_NAMES:
             continue
-        if not isinstance(module, LoRALinear | nn.Linear):
+        if not isinstance(module, nn.Linear) and _placements(module, "colwise") is None:
             raise ValueError(f"tensor_parallel_plan: {name!r} is a {type(module).__name__}; expected nn.Linear or "
-                             "LoRALinear")
+                             "an adapter layer with tensor_parallel_placements (LoRALinear)")
         plan[name] = LoRAColwiseParallel() if leaf in COLWISE_NAMES else LoRARowwiseParallel()
     if not plan:
         raise ValueError(f"tensor_parallel_plan: {type(model).__name__} has no module named one of "

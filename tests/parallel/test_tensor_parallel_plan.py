@@ -53,5 +53,5 @@ def test_plan_names_what_it_cannot_split() -> None:
         tensor_parallel_plan(nn.Sequential(nn.Linear(2, 2)))
     odd = nn.Module()
     odd.q_proj = nn.Conv1d(2, 2, 1)
-    with pytest.raises(ValueError, match=r"'q_proj' is a Conv1d; expected nn.Linear or LoRALinear"):
+    with pytest.raises(ValueError, match=r"'q_proj' is a Conv1d; expected nn.Linear or an adapter layer"):
         tensor_parallel_plan(odd)

@@ -1,9 +1,11 @@
 """The LoRA wrapper of an ``nn.Linear``."""
 
 import math
+from typing import Literal
 
 import torch
 from torch import nn
+from torch.distributed.tensor import Placement, Replicate, Shard
 
 from d9d.adapter import AdapterLayer, PeftAdapterSpec
 from d9d.ops import lora_linear
@@ -62,6 +64,17 @@ class LoRALinear(AdapterLayer):
             options={"r": self.r, "lora_alpha": self.alpha, "use_rslora": self.use_rslora,
                      "lora_dropout": self.dropout, "use_dora": False},
         )
+
+    def tensor_parallel_placements(self, style: Literal["colwise", "rowwise"]) -> dict[str, Placement]:
+        """How tensor parallelism lays out this layer's parameters, by name relative to the layer.
+
+        Column-wise (output features split): ``W``, ``B`` and the bias by rows, ``A`` replicated. Row-wise (input
+        features split): ``W`` and ``A`` by columns, ``B`` and the bias replicated (the bias is added once, after
+        the partial sums are reduced). ``d9d.parallel``'s styles read this, so they need no LoRA-specific code.
+        """
+        if style == "colwise":
+            return {"base.weight": Shard(0), "base.bias": Shard(0), "lora_A": Replicate(), "lora_B": Shard(0)}
+        return {"base.weight": Shard(1), "base.bias": Replicate(), "lora_A": Shard(1), "lora_B": Replicate()}
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scale={self.scale:g}, dropout={self.dropout:g}"
