@@ -56,6 +56,49 @@ def dora_merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
     torch.ops.d9d.dora_merge_(weight, lora_A, lora_B, magnitude, float(scale))
 
 
+_SCALE_BLOCK_ELEMENTS = 1 << 16  # rows of dy and z per block of the scaling backward: about 256 KiB of float32 each
+
+
+class _ScaleColumns(torch.autograd.Function):
+    """``y = z * factor + bias`` over the last dim; the backward takes both gradients in one blocked pass.
+
+    Autograd's own ``addcmul`` backward makes three passes over ``N x out`` tensors and allocates one of that size
+    (``dy * factor``, then ``dy * z`` and its sum). Here each block of rows of ``dy`` and ``z`` is read once, while
+    in cache, for ``dz = dy * factor`` and the block's part of ``dfactor = sum_rows(dy * z)``.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, factor: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(z, factor)
+        ctx.has_bias = bias is not None
+        return z * factor if bias is None else torch.addcmul(bias, z, factor)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        z, factor = ctx.saved_tensors
+        need_z, need_factor, need_bias = ctx.needs_input_grad
+        width = grad_y.shape[-1]
+        dy = grad_y.reshape(-1, width)
+        z2d = z.reshape(-1, width)
+        grad_z = torch.empty_like(dy) if need_z else None
+        acc_dtype = torch.float32 if factor.dtype in (torch.bfloat16, torch.float16) else factor.dtype
+        grad_factor = torch.zeros(width, dtype=acc_dtype, device=factor.device) if need_factor else None
+        step = max(1, _SCALE_BLOCK_ELEMENTS // max(width, 1))
+        scratch = dy.new_empty((min(step, dy.shape[0]), width)) if need_factor else None
+        for row0 in range(0, dy.shape[0], step):
+            block = dy[row0:row0 + step]
+            if grad_z is not None:
+                torch.mul(block, factor, out=grad_z[row0:row0 + step])
+            if grad_factor is not None:
+                product = torch.mul(block, z2d[row0:row0 + step], out=scratch[: block.shape[0]])
+                grad_factor += product.sum(0, dtype=acc_dtype)
+        return (
+            None if grad_z is None else grad_z.view(grad_y.shape),
+            None if grad_factor is None else grad_factor.to(factor.dtype),
+            dy.sum(0) if need_bias and ctx.has_bias else None,
+        )
+
+
 def dora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -74,7 +117,8 @@ def dora_linear(
         y = x W^T + b + (f - 1) * d W^T + f * scale * d A^T B^T
 
     which without dropout (or in eval mode) is ``f * (x W^T + scale x A^T B^T) + b``: one fused LoRA op (the
-    adapters folded into the weight for one GEMM) and one scaling pass, with no ``out x in`` temporary anywhere. With
+    adapters folded into the weight for one GEMM) and one scaling pass (whose backward is one blocked pass too), with
+    no ``out x in`` temporary besides the fused op's reused fold scratch. With
     dropout, PEFT's form needs a second pass of the base weight, over ``x - d``. Dropout draws from torch's RNG in
     the same call PEFT makes (``nn.Dropout`` on ``x``), so a seeded run draws the same mask as PEFT.
 
@@ -103,6 +147,6 @@ def dora_linear(
     if training and dropout > 0:
         dropped = F.dropout(x, dropout, training=True)
         adapted = lora_linear(dropped, weight, None, lora_A, lora_B, scale, 0.0, False)
-        return torch.addcmul(F.linear(x - dropped, weight, bias), adapted, factor)
+        return _ScaleColumns.apply(adapted, factor, None) + F.linear(x - dropped, weight, bias)
     adapted = lora_linear(x, weight, None, lora_A, lora_B, scale, 0.0, False)
-    return adapted * factor if bias is None else torch.addcmul(bias.to(x.dtype), adapted, factor)
+    return _ScaleColumns.apply(adapted, factor, None if bias is None else bias.to(x.dtype))

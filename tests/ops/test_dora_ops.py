@@ -176,3 +176,21 @@ def test_float32_adapters_on_bfloat16_activations():
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert lora_A.grad.dtype == lora_B.grad.dtype == magnitude.grad.dtype == torch.float32
+
+
+def test_compile_fullgraph_matches_eager():
+    x, weight, b, lora_A, lora_B, magnitude = dora_inputs((6,), in_features=8, out_features=5, rank=2)
+
+    def forward(x):
+        return dora_linear(x, weight, b, lora_A, lora_B, magnitude, 0.5, 0.0, training=True)
+
+    eager = forward(x)
+    eager.sum().backward()
+    grads = [t.grad.clone() for t in (x, lora_A, lora_B, magnitude)]
+    for t in (x, lora_A, lora_B, magnitude):
+        t.grad = None
+    compiled = torch.compile(forward, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager)
+    compiled.sum().backward()
+    for t, want in zip((x, lora_A, lora_B, magnitude), grads, strict=True):
+        torch.testing.assert_close(t.grad, want)
