@@ -103,8 +103,8 @@ class LargestAllocation(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, tuple | list) else [out]:
-            if isinstance(t, torch.Tensor) and t._base is None and not func._schema.is_mutable:
-                self.largest = max(self.largest, t.untyped_storage().nbytes())
+            if isinstance(t, torch.Tensor) and not func.is_view and not func._schema.is_mutable:
+                self.largest = max(self.largest, t.numel() * t.element_size())
         return out
 
 
