@@ -30,7 +30,7 @@ MUST_NOT_LOAD = {
 def _loaded_after_import(module: str) -> set[str]:
     code = (f"import sys, json; import {module}; "
             "print(json.dumps(sorted(m for m in sys.modules if m == 'd9d' or m.startswith('d9d.'))))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"import {module} failed on its own:\n{result.stderr}"
     return set(json.loads(result.stdout.strip().splitlines()[-1]))
 

@@ -96,7 +96,7 @@ def test_merge_refuses_when_a_wrapped_layer_was_replaced():
     wrapper = model.layers[1].attention.v_proj
     model.layers[1].attention.v_proj = nn.Linear(16, 8)
     before = {n: p.clone() for n, p in model.state_dict().items()}
-    with pytest.raises(RuntimeError, match=r"layers\.1\.attention\.v_proj' is no longer a LoRALinear"):
+    with pytest.raises(RuntimeError, match=r"layers\.1\.attention\.v_proj' is no longer a LoRA layer"):
         merge_peft(method, model)
     assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
     # Nothing was marked merged either: once the layer is back, the merge goes through.

@@ -92,11 +92,12 @@ def load_model_state(
     targets = model_state(model)
     optional = adapter_state_keys(model)
     if only_keys is not None:
-        unknown = sorted(set(only_keys) - targets.keys())
+        wanted = set(only_keys)
+        unknown = sorted(wanted - targets.keys())
         if unknown:
             raise ValueError(f"cannot load checkpoint {src}: only_keys names key(s) the model does not have: "
                              f"{_listed(unknown)}")
-        targets, optional = {k: v for k, v in targets.items() if k in only_keys}, frozenset()
+        targets, optional = {k: v for k, v in targets.items() if k in wanted}, frozenset()
     groups = _validate_plan(src, layout, mapper, targets, optional)
 
     def first_file(group: StateGroup) -> str:

@@ -101,7 +101,9 @@ class LoRAExperts(AdapterLayer):
             token_of = order // top_k
             offsets = torch.cumsum(torch.bincount(expert_ids, minlength=self.num_experts), 0).cpu()
         x = hidden_states[token_of]
-        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device="cpu")
+        dropout_on = self.training and self.dropout > 0  # draw a seed (consume the RNG) only when it is used
+        seed = (torch.randint(0, 2**62, (1,), dtype=torch.int64, device="cpu") if dropout_on
+                else torch.zeros(1, dtype=torch.int64))
         base = self.base
         h = grouped_lora_linear(x, base.gate_up_proj, self.gate_up_lora_A, self.gate_up_lora_B, offsets, self.scale,
                                 self.dropout, self.training, seed)

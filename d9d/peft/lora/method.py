@@ -98,7 +98,8 @@ class LoRA(PlannedPeftMethod[LoRAConfig]):
         for name in self._wrapped:
             wrapper = module.get_submodule(name)
             if not isinstance(wrapper, AdapterLayer):
-                raise RuntimeError(f"{self.name}: module {name!r} is no longer a LoRA layer ({type(wrapper).__name__})")
+                raise RuntimeError(f"{self.name}: module {name!r} is no longer a LoRA layer (it is a "
+                                   f"{type(wrapper).__name__})")
 
     def merge(self, module: nn.Module) -> None:
         self.check_merge(module)
