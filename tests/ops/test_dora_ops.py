@@ -194,3 +194,10 @@ def test_compile_fullgraph_matches_eager():
     compiled.sum().backward()
     for t, want in zip((x, lora_A, lora_B, magnitude), grads, strict=True):
         torch.testing.assert_close(t.grad, want)
+
+
+@pytest.mark.parametrize("op", ["dora_weight_norm", "dora_merge_"])
+def test_one_kernel_serves_cpu_and_cuda(op):
+    """The norm ops are written once over ATen (CompositeExplicitAutograd): CUDA gets the same kernel as the CPU."""
+    for key in ("CPU", "CUDA"):
+        assert torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"d9d::{op}", key), key
