@@ -11,6 +11,7 @@ largest single allocation (an ``out x in`` temporary shows up there).
 
     python scripts/bench_dora.py                            # CPU, float32, x 4096 x 2048, W 2048 x 2048, r 16
     python scripts/bench_dora.py --write BENCHMARKS.md      # also replace the DoRA section of that file
+    python scripts/bench_dora.py --threads 1 --clock process   # CPU time: steadier on a busy shared machine
 """
 
 import argparse
@@ -102,7 +103,7 @@ class Setup:
         return peak, largest
 
 
-def time_interleaved(setup: Setup, cases: list[tuple[str, float]], repeats: int, warmup: int) -> dict:
+def time_interleaved(setup: Setup, cases: list[tuple[str, float]], repeats: int, warmup: int, clock) -> dict:
     for case in cases:
         for _ in range(warmup):
             setup.step(*case)
@@ -110,9 +111,9 @@ def time_interleaved(setup: Setup, cases: list[tuple[str, float]], repeats: int,
     times: dict[tuple[str, float], list[float]] = {case: [] for case in cases}
     for _ in range(repeats):
         for case in order.sample(cases, len(cases)):
-            start = time.perf_counter()
+            start = clock()
             setup.step(*case)
-            times[case].append(time.perf_counter() - start)
+            times[case].append(clock() - start)
     return times
 
 
@@ -133,13 +134,15 @@ def report(args: argparse.Namespace) -> str:
     setup = Setup(args)
     dropouts = [0.0, args.dropout]
     cases = [("base", 0.0)] + [(v, p) for p in dropouts for v in ("peft", "d9d")]
-    times = time_interleaved(setup, cases, args.repeats, args.warmup)
+    clock = time.process_time if args.clock == "process" else time.perf_counter
+    times = time_interleaved(setup, cases, args.repeats, args.warmup, clock)
     base = times[("base", 0.0)]
     weight_bytes = setup.base.weight.numel() * setup.base.weight.element_size()
     lines = [
         f"CPU {cpu_model()}, capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}; float32, x {args.tokens} x {args.features}, W {args.out_features} x "
         f"{args.features} (W itself is {mib(weight_bytes)}), r = {args.rank}, forward + backward with W frozen. "
+        f"Clock: {'CPU time of the process' if args.clock == 'process' else 'wall time'}. "
         f"{args.repeats} repeats after {args.warmup} warm-up steps, every case once per repeat in a shuffled order; "
         "overhead = median over repeats of (step / base step of the same repeat) - 1, with the middle half of the "
         "repeats' ratios as the noise. Saved bytes exclude x and parameters. Peak: live bytes allocated during one "
@@ -205,6 +208,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    parser.add_argument("--clock", choices=["wall", "process"], default="wall",
+                        help="process: CPU time (with --threads 1, less sensitive to other jobs on a shared machine)")
     parser.add_argument("--write", type=Path, help="markdown file whose DoRA section gets the table")
     args = parser.parse_args()
     table = report(args)

@@ -25,7 +25,7 @@ from d9d.peft import inject_peft_and_freeze, merge_peft
 from d9d.peft.all import PeftStackConfig, peft_method_from_config
 from d9d.peft.lora import LoRAConfig, LoRAParameters
 from d9d.peft.lora.peft_format import load_peft_adapter, save_peft_adapter
-from tests.tiny_llama import Block, TinyLlama
+from tests.tiny_llama import TinyLlama, TinyLlamaBlock
 
 dist.init_process_group("gloo", timeout=timedelta(seconds=60))
 rank = dist.get_rank()
@@ -84,7 +84,7 @@ for use_dora in (True, False):
         model = TinyLlama()
     method = peft_method_from_config(stack(use_dora))
     injection = inject_peft_and_freeze(method, model)
-    shard_model(model, Block)
+    shard_model(model, TinyLlamaBlock)
     materialize_model(model, "cpu")
     load_model_state(work / "base", checkpoint_mapper_for(model, injection), "cpu", model, show_progress=False)
     init_adapters_from_base(model)

@@ -81,7 +81,7 @@ def run(style_name: str, mesh, dropout: float) -> dict:
         "implicit_replication_warnings": implicit,
         "placements": {n: str(p.placements) for n, p in layer.named_parameters()},
     }
-    layer.merge_with_base_()
+    layer.merge_into_base()
     out["merge"] = (layer.base.weight.full_tensor() - (W + SCALE * B @ A)).abs().max().item()
     out["merge_kept_placement"] = str(layer.base.weight.placements)
     return out
