@@ -236,6 +236,6 @@ def build_model(
     # Hub checkpoints store MoE experts one by one; transformers v5 models hold them fused (3-D).
     mapper = fused_experts_loading_mapper(mapper, read_layout(source.path).keys())
     load_model_state(source.path, mapper, device, model, show_progress=show_progress)
-    check_finite(model)  # a NaN/Inf in the checkpoint stops here, named, instead of as a NaN loss later
     init_adapters_from_base(model)  # DoRA's magnitude: the row norms of the weights just loaded
+    check_finite(model)  # a NaN/Inf in the checkpoint stops here, named, instead of as a NaN loss later
     return BuiltModel(model=model, method=method, hf_config=hf_config, tied=tied, architecture=architecture)
