@@ -1,10 +1,11 @@
 """The fine-tune command end to end under torchrun: loss falls, exports reproduce, resume is exact."""
 
 import json
+import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from d9d.finetune.config import default_peft_config
 from tests.finetune.runner import SMALL_MODEL, finetune, summary, write_config
@@ -78,6 +79,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     refused = finetune(cfg, nproc=None, expect_rc=1)
     assert "already holds checkpoints" in refused.stderr
     assert "--resume" in refused.stderr
+
     # Resuming a finished run trains nothing, says so, and exports what it has; a newer incomplete checkpoint
     # folder is skipped with a warning naming it.
     (resumed / "checkpoints" / "step_00000099").mkdir()
@@ -99,6 +101,20 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert "'model.layers.0.self_attn.q_proj.lora_A' has shape (8, 64) in the checkpoint but (4, 64) in the " \
            "model; the PEFT config changed: peft.methods[0].params.r: 8 in the checkpoint, 4 now" in errors[0]
     assert "CheckpointException" not in err
+
+    # A NaN in the pretrained checkpoint stops the run after the load, naming the key, before any step.
+    broken = tmp_path / "broken_base"
+    shutil.copytree(straight / "base_model", broken)
+    shard = sorted(broken.glob("model-*.safetensors"))[0]
+    tensors = load_file(str(shard))
+    key = sorted(k for k in tensors if tensors[k].is_floating_point())[0]
+    tensors[key].view(-1)[0] = float("nan")
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    nan_cfg = write_config(tmp_path / "nan.json", {**base, "work_dir": str(tmp_path / "nan"),
+                                                   "model": {"kind": "local", "path": str(broken)}})
+    failed = finetune(nan_cfg, nproc=None, expect_rc=1)
+    assert f"non-finite value (NaN or Inf) in '{key}'" in failed.stderr
+    assert not (tmp_path / "nan" / "summary.json").exists()
 
 
 @pytest.mark.local
