@@ -1,4 +1,4 @@
-"""DTensor sharding rules of the merge ops, so ``W += s B A`` runs shard-locally on sharded weights."""
+"""DTensor sharding rules of the merge op, so ``W += s B A`` runs shard-locally on sharded weights."""
 
 import torch
 from torch.distributed.tensor import Replicate, Shard
@@ -18,4 +18,3 @@ def _merge_sharding(weight, lora_A, lora_B, scale):
 
 
 register_sharding(torch.ops.d9d.lora_merge_.default)(_merge_sharding)
-register_sharding(torch.ops.d9d.lora_unmerge_.default)(_merge_sharding)
