@@ -25,11 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-import d9d._C
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from d9d.ops._registration import cpu_kernels_capability
 from d9d.peft import inject_peft_and_freeze
 from d9d.peft.all import peft_method_from_config
 from d9d.peft.lora import LoRAConfig, LoRAParameters
@@ -197,7 +197,7 @@ def run(args: argparse.Namespace, dtype_name: str) -> str:
         f"### {dtype_name}",
         "",
         f"{args.device}, {dtype_name}, {cpu_model() if args.device == 'cpu' else torch.cuda.get_device_name()}, "
-        f"capability {torch.backends.cpu.get_cpu_capability()} (d9d kernels: {d9d._C.cpu_kernels_capability()}), "
+        f"capability {torch.backends.cpu.get_cpu_capability()} (d9d kernels: {cpu_kernels_capability()}), "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}. LlamaForCausalLM: hidden {args.hidden}, "
         f"{args.layers} layers, intermediate {args.intermediate}, {args.heads} heads, vocab {args.vocab}; "
         f"{args.tokens} tokens per step ({args.tokens // args.seq} x {args.seq}); LoRA r = {args.rank}, alpha = "

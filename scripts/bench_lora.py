@@ -29,11 +29,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import d9d._C
 import torch
 from torch import nn
 
 from d9d.ops import lora_linear, lora_merge_
+from d9d.ops._registration import cpu_kernels_capability
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -58,7 +58,7 @@ def machine(device: torch.device) -> str:
     pinned = f", pinned with {' '.join(pins)}" if pins else ""
     return (
         f"{cpu_model()}, capability {torch.backends.cpu.get_cpu_capability()} "
-        f"(d9d kernels: {d9d._C.cpu_kernels_capability()}){pinned}"
+        f"(d9d kernels: {cpu_kernels_capability()}){pinned}"
     )
 
 

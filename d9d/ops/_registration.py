@@ -5,7 +5,7 @@ from typing import Any
 import torch
 
 try:
-    import d9d._C  # noqa: F401  (importing it registers the ops with the dispatcher)
+    import d9d._C
 except ImportError as error:
     raise ImportError(
         "d9d's compiled extension d9d._C is missing or failed to load "
@@ -13,7 +13,15 @@ except ImportError as error:
         "from the repository root."
     ) from error
 
-__all__ = ["draw_seed", "no_seed"]
+__all__ = ["cpu_kernels_capability", "draw_seed", "no_seed"]
+
+
+def cpu_kernels_capability() -> str:
+    """The CPU capability whose build of d9d's vectorized kernels runs here ("DEFAULT", "AVX2", "AVX512").
+
+    It follows ``torch.backends.cpu.get_cpu_capability()`` (and so ``ATEN_CPU_CAPABILITY``).
+    """
+    return d9d._C.cpu_kernels_capability()
 
 
 def draw_seed() -> torch.Tensor:
