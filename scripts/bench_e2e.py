@@ -262,9 +262,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    tables = [run(args, name) for name in args.dtypes.split(",")]
+    tables = []
+    for name in args.dtypes.split(","):
+        tables.append(run(args, name))
+        print(tables[-1] + "\n", flush=True)  # each table as soon as it is measured
     body = "\n\n".join(tables)
-    print(body)
     if args.write:
         heading = "## Whole model (CPU)" if args.device == "cpu" else "## Whole model (GPU)"
         write_section(args.write, heading, "python " + " ".join(["scripts/bench_e2e.py", *sys.argv[1:]]), body)
