@@ -5,7 +5,7 @@ STAMP := $(VENV)/.d9d-installed
 
 .PHONY: demo test lint clean cpptest cpp-deps
 
-$(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu)
+$(STAMP): setup.py pyproject.toml $(shell find csrc -name "*.cpp" -o -name "*.h" -o -name "*.cu")
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
 	$(PY) -m pip install -q torch==2.13.0

@@ -15,22 +15,26 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def _sources(pattern: str) -> list[str]:
-    return sorted(os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, "csrc", pattern)))
+# The one rule for what gets built, shared with CMakeLists.txt: every .cpp file under csrc/ (recursively), plus every
+# .cu file for the CUDA build. A new source file needs no edit here or there.
+def _sources(extension: str) -> list[str]:
+    paths = glob.glob(os.path.join(ROOT, "csrc", "**", f"*.{extension}"), recursive=True)
+    return sorted(os.path.relpath(path, ROOT) for path in paths)
 
 
 def _extension():
     torch_has_cuda = torch.version.cuda is not None and CUDA_HOME is not None
     with_cuda = os.environ.get("FORCE_CUDA", "0") == "1" or torch_has_cuda
-    sources = [*_sources("*.cpp"), *_sources("cpu/*.cpp")]
+    sources = _sources("cpp")
     # at::parallel_for is inline and only runs in parallel when compiled with OpenMP; libgomp.so.1 then resolves to
-    # the copy torch already loaded, so torch.set_num_threads governs the extension too.
+    # the copy torch already loaded, so torch.set_num_threads governs the extension too. The per-capability kernels
+    # (csrc/cpu/capability/) switch the instruction set in their source, so every file takes the same flags.
     extra_compile_args = {"cxx": ["-O3", "-fopenmp"]}
     options = {"extra_compile_args": extra_compile_args, "extra_link_args": ["-fopenmp"]}
     if not with_cuda:
         return CppExtension("d9d._C", sources, **options)
     extra_compile_args["nvcc"] = ["-O3"]
-    return CUDAExtension("d9d._C", [*sources, *_sources("cuda/*.cu")], **options)
+    return CUDAExtension("d9d._C", [*sources, *_sources("cu")], **options)
 
 
 setup(

@@ -10,20 +10,11 @@
 #include <vector>
 
 namespace d9d {
-namespace {
 
 bool is_supported_dtype(at::ScalarType dtype) {
-  // float64 is there for gradcheck; training runs in float32, bfloat16 or float16.
   return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble;
 }
 
-void check_same(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), ", got ", t.device());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ", x.scalar_type(), ", got ",
-              t.scalar_type(), " (cast the adapters to the compute dtype first)");
-}
-
-// Checks that A is r x in and B is out x r, naming where in and out came from; returns r.
 int64_t check_adapters(const char* op, const at::Tensor& lora_A, const at::Tensor& lora_B, int64_t in, int64_t out,
                        const char* in_from) {
   TORCH_CHECK(lora_A.dim() == 2 && lora_A.size(1) == in, op, ": lora_A must be r x in (2D with in == ", in_from,
@@ -33,6 +24,14 @@ int64_t check_adapters(const char* op, const at::Tensor& lora_A, const at::Tenso
               ": lora_B must be out x r (2D with out == weight.size(0) == ", out, " and r == lora_A.size(0) == ", r,
               "), got ", lora_B.sizes());
   return r;
+}
+
+namespace {
+
+void check_same(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ", x.scalar_type(), ", got ",
+              t.scalar_type(), " (cast the adapters to the compute dtype first)");
 }
 
 // Checks x, weight, A and B of an apply op and returns (in, out, r).
@@ -89,10 +88,15 @@ bool folding_pays_off(at::ScalarType dtype, int64_t rows, int64_t in, int64_t ou
   return (dtype == at::kFloat || dtype == at::kDouble) && rows * (in + out) >= 2 * in * out;
 }
 
-// W + s B A in W's dtype (the GEMM library accumulates in float32 for the 16-bit dtypes), in the device's scratch.
+// W + s B A in W's dtype, in the device's scratch: on the device's own kernel when it has one for this dtype, else
+// through the GEMM library.
 at::Tensor fold_adapters(const DeviceKernels& kernels, const at::Tensor& weight, const at::Tensor& lora_A,
                          const at::Tensor& lora_B, double scale) {
   at::Tensor folded = kernels.fold_scratch(weight);
+  if (kernels.skinny != nullptr && kernels.skinny->supports(weight)) {
+    kernels.skinny->fold(weight, lora_A, lora_B, scale, folded);
+    return folded;
+  }
   return at::addmm_out(folded, weight, lora_B, lora_A, /*beta=*/1, /*alpha=*/scale);
 }
 
@@ -267,23 +271,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels
   grad_A = grad_A.to(x2d.scalar_type()).contiguous();
   grad_B = grad_B.narrow(1, 0, r).mul(scale).to(x2d.scalar_type()).contiguous();
   return {need_grad_x ? grad_x.view(x.sizes()) : grad_x, grad_A, grad_B};
-}
-
-void lora_merge(const char* op, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                double scale, double sign) {
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be out x in (2D), got ", weight.sizes());
-  TORCH_CHECK(is_supported_dtype(weight.scalar_type()), op,
-              ": weight must be float32, bfloat16, float16 or float64, got ", weight.scalar_type());
-  const int64_t out = weight.size(0);
-  const int64_t in = weight.size(1);
-  check_adapters(op, lora_A, lora_B, in, out, "weight.size(1)");
-  TORCH_CHECK(lora_A.device() == weight.device(), op, ": lora_A must be on weight's device ", weight.device(),
-              ", got ", lora_A.device());
-  TORCH_CHECK(lora_B.device() == weight.device(), op, ": lora_B must be on weight's device ", weight.device(),
-              ", got ", lora_B.device());
-  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
-  // Casting the small adapters is cheap; the product goes straight into weight (beta = 1), with no out x in temporary.
-  weight.addmm_(lora_B.to(weight.scalar_type()), lora_A.to(weight.scalar_type()), /*beta=*/1, /*alpha=*/sign * scale);
 }
 
 at::Tensor dropout_mask(const DeviceKernels& kernels, const at::Tensor& x, double dropout, const at::Tensor& seed) {

@@ -21,9 +21,9 @@ struct DropoutSpec {
 // Work on rows [row0, row0 + n) of x, done by `worker` (< DeviceKernels::max_workers()).
 using BlockBody = c10::function_ref<void(int64_t row0, int64_t n, int64_t worker)>;
 
-// Faster GEMMs for the skinny products of the backward, where one operand is a panel of rp columns (r rounded up
-// to a multiple of panel_width, with zero columns). In both products p is a block of rows of x or dy (row stride
-// free, columns contiguous); q, out and acc are contiguous.
+// Faster GEMMs for the skinny products of the backward and for the fold W + s B A. In the backward's products one
+// operand is a panel of rp columns (r rounded up to a multiple of panel_width, with zero columns), and p is a block
+// of rows of x or dy (row stride free, columns contiguous); q, out and acc are contiguous.
 struct SkinnyKernels {
   int64_t panel_width;
   // Whether the kernels handle tensors like x (device, dtype, CPU features); if not, ATen's GEMMs run instead.
@@ -32,6 +32,9 @@ struct SkinnyKernels {
   void (*mm)(const at::Tensor& p, const at::Tensor& q, const at::Tensor& out);
   // acc (depth x rp) += p^T q, for p (n x depth) and q (n x rp).
   void (*accumulate)(const at::Tensor& p, const at::Tensor& q, const at::Tensor& acc);
+  // out = weight + scale B A, for out of weight's shape (the fold; no panels involved).
+  void (*fold)(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+               const at::Tensor& out);
 };
 
 // What differs between devices. In the mask passes every tensor is 2-D and row-major contiguous, and `row0` is the
@@ -71,9 +74,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels
                                                              double scale, double dropout, const at::Tensor& seed,
                                                              bool need_grad_x);
 
-// weight += sign * scale * B A in place (sign +1 merges, -1 unmerges).
-void lora_merge(const char* op, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                double scale, double sign);
+// Whether the ops take tensors of this dtype: float32, bfloat16, float16, and float64 (for gradcheck).
+bool is_supported_dtype(at::ScalarType dtype);
+
+// Checks that lora_A is r x in and lora_B is out x r, naming `op` and where in came from (`in_from`); returns r.
+int64_t check_adapters(const char* op, const at::Tensor& lora_A, const at::Tensor& lora_B, int64_t in, int64_t out,
+                       const char* in_from);
 
 // The keep mask (bool, x's shape) that lora_forward and lora_backward use for this seed and dropout.
 at::Tensor dropout_mask(const DeviceKernels& kernels, const at::Tensor& x, double dropout, const at::Tensor& seed);

@@ -1,4 +1,5 @@
-// The op schemas of the d9d namespace, declared once; kernels register per device in cpu/ and cuda/.
+// The op schemas of the d9d namespace, declared once; kernels register per device in cpu/ and cuda/, the
+// merge op once for all devices (lora_merge.cpp), autocast in autocast.cpp.
 #include <torch/library.h>
 
 TORCH_LIBRARY(d9d, m) {
@@ -9,6 +10,5 @@ TORCH_LIBRARY(d9d, m) {
       "lora_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, float scale, "
       "float dropout, Tensor seed, bool need_grad_x) -> (Tensor grad_x, Tensor grad_A, Tensor grad_B)");
   m.def("lora_merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scale) -> ()");
-  m.def("lora_unmerge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scale) -> ()");
   m.def("dropout_mask(Tensor x, float dropout, Tensor seed) -> Tensor");
 }

@@ -11,10 +11,17 @@ the bytes that merging allocates (fused ``lora_merge_`` vs ``W += s * (B @ A)``)
     python scripts/bench_lora.py                                    # CPU, float32, the issue's shapes
     python scripts/bench_lora.py --write BENCHMARKS.md              # also replace the table in that file
     python scripts/bench_lora.py --device cuda --dtype bfloat16 --tokens 32768 --features 8192
+
+The table header names the CPU and the capability that ATen and d9d's kernels run (``ATEN_CPU_CAPABILITY`` picks a
+lower one); ``--write`` keeps one section per device and capability. To emulate an AVX2-only CPU on an AVX-512 one,
+pin MKL and oneDNN too, so that the base GEMMs do not keep using AVX-512:
+
+    ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 python scripts/bench_lora.py
 """
 
 import argparse
 import os
+import platform
 import random
 import statistics
 import sys
@@ -26,8 +33,33 @@ import torch
 from torch import nn
 
 from d9d.ops import lora_linear, lora_merge_
+from d9d.ops._registration import cpu_kernels_capability
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_model() -> str:
+    """The CPU's model name, from /proc/cpuinfo where there is one."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine(device: torch.device) -> str:
+    """The device, and on the CPU its model and the capability that ATen and d9d's kernels run, with any pinning."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}"
+    names = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+    pins = [f"{name}={os.environ[name]}" for name in names if name in os.environ]
+    pinned = f", pinned with {' '.join(pins)}" if pins else ""
+    return (
+        f"{cpu_model()}, capability {torch.backends.cpu.get_cpu_capability()} "
+        f"(d9d kernels: {cpu_kernels_capability()}){pinned}"
+    )
 
 
 class Setup:
@@ -175,7 +207,8 @@ def report(args: argparse.Namespace) -> str:
     base = times[("base", 0.0)]
     x_bytes = setup.x.numel() * setup.x.element_size()
     lines = [
-        f"{args.device}, {args.dtype}, x {args.tokens} x {args.features}, W {args.out_features} x {args.features}, "
+        f"{machine(setup.device)}; {args.device}, {args.dtype}, x {args.tokens} x {args.features}, "
+        f"W {args.out_features} x {args.features}, "
         f"r = {args.rank}, forward + backward with W frozen ({torch.get_num_threads()} threads, torch "
         f"{torch.__version__}); {args.repeats} repeats after {args.warmup} warm-up steps, every case once per repeat "
         "in a shuffled order. Overhead: median over repeats of (step time / base step time of the same repeat) - 1; "
@@ -256,12 +289,15 @@ def main() -> None:
         "--targets", default="3,8", help="fused overhead targets in percent for dropout 0 and --dropout ('' for none)"
     )
     parser.add_argument("--write", type=Path, help="markdown file whose section gets the table (e.g. BENCHMARKS.md)")
-    parser.add_argument("--section", default=None, help="section heading (default: ## LoRA ops (CPU|GPU))")
+    parser.add_argument(
+        "--section", default=None, help="section heading (default: ## LoRA ops (CPU, <capability>) or (GPU))"
+    )
     args = parser.parse_args()
     table = report(args)
     print(table)
     if args.write:
-        heading = args.section or ("## LoRA ops (CPU)" if args.device == "cpu" else "## LoRA ops (GPU)")
+        where = f"CPU, {torch.backends.cpu.get_cpu_capability()}" if args.device == "cpu" else "GPU"
+        heading = args.section or f"## LoRA ops ({where})"
         write_section(args.write, heading, "python " + " ".join(["scripts/bench_lora.py", *sys.argv[1:]]), table)
 
 

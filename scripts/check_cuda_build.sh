@@ -49,15 +49,15 @@ import torch
 (library,) = glob.glob(f"{sys.argv[1]}/d9d/_C*.so")
 spec = importlib.util.spec_from_file_location("d9d._C", library)
 spec.loader.exec_module(importlib.util.module_from_spec(spec))  # the Python entry point loads and registers the ops
-ops = ["lora_forward", "lora_backward", "lora_merge_", "lora_unmerge_", "dropout_mask"]
+ops = ["lora_forward", "lora_backward", "dropout_mask"]
+expected = [(op, key) for op in ops for key in ("CPU", "CUDA")]
+expected += [("lora_forward", "AutocastCPU"), ("lora_forward", "AutocastCUDA")]
+expected += [("lora_merge_", "CompositeExplicitAutograd")]
 missing = [
-    f"{op} ({key})"
-    for op in ops
-    for key in ("CPU", "CUDA")
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"d9d::{op}", key)
+    f"{op} ({key})" for op, key in expected if not torch._C._dispatch_has_kernel_for_dispatch_key(f"d9d::{op}", key)
 ]
 if missing:
     sys.exit(f"d9d._C is missing kernels: {', '.join(missing)}")
-print(f"OK: {library.rsplit('/', 1)[1]} loads; CPU and CUDA kernels registered for {', '.join(ops)}")
+print(f"OK: {library.rsplit('/', 1)[1]} loads; registered: {', '.join(f'{op} ({key})' for op, key in expected)}")
 PY
 echo "check_cuda_build: done in $(( $(date +%s) - start )) s"

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The one prepared check for a machine with a GPU: builds d9d._C in place with that machine's own torch and nvcc,
-# runs the CUDA tests, then the GPU benchmark (bfloat16, shapes large enough to fill the chip), and prints a table.
-# Nothing is downloaded: torch (with CUDA), nvcc and pytest must be there already (pytest is optional).
+# runs the op tests on CUDA (CUDA kernels, autocast fp16/bf16, the CPU/CUDA mask agreement), then the op benchmark
+# (bfloat16, shapes large enough to fill the chip) and the whole-model benchmark against PEFT on CUDA, and prints
+# the tables (also written under $OUT, default /tmp). Nothing is downloaded: torch (with CUDA), nvcc, pytest,
+# transformers and peft must be there already (without pytest the tests are skipped, without transformers/peft the
+# whole-model benchmark).
 #
-#   bash scripts/gpu_check.sh            # PYTHON=... to pick the interpreter
+#   bash scripts/gpu_check.sh            # PYTHON=... to pick the interpreter; QUICK=1 for fewer repeats
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,18 +38,33 @@ start=$(date +%s)
 echo "built in $(( $(date +%s) - start )) s"
 "$PY" -c '
 import torch, d9d._C
-for op in ("lora_forward", "lora_backward", "lora_merge_", "lora_unmerge_", "dropout_mask"):
+for op in ("lora_forward", "lora_backward", "dropout_mask"):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"d9d::{op}", "CUDA"), op
-print("CUDA kernels registered")'
+assert torch._C._dispatch_has_kernel_for_dispatch_key("d9d::lora_forward", "AutocastCUDA")
+assert torch._C._dispatch_has_kernel_for_dispatch_key("d9d::lora_merge_", "CompositeExplicitAutograd")
+print("CUDA and autocast kernels registered")'
 
-echo "== CUDA tests"
+RESULTS=${OUT:-/tmp}
+REPEATS=20; E2E_REPEATS=5
+if [ "${QUICK:-0}" = 1 ]; then REPEATS=5; E2E_REPEATS=2; fi
+
+echo "== op tests on CUDA"
 if "$PY" -c 'import pytest' 2>/dev/null; then
-  "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/ops
+  "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/ops | tee "$RESULTS/gpu_tests.txt"
 else
   echo "pytest is not installed: CUDA tests skipped, nothing checks correctness in this run" >&2
 fi
 
-echo "== benchmark (bfloat16)"
+echo "== op benchmark (bfloat16)"
 "$PY" scripts/bench_lora.py --device cuda --dtype bfloat16 --tokens 16384 --features 8192 --out-features 8192 \
-  --rank 16 --repeats 20 --warmup 5 | tee "${OUT:-/tmp}/gpu_bench.md"
-echo "== done; the table is also in ${OUT:-/tmp}/gpu_bench.md (add --write BENCHMARKS.md to record it)"
+  --rank 16 --repeats "$REPEATS" --warmup 5 | tee "$RESULTS/gpu_bench.md"
+
+echo "== whole-model benchmark against PEFT (CUDA)"
+if "$PY" -c 'import transformers, peft' 2>/dev/null; then
+  "$PY" scripts/bench_e2e.py --device cuda --threads 0 --dtypes bfloat16,float32 --tokens 8192 --seq 2048 \
+    --repeats "$E2E_REPEATS" --warmup 2 | tee "$RESULTS/gpu_e2e.md"
+else
+  echo "transformers or peft is not installed: whole-model benchmark skipped" >&2
+fi
+echo "== done; the tables are also in $RESULTS/gpu_bench.md and $RESULTS/gpu_e2e.md"
+echo "   (bench_lora.py / bench_e2e.py take --write BENCHMARKS.md to record them)"

@@ -13,59 +13,13 @@
 #include "../dropout_mask.h"
 #include "../lora.h"
 #include "skinny_gemm.h"
+#include "vec_kernels.h"
 
 namespace d9d {
 namespace {
 
 // Groups of 8 columns whose mask bits are drawn in one batch (2048 columns, 4 KiB of bits on the stack).
 constexpr int64_t kBatchGroups = 256;
-
-// The hot loops are compiled for AVX-512 (x86-64-v4) and AVX2 as well, picked at load time (GCC function clones).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
-#define D9D_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-#else
-#define D9D_CPU_CLONES
-#endif
-
-// words[4 * j + w] = mask_bits(seed, row, group0 + j).words[w] for j < count. The same arithmetic as
-// at::philox_engine (checked against it in tests/cpp), written lane-parallel over groups so that it vectorizes.
-D9D_CPU_CLONES void philox_batch(uint64_t seed, int64_t row, int64_t group0, int64_t count,
-                                 uint32_t* __restrict__ words) {
-  constexpr uint32_t kMulA = 0xD2511F53;
-  constexpr uint32_t kMulB = 0xCD9E8D57;
-  constexpr uint32_t kKeyA = 0x9E3779B9;
-  constexpr uint32_t kKeyB = 0xBB67AE85;
-  const uint32_t key0 = static_cast<uint32_t>(seed);
-  const uint32_t key1 = static_cast<uint32_t>(seed >> 32);
-  const uint32_t row_lo = static_cast<uint32_t>(static_cast<uint64_t>(row));
-  const uint32_t row_hi = static_cast<uint32_t>(static_cast<uint64_t>(row) >> 32);
-  for (int64_t j = 0; j < count; ++j) {
-    const uint64_t group = static_cast<uint64_t>(group0 + j);
-    uint32_t c0 = static_cast<uint32_t>(group);
-    uint32_t c1 = static_cast<uint32_t>(group >> 32);
-    uint32_t c2 = row_lo;
-    uint32_t c3 = row_hi;
-    uint32_t k0 = key0;
-    uint32_t k1 = key1;
-#pragma GCC unroll 10
-    for (int round = 0; round < 10; ++round) {
-      const uint64_t p0 = static_cast<uint64_t>(kMulA) * c0;
-      const uint64_t p1 = static_cast<uint64_t>(kMulB) * c2;
-      const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
-      const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
-      c1 = static_cast<uint32_t>(p1);
-      c3 = static_cast<uint32_t>(p0);
-      c0 = n0;
-      c2 = n2;
-      k0 += kKeyA;
-      k1 += kKeyB;
-    }
-    words[4 * j] = c0;
-    words[4 * j + 1] = c1;
-    words[4 * j + 2] = c2;
-    words[4 * j + 3] = c3;
-  }
-}
 
 // Calls body(row, col0, n, draws) for blocks of up to 2048 columns of rows [0, rows), in parallel over rows;
 // draws[c] is the 16-bit draw of column col0 + c (see dropout_mask.h: in little-endian order, the 16-bit halves of
@@ -74,13 +28,14 @@ template <typename Body>
 void for_each_block(int64_t rows, int64_t cols, int64_t row0, uint64_t seed, const Body& body) {
   const int64_t groups = (cols + kMaskGroup - 1) / kMaskGroup;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
+  const cpu::VecKernels& kernels = cpu::vec_kernels();
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     alignas(64) uint32_t words[4 * kBatchGroups];
     const auto* draws = reinterpret_cast<const uint16_t*>(words);
     for (int64_t row = begin; row < end; ++row) {
       for (int64_t group0 = 0; group0 < groups; group0 += kBatchGroups) {
         const int64_t count = std::min(kBatchGroups, groups - group0);
-        philox_batch(seed, row0 + row, group0, count, words);
+        kernels.philox_batch(seed, row0 + row, group0, count, words);
         const int64_t col0 = group0 * kMaskGroup;
         body(row, col0, std::min(count * kMaskGroup, cols - col0), draws);
       }
@@ -108,22 +63,14 @@ void dropout_backward_span(const scalar_t* x, scalar_t* out, scalar_t* grad, con
   }
 }
 
-// float32 overloads of the two, cloned for the vector units like philox_batch.
-D9D_CPU_CLONES void dropout_span(const float* __restrict__ x, float* __restrict__ out, const uint16_t* draws,
-                                 int64_t n, uint32_t threshold, float scale) {
-  for (int64_t c = 0; c < n; ++c) {
-    out[c] = x[c] * (draws[c] >= threshold ? scale : 0.0f);
-  }
+// float32 overloads of the two, on the vectorized build of the running CPU.
+void dropout_span(const float* x, float* out, const uint16_t* draws, int64_t n, uint32_t threshold, float scale) {
+  cpu::vec_kernels().dropout_span(x, out, draws, n, threshold, scale);
 }
 
-D9D_CPU_CLONES void dropout_backward_span(const float* __restrict__ x, float* __restrict__ out,
-                                          float* __restrict__ grad, const uint16_t* draws, int64_t n,
-                                          uint32_t threshold, float scale) {
-  for (int64_t c = 0; c < n; ++c) {
-    const float keep = draws[c] >= threshold ? scale : 0.0f;
-    out[c] = x[c] * keep;
-    grad[c] *= keep;
-  }
+void dropout_backward_span(const float* x, float* out, float* grad, const uint16_t* draws, int64_t n,
+                           uint32_t threshold, float scale) {
+  cpu::vec_kernels().dropout_backward_span(x, out, grad, draws, n, threshold, scale);
 }
 
 void dropout_rows_cpu(const at::Tensor& x, const at::Tensor& out, int64_t row0, const DropoutSpec& spec) {
@@ -227,14 +174,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(const at::Tenso
   return lora_backward(kCpuKernels, grad_y, x, weight, lora_A, lora_B, scale, dropout, seed, need_grad_x);
 }
 
-void lora_merge_cpu(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
-  lora_merge("lora_merge_", weight, lora_A, lora_B, scale, 1.0);
-}
-
-void lora_unmerge_cpu(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
-  lora_merge("lora_unmerge_", weight, lora_A, lora_B, scale, -1.0);
-}
-
 at::Tensor dropout_mask_cpu(const at::Tensor& x, double dropout, const at::Tensor& seed) {
   return dropout_mask(kCpuKernels, x, dropout, seed);
 }
@@ -245,7 +184,5 @@ at::Tensor dropout_mask_cpu(const at::Tensor& x, double dropout, const at::Tenso
 TORCH_LIBRARY_IMPL(d9d, CPU, m) {
   m.impl("lora_forward", &d9d::lora_forward_cpu);
   m.impl("lora_backward", &d9d::lora_backward_cpu);
-  m.impl("lora_merge_", &d9d::lora_merge_cpu);
-  m.impl("lora_unmerge_", &d9d::lora_unmerge_cpu);
   m.impl("dropout_mask", &d9d::dropout_mask_cpu);
 }

@@ -148,20 +148,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(const at::Tens
   return lora_backward(kCudaKernels, grad_y, x, weight, lora_A, lora_B, scale, dropout, seed, need_grad_x);
 }
 
-void lora_merge_cuda(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
-  TORCH_CHECK(weight.is_cuda(), "lora_merge_: weight must be a CUDA tensor (another argument sent the call to the "
-              "CUDA kernel), got weight on ", weight.device());
-  const c10::cuda::CUDAGuard guard(weight.device());
-  lora_merge("lora_merge_", weight, lora_A, lora_B, scale, 1.0);
-}
-
-void lora_unmerge_cuda(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
-  TORCH_CHECK(weight.is_cuda(), "lora_unmerge_: weight must be a CUDA tensor (another argument sent the call to the "
-              "CUDA kernel), got weight on ", weight.device());
-  const c10::cuda::CUDAGuard guard(weight.device());
-  lora_merge("lora_unmerge_", weight, lora_A, lora_B, scale, -1.0);
-}
-
 at::Tensor dropout_mask_cuda(const at::Tensor& x, double dropout, const at::Tensor& seed) {
   TORCH_CHECK(x.is_cuda(), "dropout_mask: x must be a CUDA tensor (another argument sent the call to the "
               "CUDA kernel), got x on ", x.device());
@@ -175,7 +161,5 @@ at::Tensor dropout_mask_cuda(const at::Tensor& x, double dropout, const at::Tens
 TORCH_LIBRARY_IMPL(d9d, CUDA, m) {
   m.impl("lora_forward", &d9d::lora_forward_cuda);
   m.impl("lora_backward", &d9d::lora_backward_cuda);
-  m.impl("lora_merge_", &d9d::lora_merge_cuda);
-  m.impl("lora_unmerge_", &d9d::lora_unmerge_cuda);
   m.impl("dropout_mask", &d9d::dropout_mask_cuda);
 }

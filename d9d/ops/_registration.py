@@ -5,7 +5,7 @@ from typing import Any
 import torch
 
 try:
-    import d9d._C  # noqa: F401  (importing it registers the ops with the dispatcher)
+    import d9d._C
 except ImportError as error:
     raise ImportError(
         "d9d's compiled extension d9d._C is missing or failed to load "
@@ -13,7 +13,15 @@ except ImportError as error:
         "from the repository root."
     ) from error
 
-__all__ = ["draw_seed", "no_seed"]
+__all__ = ["cpu_kernels_capability", "draw_seed", "no_seed"]
+
+
+def cpu_kernels_capability() -> str:
+    """The CPU capability whose build of d9d's vectorized kernels runs here ("DEFAULT", "AVX2", "AVX512").
+
+    It follows ``torch.backends.cpu.get_cpu_capability()`` (and so ``ATEN_CPU_CAPABILITY``).
+    """
+    return d9d._C.cpu_kernels_capability()
 
 
 def draw_seed() -> torch.Tensor:
@@ -71,11 +79,6 @@ def _lora_merge_fake(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
     return None
 
 
-@torch.library.register_fake("d9d::lora_unmerge_")
-def _lora_unmerge_fake(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> None:
-    return None
-
-
 @torch.library.register_fake("d9d::dropout_mask")
 def _dropout_mask_fake(x: torch.Tensor, dropout: float, seed: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape, dtype=torch.bool)
@@ -93,9 +96,14 @@ def _setup_lora_forward(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor)
 def _lora_forward_backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     x, weight, lora_A, lora_B, seed = ctx.saved_tensors
     need_x, need_weight, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
-    grad_x, grad_A, grad_B = torch.ops.d9d.lora_backward(
-        grad_y, x, weight, lora_A, lora_B, ctx.scale, ctx.dropout, seed, need_x
-    )
+    if torch.is_grad_enabled():
+        # Under create_graph=True (double backward, e.g. gradient penalties) the gradients must themselves be
+        # differentiable: the same formulas in ATen ops, which autograd records.
+        grad_x, grad_A, grad_B = _differentiable_lora_backward(ctx, grad_y, x, weight, lora_A, lora_B, seed)
+    else:
+        grad_x, grad_A, grad_B = torch.ops.d9d.lora_backward(
+            grad_y, x, weight, lora_A, lora_B, ctx.scale, ctx.dropout, seed, need_x
+        )
     # The weight and bias are frozen in LoRA training; their gradients are plain GEMM / sum when asked for anyway.
     grad_y2d = grad_y.reshape(-1, grad_y.shape[-1])
     grad_weight = grad_y2d.t().mm(x.reshape(-1, x.shape[-1])) if need_weight else None
@@ -110,6 +118,30 @@ def _lora_forward_backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor
         None,
         None,
     )
+
+
+def _differentiable_lora_backward(
+    ctx: Any,
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    seed: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``lora_backward``'s (grad_x, grad_A, grad_B) in ATen ops, with the op's own dropout mask."""
+    keep_scale = None
+    if ctx.dropout > 0:
+        keep_scale = torch.ops.d9d.dropout_mask(x, ctx.dropout, seed).to(x.dtype) / (1 - ctx.dropout)
+    x_dropped = x if keep_scale is None else x * keep_scale
+    g = (grad_y @ lora_B) * ctx.scale  # the gradient of x_dropped A^T
+    grad_x_lora = g @ lora_A
+    grad_x = grad_y @ weight + (grad_x_lora if keep_scale is None else grad_x_lora * keep_scale)
+    g2d = g.reshape(-1, g.shape[-1])
+    x2d = x_dropped.reshape(-1, x.shape[-1])
+    grad_A = g2d.t() @ x2d
+    grad_B = grad_y.reshape(-1, grad_y.shape[-1]).t() @ (x2d @ lora_A.t()) * ctx.scale
+    return grad_x, grad_A, grad_B
 
 
 torch.library.register_autograd("d9d::lora_forward", _lora_forward_backward, setup_context=_setup_lora_forward)

@@ -6,7 +6,7 @@ from torch.distributed.tensor import DTensor
 from d9d.ops._registration import draw_seed, no_seed
 from d9d.ops.sharding import lora_forward_dtensor
 
-__all__ = ["dropout_mask", "lora_linear", "lora_merge_", "lora_unmerge_"]
+__all__ = ["dropout_mask", "lora_linear", "lora_merge_"]
 
 
 def lora_linear(
@@ -61,15 +61,9 @@ def lora_merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
         weight: Base weight ``(out, in)``, modified in place.
         lora_A: Down projection ``(r, in)``, any floating dtype (cast to ``weight``'s).
         lora_B: Up projection ``(out, r)``, any floating dtype (cast to ``weight``'s).
-        scale: Multiplier of the LoRA term.
+        scale: Multiplier of the LoRA term; ``-scale`` undoes a merge (up to rounding).
     """
     torch.ops.d9d.lora_merge_(weight, lora_A, lora_B, float(scale))
-
-
-@torch.no_grad()
-def lora_unmerge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> None:
-    """``W -= scale * B A`` in place (the inverse of :func:`lora_merge_`); arguments as there."""
-    torch.ops.d9d.lora_unmerge_(weight, lora_A, lora_B, float(scale))
 
 
 def dropout_mask(x: torch.Tensor, dropout: float, seed: torch.Tensor) -> torch.Tensor:

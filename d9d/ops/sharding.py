@@ -43,7 +43,6 @@ def _merge_sharding(weight, lora_A, lora_B, scale):
 
 
 register_sharding(torch.ops.d9d.lora_merge_.default)(_merge_sharding)
-register_sharding(torch.ops.d9d.lora_unmerge_.default)(_merge_sharding)
 
 
 def _forward_rules(x, weight, bias, lora_A, lora_B, scale, dropout, seed) -> list[list]:

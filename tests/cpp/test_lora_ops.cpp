@@ -6,7 +6,9 @@
 
 #include <string>
 #include <tuple>
+#include <vector>
 
+#include "cpu/vec_kernels.h"
 #include "dropout_mask.h"
 
 namespace {
@@ -92,6 +94,70 @@ TEST(DropoutMask, IndependentOfThreadCountAndMatchesPhiloxEngine) {
       const d9d::MaskBits bits = d9d::mask_bits(uint64_t{1} << 40, row, col / d9d::kMaskGroup);
       ASSERT_EQ(mask[row][col], bits.keep(static_cast<int>(col % d9d::kMaskGroup), threshold)) << row << ", " << col;
     }
+  }
+}
+
+// Every build of the vectorized kernels that this CPU can run, called directly (the ops use only the one that
+// at::get_cpu_capability() picks).
+std::vector<const d9d::cpu::VecKernels*> runnable_builds() {
+  std::vector<const d9d::cpu::VecKernels*> builds{&d9d::cpu::DEFAULT::kVecKernels};
+#ifdef D9D_X86_CAPABILITIES
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    builds.push_back(&d9d::cpu::AVX2::kVecKernels);
+  }
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+    builds.push_back(&d9d::cpu::AVX512::kVecKernels);
+  }
+#endif
+  return builds;
+}
+
+TEST(VecKernels, EveryBuildMatchesAten) {
+  torch::manual_seed(3);
+  // Odd sizes: tails of rows, columns and vectors; p's rows are strided (a block of a wider x).
+  const int64_t n = 11, depth = 37, rp = 2 * d9d::cpu::kPanel;
+  const at::Tensor p = torch::randn({n, depth + 5}).narrow(1, 0, depth);
+  const at::Tensor q = torch::randn({depth, rp});
+  const at::Tensor q_rows = torch::randn({n, rp});
+  const at::Tensor acc0 = torch::randn({depth, rp});
+  const int64_t rows = 9, in = 37, r = 5;
+  const at::Tensor weight = torch::randn({rows, in});
+  const at::Tensor sB = torch::randn({rows, r});
+  const at::Tensor A = torch::randn({r, in});
+  for (const d9d::cpu::VecKernels* build : runnable_builds()) {
+    SCOPED_TRACE(build->capability);
+    at::Tensor out = torch::empty({n, rp});
+    build->panel_mm(p.data_ptr<float>(), p.stride(0), n, depth, q.data_ptr<float>(), rp, out.data_ptr<float>());
+    EXPECT_TRUE(at::allclose(out, at::mm(p, q), 1e-4, 1e-4));
+
+    at::Tensor acc = acc0.clone();
+    build->panel_accumulate(p.data_ptr<float>(), p.stride(0), n, depth, q_rows.data_ptr<float>(), rp,
+                            acc.data_ptr<float>());
+    EXPECT_TRUE(at::allclose(acc, acc0 + at::mm(p.t(), q_rows), 1e-4, 1e-4));
+
+    at::Tensor folded = torch::empty({rows, in});
+    build->fold_rows(weight.data_ptr<float>(), sB.data_ptr<float>(), A.data_ptr<float>(), r, in, 0, rows,
+                     folded.data_ptr<float>());
+    EXPECT_TRUE(at::allclose(folded, weight + at::mm(sB, A), 1e-4, 1e-4));
+
+    std::vector<uint32_t> words(4 * 5);
+    build->philox_batch(uint64_t{7} << 33, 6, 3, 5, words.data());
+    for (int64_t j = 0; j < 5; ++j) {
+      const d9d::MaskBits bits = d9d::mask_bits(uint64_t{7} << 33, 6, 3 + j);
+      for (int w = 0; w < 4; ++w) {
+        EXPECT_EQ(words[4 * j + w], bits.words[w]) << j << ", " << w;
+      }
+    }
+
+    const std::vector<uint16_t> draws{0, 100, 30000, 65535, 29999, 1};
+    const std::vector<float> x{1, 2, 3, 4, 5, 6};
+    std::vector<float> dropped(6), grad{1, 1, 1, 1, 1, 1};
+    build->dropout_backward_span(x.data(), dropped.data(), grad.data(), draws.data(), 6, 30000, 2.0f);
+    EXPECT_EQ(dropped, (std::vector<float>{0, 0, 6, 8, 0, 0}));
+    EXPECT_EQ(grad, (std::vector<float>{0, 0, 2, 2, 0, 0}));
+    build->dropout_span(x.data(), dropped.data(), draws.data(), 6, 100, 0.5f);
+    EXPECT_EQ(dropped, (std::vector<float>{0, 1, 1.5, 2, 2.5, 0}));
   }
 }
 

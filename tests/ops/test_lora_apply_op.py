@@ -162,16 +162,41 @@ def test_small_adapters_act_in_16_bit_dtypes(dtype):
     assert 0.9 < kept.item() < 1.1, f"the op kept {kept.item():.2f} of the LoRA term"
 
 
-@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="only AVX-512 CPUs have two paths")
-def test_float32_backward_on_atens_gemms_matches_reference_too():
-    # ATEN_CPU_CAPABILITY=avx2 turns off the AVX-512 panel kernels, so these tests run the ATen fallback instead.
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
-    probe = [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"]
-    assert subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.strip() == "AVX2"
-    tests = ["test_ranks_across_panel_widths_match_reference", "test_inputs_spanning_many_blocks_and_threads"]
+def _capability_under(requested: str) -> str:
+    """What ATen and d9d's kernels pick in a process started with ATEN_CPU_CAPABILITY=requested."""
+    probe = (
+        "import torch, d9d.ops, d9d._C; "
+        "print(torch.backends.cpu.get_cpu_capability(), d9d._C.cpu_kernels_capability())"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": requested}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    aten, ours = out.split()
+    assert aten == ours, f"ATen runs {aten} but d9d's kernels {ours}"
+    return ours
+
+
+# The reference tests that reach the vectorized CPU kernels (skinny GEMMs, fold, Philox and dropout passes), or on
+# x86's plain DEFAULT build, the ATen fallback for the GEMMs.
+PER_CAPABILITY_TESTS = [
+    "test_ranks_across_panel_widths_match_reference",
+    "test_inputs_spanning_many_blocks_and_threads_match_reference",
+    "test_folded_weights_of_other_shapes_and_dtypes_in_turn_match_reference",
+    "test_one_input_or_output_feature_with_any_strides",
+    "test_same_seed_same_mask_whatever_the_thread_count",
+    "test_gradcheck_float64",
+]
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_every_cpu_capability_matches_reference(capability):
+    # Each build of the kernels (capability/*.cpp) runs in a process that ATEN_CPU_CAPABILITY pins to it; a CPU
+    # without the capability falls back to a lower one, which another parametrization already covers.
+    if _capability_under(capability) != capability.upper():
+        pytest.skip(f"this CPU does not run {capability}")
+    selection = " or ".join(PER_CAPABILITY_TESTS)
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", " or ".join(tests)],
-        env=env,
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selection],
+        env={**os.environ, "ATEN_CPU_CAPABILITY": capability},
         capture_output=True,
         text=True,
         timeout=600,
@@ -224,6 +249,38 @@ def test_gradcheck_float64(dropout, shape):
         return torch.ops.d9d.lora_forward(x, weight, b, lora_A, lora_B, 0.7, dropout, seed)
 
     assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+@pytest.mark.parametrize("shape", [(2,), (2, 3)])
+def test_gradgradcheck_float64(dropout, shape):
+    # create_graph=True takes the differentiable form of the backward, with the op's own dropout mask.
+    x, weight, b, lora_A, lora_B = make_inputs(shape, 6, 5, 3, dtype=torch.float64)
+    seed = torch.tensor([42])
+    inputs = tuple(t.requires_grad_() for t in (x, weight, b, lora_A, lora_B))
+
+    def fn(x, weight, b, lora_A, lora_B):
+        return torch.ops.d9d.lora_forward(x, weight, b, lora_A, lora_B, 0.7, dropout, seed)
+
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_double_backward_matches_reference_on_adapters():
+    # The gradient of a gradient penalty with respect to B, against the float64 reference (PyTorch's own ops).
+    x, weight, b, lora_A, lora_B = make_inputs((2, 7), 10, 8, 3, dtype=torch.float64)
+    seed = torch.tensor([8])
+    keep = dropout_mask(x, 0.3, seed)
+    results = []
+    for use_op in (True, False):
+        A, B = lora_A.clone().requires_grad_(), lora_B.clone().requires_grad_()
+        if use_op:
+            y = torch.ops.d9d.lora_forward(x, weight, b, A, B, 1.5, 0.3, seed)
+        else:
+            y = reference(x, weight, b, A, B, 1.5, keep, 0.3)
+        (grad_A,) = torch.autograd.grad(y.square().sum(), A, create_graph=True)
+        grad_A.square().sum().backward()
+        results.append(B.grad)
+    torch.testing.assert_close(results[0], results[1])
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])

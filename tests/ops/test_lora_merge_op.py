@@ -1,9 +1,9 @@
-"""The in-place merge ops ``lora_merge_`` / ``lora_unmerge_`` (``d9d::lora_merge_`` / ``d9d::lora_unmerge_``)."""
+"""The in-place merge op ``lora_merge_`` (``d9d::lora_merge_``)."""
 
 import pytest
 import torch
 
-from d9d.ops import lora_merge_, lora_unmerge_
+from d9d.ops import lora_merge_
 
 pytestmark = pytest.mark.local
 
@@ -24,7 +24,7 @@ def make_inputs(dtype, adapter_dtype, device, out_features=12, in_features=10, r
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("adapter_dtype", [torch.float32, None])
-def test_merge_and_unmerge_match_reference(device, dtype, adapter_dtype):
+def test_merge_and_merge_with_negative_scale_match_reference(device, dtype, adapter_dtype):
     weight, lora_A, lora_B = make_inputs(dtype, adapter_dtype or dtype, device)
     original = weight.clone()
     delta = 0.75 * lora_B.double() @ lora_A.double()
@@ -36,7 +36,7 @@ def test_merge_and_unmerge_match_reference(device, dtype, adapter_dtype):
     assert weight.dtype == dtype
     assert (weight.double() - (original.double() + delta)).abs().max().item() <= tol
 
-    lora_unmerge_(weight, lora_A, lora_B, 0.75)
+    lora_merge_(weight, lora_A, lora_B, -0.75)  # undoes the merge, up to rounding
     assert (weight.double() - original.double()).abs().max().item() <= 2 * tol
 
 
@@ -60,8 +60,23 @@ def test_merge_works_on_a_non_contiguous_weight():
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     weight, lora_A, lora_B = make_inputs(torch.float32, torch.float32, device)
-    for op in (torch.ops.d9d.lora_merge_.default, torch.ops.d9d.lora_unmerge_.default):
-        torch.library.opcheck(op, (weight.clone(), lora_A, lora_B, 0.5))
+    torch.library.opcheck(torch.ops.d9d.lora_merge_.default, (weight.clone(), lora_A, lora_B, 0.5))
+
+
+def test_merge_is_registered_once_for_every_device():
+    # Pure ATen: one CompositeExplicitAutograd kernel, no per-device copies; meta tensors go through it too.
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+    assert has_kernel("d9d::lora_merge_", "CompositeExplicitAutograd")
+    assert not has_kernel("d9d::lora_merge_", "CPU")
+    assert not has_kernel("d9d::lora_merge_", "CUDA")
+    weight, lora_A, lora_B = (t.to("meta") for t in make_inputs(torch.float32, torch.float32, "cpu"))
+    lora_merge_(weight, lora_A, lora_B, 0.5)
+    assert weight.shape == (12, 10)
+
+
+def test_unmerge_op_is_gone():
+    # A merge is undone with -scale; there is no second op to keep in sync.
+    assert not hasattr(torch.ops.d9d, "lora_unmerge_")
 
 
 @pytest.mark.parametrize(
@@ -74,7 +89,7 @@ def test_opcheck(device):
     ],
 )
 def test_bad_input_names_the_op_and_argument(args, message):
+    weight = args[0].clone()
     with pytest.raises(RuntimeError, match=message):
         lora_merge_(*args, 1.0)
-    with pytest.raises(RuntimeError, match=message.replace("merge_", "unmerge_")):
-        lora_unmerge_(*args, 1.0)
+    assert torch.equal(args[0], weight)  # unchanged

@@ -1,0 +1,56 @@
+// The CPU's vectorized float32 kernels, written once over at::vec::Vectorized (vec_kernels_impl.h) and compiled once
+// per CPU capability (capability/*.cpp). vec_kernels() picks the build for at::get_cpu_capability(), as ATen's
+// DispatchStub does for its own kernels, so ATEN_CPU_CAPABILITY=default|avx2|avx512 selects ours too.
+#pragma once
+
+#include <cstdint>
+
+namespace d9d::cpu {
+
+// Columns of a skinny-GEMM panel: r is rounded up to a multiple of this (one AVX-512 register, two AVX2 ones, four
+// NEON ones).
+constexpr int64_t kPanel = 16;
+
+struct VecKernels {
+  // The capability this build was compiled for ("DEFAULT", "AVX2", "AVX512").
+  const char* capability;
+  // out (n x rp) = p (n x depth) q (depth x rp), for p's rows ldp apart, q and out contiguous, rp % kPanel == 0.
+  void (*panel_mm)(const float* p, int64_t ldp, int64_t n, int64_t depth, const float* q, int64_t rp, float* out);
+  // acc (depth x rp) += p^T q, for p (n x depth, rows ldp apart) and q (n x rp), q and acc contiguous.
+  void (*panel_accumulate)(const float* p, int64_t ldp, int64_t n, int64_t depth, const float* q, int64_t rp,
+                           float* acc);
+  // Rows [begin, end) of out = weight + sB A, for weight and out (rows x in), sB (rows x r) and A (r x in), all
+  // contiguous.
+  void (*fold_rows)(const float* weight, const float* sB, const float* A, int64_t r, int64_t in, int64_t begin,
+                    int64_t end, float* out);
+  // words[4 j + w] = word w of the Philox4x32-10 output for counter (group0 + j, row) and key seed, j < count
+  // (the same arithmetic as at::philox_engine; see ../dropout_mask.h).
+  void (*philox_batch)(uint64_t seed, int64_t row, int64_t group0, int64_t count, uint32_t* words);
+  // out[c] = x[c] * keep[c] * scale with keep[c] = draws[c] >= threshold, for c < n.
+  void (*dropout_span)(const float* x, float* out, const uint16_t* draws, int64_t n, uint32_t threshold, float scale);
+  // The same, and grad[c] *= keep[c] * scale, in one pass.
+  void (*dropout_backward_span)(const float* x, float* out, float* grad, const uint16_t* draws, int64_t n,
+                                uint32_t threshold, float scale);
+};
+
+// The build for the running CPU (and ATEN_CPU_CAPABILITY), chosen once per process.
+const VecKernels& vec_kernels();
+
+// One table per compiled capability (see capability/*.cpp); D9D_X86_CAPABILITIES says whether AVX2 and AVX512 exist.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define D9D_X86_CAPABILITIES 1
+#endif
+
+namespace DEFAULT {
+extern const VecKernels kVecKernels;
+}
+#ifdef D9D_X86_CAPABILITIES
+namespace AVX2 {
+extern const VecKernels kVecKernels;
+}
+namespace AVX512 {
+extern const VecKernels kVecKernels;
+}
+#endif
+
+}  // namespace d9d::cpu

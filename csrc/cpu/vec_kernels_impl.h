@@ -1,0 +1,254 @@
+// The bodies of the VecKernels (vec_kernels.h), written once over at::vec::Vectorized<float>. Included only by the
+// capability/*.cpp files, each of which defines CPU_CAPABILITY (DEFAULT, AVX2, AVX512) and the matching
+// CPU_CAPABILITY_* macro first, as ATen's per-capability builds of aten/src/ATen/native/cpu/ do: Vectorized<float>
+// is then an AVX-512, AVX2, NEON (aarch64's default) or plain-array vector. Everything here lives in a namespace
+// named after the capability, so the builds never share a symbol.
+//
+// The skinny GEMMs of the LoRA backward multiply a block of rows by a panel of r columns (padded to kPanel = 16), or
+// reduce over the rows into such a panel. BLAS libraries run these shapes well below the core's FMA rate; holding a
+// few rows of the panel product in registers and broadcasting the other operand runs them near it.
+#ifndef CPU_CAPABILITY
+#error "define CPU_CAPABILITY (and CPU_CAPABILITY_<name>) before including vec_kernels_impl.h"
+#endif
+
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "vec_kernels.h"
+
+#define D9D_STRINGIFY_(name) #name
+#define D9D_STRINGIFY(name) D9D_STRINGIFY_(name)
+
+namespace d9d::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int kVecs = static_cast<int>(kPanel) / Vec::size();  // vectors per panel row
+static_assert(kVecs >= 1 && kVecs * Vec::size() == kPanel, "a panel must be a whole number of vectors");
+
+// Blocking per register file, so that accumulators, the panel row and a broadcast stay in registers:
+//   panel_mm:          kMmRows * kVecs accumulators + kVecs panel vectors + 1 broadcast;
+//   panel_accumulate:  kAccCols * kVecs accumulators + kVecs panel vectors + 1 broadcast;
+//   fold_rows:         kFoldRows * kFoldVecs accumulators + kFoldVecs rows of A + 1 broadcast.
+#if defined(CPU_CAPABILITY_AVX512)  // 32 registers of 16 floats
+constexpr int kMmRows = 4, kAccCols = 16, kFoldRows = 4, kFoldVecs = 4;
+#elif defined(CPU_CAPABILITY_AVX2)  // 16 registers of 8 floats
+constexpr int kMmRows = 4, kAccCols = 6, kFoldRows = 4, kFoldVecs = 2;
+#elif defined(__aarch64__)  // NEON: 32 registers of 4 floats
+constexpr int kMmRows = 4, kAccCols = 6, kFoldRows = 4, kFoldVecs = 4;
+#else  // plain arrays of 8 floats, which the compiler maps onto 16 SSE registers of 4
+constexpr int kMmRows = 2, kAccCols = 2, kFoldRows = 2, kFoldVecs = 1;
+#endif
+
+// out[i, :kPanel] = sum_k p[i, k] q[k, :kPanel] for the R rows i starting at p.
+template <int R>
+inline void rows_times_panel(const float* p, int64_t ldp, int64_t depth, const float* q, int64_t ldq, float* out,
+                             int64_t ldo) {
+  Vec acc[R][kVecs];
+  for (int row = 0; row < R; ++row) {
+    for (int v = 0; v < kVecs; ++v) {
+      acc[row][v] = Vec(0.0f);
+    }
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    Vec qk[kVecs];
+    for (int v = 0; v < kVecs; ++v) {
+      qk[v] = Vec::loadu(q + k * ldq + v * Vec::size());
+    }
+    for (int row = 0; row < R; ++row) {
+      const Vec pk(p[row * ldp + k]);
+      for (int v = 0; v < kVecs; ++v) {
+        acc[row][v] = at::vec::fmadd(pk, qk[v], acc[row][v]);
+      }
+    }
+  }
+  for (int row = 0; row < R; ++row) {
+    for (int v = 0; v < kVecs; ++v) {
+      acc[row][v].store(out + row * ldo + v * Vec::size());
+    }
+  }
+}
+
+// acc[k, :kPanel] += sum_i p[i, k] q[i, :kPanel] for the J columns k starting at p, over `rows` rows.
+template <int J>
+inline void columns_times_panel(const float* p, int64_t ldp, int64_t rows, const float* q, int64_t ldq, float* acc,
+                                int64_t lda) {
+  Vec sums[J][kVecs];
+  for (int col = 0; col < J; ++col) {
+    for (int v = 0; v < kVecs; ++v) {
+      sums[col][v] = Vec(0.0f);
+    }
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    Vec qi[kVecs];
+    for (int v = 0; v < kVecs; ++v) {
+      qi[v] = Vec::loadu(q + i * ldq + v * Vec::size());
+    }
+    const float* pi = p + i * ldp;
+    for (int col = 0; col < J; ++col) {
+      const Vec pk(pi[col]);
+      for (int v = 0; v < kVecs; ++v) {
+        sums[col][v] = at::vec::fmadd(pk, qi[v], sums[col][v]);
+      }
+    }
+  }
+  for (int col = 0; col < J; ++col) {
+    for (int v = 0; v < kVecs; ++v) {
+      float* a = acc + col * lda + v * Vec::size();
+      (Vec::loadu(a) + sums[col][v]).store(a);
+    }
+  }
+}
+
+void panel_mm(const float* p, int64_t ldp, int64_t n, int64_t depth, const float* q, int64_t rp, float* out) {
+  for (int64_t c = 0; c < rp; c += kPanel) {
+    int64_t i = 0;
+    for (; i + kMmRows <= n; i += kMmRows) {
+      rows_times_panel<kMmRows>(p + i * ldp, ldp, depth, q + c, rp, out + i * rp + c, rp);
+    }
+    for (; i < n; ++i) {
+      rows_times_panel<1>(p + i * ldp, ldp, depth, q + c, rp, out + i * rp + c, rp);
+    }
+  }
+}
+
+void panel_accumulate(const float* p, int64_t ldp, int64_t n, int64_t depth, const float* q, int64_t rp,
+                      float* acc) {
+  for (int64_t c = 0; c < rp; c += kPanel) {
+    int64_t k = 0;
+    for (; k + kAccCols <= depth; k += kAccCols) {
+      columns_times_panel<kAccCols>(p + k, ldp, n, q + c, rp, acc + k * rp + c, rp);
+    }
+    for (; k < depth; ++k) {
+      columns_times_panel<1>(p + k, ldp, n, q + c, rp, acc + k * rp + c, rp);
+    }
+  }
+}
+
+// out[o, j] = weight[o, j] + sum_k sB[o, k] A[k, j] for the R rows o starting at `weight` / `sB` / `out`, and the
+// U vectors of columns starting at j (U = 0: the scalar tail of `count` columns).
+template <int R, int U>
+inline void fold_tile(const float* weight, const float* sB, const float* A, int64_t r, int64_t in, int64_t j,
+                      float* out) {
+  Vec acc[R][U];
+  for (int row = 0; row < R; ++row) {
+    for (int u = 0; u < U; ++u) {
+      acc[row][u] = Vec::loadu(weight + row * in + j + u * Vec::size());
+    }
+  }
+  for (int64_t k = 0; k < r; ++k) {
+    Vec a[U];
+    for (int u = 0; u < U; ++u) {
+      a[u] = Vec::loadu(A + k * in + j + u * Vec::size());
+    }
+    for (int row = 0; row < R; ++row) {
+      const Vec b(sB[row * r + k]);
+      for (int u = 0; u < U; ++u) {
+        acc[row][u] = at::vec::fmadd(b, a[u], acc[row][u]);
+      }
+    }
+  }
+  for (int row = 0; row < R; ++row) {
+    for (int u = 0; u < U; ++u) {
+      acc[row][u].store(out + row * in + j + u * Vec::size());
+    }
+  }
+}
+
+template <int R>
+inline void fold_row_group(const float* weight, const float* sB, const float* A, int64_t r, int64_t in, float* out) {
+  int64_t j = 0;
+  for (; j + kFoldVecs * Vec::size() <= in; j += kFoldVecs * Vec::size()) {
+    fold_tile<R, kFoldVecs>(weight, sB, A, r, in, j, out);
+  }
+  for (; j + Vec::size() <= in; j += Vec::size()) {
+    fold_tile<R, 1>(weight, sB, A, r, in, j, out);
+  }
+  for (; j < in; ++j) {  // fewer columns than a vector
+    for (int row = 0; row < R; ++row) {
+      float sum = weight[row * in + j];
+      for (int64_t k = 0; k < r; ++k) {
+        sum += sB[row * r + k] * A[k * in + j];
+      }
+      out[row * in + j] = sum;
+    }
+  }
+}
+
+void fold_rows(const float* weight, const float* sB, const float* A, int64_t r, int64_t in, int64_t begin,
+               int64_t end, float* out) {
+  int64_t o = begin;
+  for (; o + kFoldRows <= end; o += kFoldRows) {
+    fold_row_group<kFoldRows>(weight + o * in, sB + o * r, A, r, in, out + o * in);
+  }
+  for (; o < end; ++o) {
+    fold_row_group<1>(weight + o * in, sB + o * r, A, r, in, out + o * in);
+  }
+}
+
+// Lane-parallel over groups so that the compiler vectorizes it with this build's vector width.
+void philox_batch(uint64_t seed, int64_t row, int64_t group0, int64_t count, uint32_t* __restrict__ words) {
+  constexpr uint32_t kMulA = 0xD2511F53;
+  constexpr uint32_t kMulB = 0xCD9E8D57;
+  constexpr uint32_t kKeyA = 0x9E3779B9;
+  constexpr uint32_t kKeyB = 0xBB67AE85;
+  const uint32_t key0 = static_cast<uint32_t>(seed);
+  const uint32_t key1 = static_cast<uint32_t>(seed >> 32);
+  const uint32_t row_lo = static_cast<uint32_t>(static_cast<uint64_t>(row));
+  const uint32_t row_hi = static_cast<uint32_t>(static_cast<uint64_t>(row) >> 32);
+  for (int64_t j = 0; j < count; ++j) {
+    const uint64_t group = static_cast<uint64_t>(group0 + j);
+    uint32_t c0 = static_cast<uint32_t>(group);
+    uint32_t c1 = static_cast<uint32_t>(group >> 32);
+    uint32_t c2 = row_lo;
+    uint32_t c3 = row_hi;
+    uint32_t k0 = key0;
+    uint32_t k1 = key1;
+#pragma GCC unroll 10
+    for (int round = 0; round < 10; ++round) {
+      const uint64_t p0 = static_cast<uint64_t>(kMulA) * c0;
+      const uint64_t p1 = static_cast<uint64_t>(kMulB) * c2;
+      const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+      const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+      c1 = static_cast<uint32_t>(p1);
+      c3 = static_cast<uint32_t>(p0);
+      c0 = n0;
+      c2 = n2;
+      k0 += kKeyA;
+      k1 += kKeyB;
+    }
+    words[4 * j] = c0;
+    words[4 * j + 1] = c1;
+    words[4 * j + 2] = c2;
+    words[4 * j + 3] = c3;
+  }
+}
+
+// Plain loops over 16-bit draws, which the compiler vectorizes for this build.
+void dropout_span(const float* __restrict__ x, float* __restrict__ out, const uint16_t* __restrict__ draws, int64_t n,
+                  uint32_t threshold, float scale) {
+  for (int64_t c = 0; c < n; ++c) {
+    out[c] = x[c] * (draws[c] >= threshold ? scale : 0.0f);
+  }
+}
+
+void dropout_backward_span(const float* __restrict__ x, float* __restrict__ out, float* __restrict__ grad,
+                           const uint16_t* __restrict__ draws, int64_t n, uint32_t threshold, float scale) {
+  for (int64_t c = 0; c < n; ++c) {
+    const float keep = draws[c] >= threshold ? scale : 0.0f;
+    out[c] = x[c] * keep;
+    grad[c] *= keep;
+  }
+}
+
+}  // namespace
+
+// Constant-initialized (function addresses only): no code of this build runs before the dispatch picks it.
+extern const VecKernels kVecKernels{D9D_STRINGIFY(CPU_CAPABILITY), panel_mm,     panel_accumulate,     fold_rows,
+                                    philox_batch,                  dropout_span, dropout_backward_span};
+
+}  // namespace CPU_CAPABILITY
+}  // namespace d9d::cpu

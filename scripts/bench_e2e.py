@@ -1,0 +1,276 @@
+"""Whole-model LoRA training steps: d9d against Hugging Face PEFT and the frozen model without adapters.
+
+A transformers ``LlamaForCausalLM`` (built from a config, nothing downloaded) gets LoRA on all seven projections
+(q, k, v, o, gate, up, down), once through PEFT's ``get_peft_model`` and once through d9d, with the same base and
+adapter weights. Each step is forward (causal LM loss) + backward. The variants
+  frozen:  the model without adapters, every parameter frozen (the floor),
+  peft:    PEFT's LoRA, at each dropout rate,
+  d9d:     d9d's LoRA (the fused ops), at each dropout rate,
+run interleaved, every variant once per repeat in a shuffled order; ratios are the median over repeats of the
+ratio within the same repeat, with the smallest and largest ratio as the spread. The bytes that autograd saves for
+backward (``saved_tensors_hooks``, parameters excluded) are counted on one extra step.
+
+    python scripts/bench_e2e.py                               # fp32 and bf16, 2 threads, 5 repeats
+    python scripts/bench_e2e.py --dtypes float32 --repeats 3  # cheaper
+    python scripts/bench_e2e.py --write BENCHMARKS.md         # also replace the table in that file
+    python scripts/bench_e2e.py --device cuda --threads 0 --tokens 8192
+"""
+
+import argparse
+import platform
+import random
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from d9d.ops._registration import cpu_kernels_capability
+from d9d.peft import inject_peft_and_freeze
+from d9d.peft.all import peft_method_from_config
+from d9d.peft.lora import LoRAConfig, LoRAParameters
+from d9d.peft.lora.layer import LoRALinear
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def cpu_model() -> str:
+    """The CPU's model name, from /proc/cpuinfo where there is one."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def base_model(args: argparse.Namespace, dtype: torch.dtype) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        vocab_size=args.vocab,
+        max_position_embeddings=args.seq,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(device=args.device, dtype=dtype).eval()
+
+
+def clone_of(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    """A model that shares every base tensor with ``model`` (the weights are frozen, so one copy serves all)."""
+    twin = LlamaForCausalLM(model.config).to(device=model.device, dtype=model.dtype)
+    twin.load_state_dict(model.state_dict(), assign=True)
+    twin.requires_grad_(False)
+    # Gradients flow down to the embeddings' output in every variant alike (the frozen one has nothing else).
+    twin.enable_input_require_grads()
+    return twin
+
+
+def peft_variant(model: LlamaForCausalLM, args: argparse.Namespace, dropout: float) -> torch.nn.Module:
+    config = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=dropout, target_modules=PROJECTIONS)
+    return get_peft_model(clone_of(model), config)
+
+
+def d9d_variant(model: LlamaForCausalLM, args: argparse.Namespace, dropout: float, peft_model) -> torch.nn.Module:
+    twin = clone_of(model)
+    # PEFT keeps adapters in float32 on a 16-bit base (autocast_adapter_dtype); d9d gets the same.
+    params = LoRAParameters(r=args.rank, alpha=args.alpha, dropout=dropout, dtype="float32")
+    pattern = re.compile(rf".*\.({'|'.join(PROJECTIONS)})")
+    inject_peft_and_freeze(peft_method_from_config(LoRAConfig(module_name_pattern=pattern, params=params)), twin)
+    twin.enable_input_require_grads()
+    # The same adapter weights as PEFT's, with B non-zero so that the adapters act.
+    peft_layers = {
+        name.removeprefix("base_model.model."): module
+        for name, module in peft_model.named_modules()
+        if hasattr(module, "lora_A")
+    }
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, layer in twin.named_modules():
+            if isinstance(layer, LoRALinear):
+                source = peft_layers[name]
+                source.lora_B["default"].weight.copy_(
+                    torch.randn(source.lora_B["default"].weight.shape, generator=generator) * 0.01
+                )
+                layer.lora_A.copy_(source.lora_A["default"].weight)
+                layer.lora_B.copy_(source.lora_B["default"].weight)
+    return twin
+
+
+class Step:
+    """One forward + backward of a variant on a fixed batch."""
+
+    def __init__(self, model: torch.nn.Module, input_ids: torch.Tensor) -> None:
+        self.model = model.train()
+        self.input_ids = input_ids
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def loss(self) -> torch.Tensor:
+        return self.model(input_ids=self.input_ids, labels=self.input_ids).loss
+
+    def __call__(self) -> None:
+        self.loss().backward()
+        for p in self.trainable:
+            p.grad = None
+
+    def saved_bytes(self) -> int:
+        params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params and storage.data_ptr() != 0:
+                seen[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = self.loss()
+        loss.backward()
+        for p in self.trainable:
+            p.grad = None
+        return sum(seen.values())
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def check_same_outputs(steps: dict[str, Step], dropouts: list[float]) -> float:
+    """Largest relative difference of the eval-mode logits of PEFT and d9d (dropout off): the same model."""
+    worst = 0.0
+    with torch.no_grad():
+        for p in dropouts:
+            outputs = []
+            for name in (f"peft {p:g}", f"d9d {p:g}"):
+                model = steps[name].model.eval()
+                outputs.append(model(input_ids=steps[name].input_ids[:, :64]).logits.float())
+                model.train()
+            worst = max(worst, ((outputs[0] - outputs[1]).abs().max() / outputs[0].abs().max()).item())
+    return worst
+
+
+def run(args: argparse.Namespace, dtype_name: str) -> str:
+    dtype = DTYPES[dtype_name]
+    model = base_model(args, dtype)
+    dropouts = [0.0, args.dropout]
+    torch.manual_seed(2)
+    input_ids = torch.randint(0, args.vocab, (args.tokens // args.seq, args.seq), device=args.device)
+    steps = {"frozen": Step(clone_of(model), input_ids)}
+    for p in dropouts:
+        peft_model = peft_variant(model, args, p)
+        steps[f"d9d {p:g}"] = Step(d9d_variant(model, args, p, peft_model), input_ids)
+        steps[f"peft {p:g}"] = Step(peft_model, input_ids)
+    difference = check_same_outputs(steps, dropouts)
+    saved = {name: step.saved_bytes() for name, step in steps.items()}
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    order = random.Random(0)
+    for _ in range(args.repeats):
+        for name in order.sample(list(steps), len(steps)):
+            synchronize(args.device)
+            start = time.perf_counter()
+            steps[name]()
+            synchronize(args.device)
+            times[name].append(time.perf_counter() - start)
+
+    def ratio(a: str, b: str) -> tuple[float, float, float]:
+        """Speed of a over b: median, min and max over repeats of b's time / a's time in the same repeat."""
+        ratios = [tb / ta for ta, tb in zip(times[a], times[b], strict=True)]
+        return statistics.median(ratios), min(ratios), max(ratios)
+
+    def fmt(r: tuple[float, float, float]) -> str:
+        return f"{r[0]:.3f}x ({r[1]:.2f} to {r[2]:.2f})"
+
+    frozen_tps = args.tokens / statistics.median(times["frozen"])
+    lines = [
+        f"### {dtype_name}",
+        "",
+        f"{args.device}, {dtype_name}, {cpu_model() if args.device == 'cpu' else torch.cuda.get_device_name()}, "
+        f"capability {torch.backends.cpu.get_cpu_capability()} (d9d kernels: {cpu_kernels_capability()}), "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}. LlamaForCausalLM: hidden {args.hidden}, "
+        f"{args.layers} layers, intermediate {args.intermediate}, {args.heads} heads, vocab {args.vocab}; "
+        f"{args.tokens} tokens per step ({args.tokens // args.seq} x {args.seq}); LoRA r = {args.rank}, alpha = "
+        f"{args.alpha:g} on {', '.join(PROJECTIONS)} (float32 adapters). {args.repeats} repeats after {args.warmup} "
+        f"warm-up step(s), every variant once per repeat in a shuffled order; ratios are medians of per-repeat "
+        f"ratios (smallest to largest in parentheses). PEFT and d9d eval-mode logits differ by at most "
+        f"{difference:.1e} of their largest magnitude (same weights).",
+        "",
+        "| dropout | variant | tokens/s | speed vs PEFT | speed vs frozen | saved for backward |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+        f"| - | frozen (no adapters) | {frozen_tps:.0f} | - | 1 | {saved['frozen'] / 2**20:.0f} MiB |",
+    ]
+    verdicts = []
+    for p in dropouts:
+        for variant in ("peft", "d9d"):
+            name = f"{variant} {p:g}"
+            tps = args.tokens / statistics.median(times[name])
+            vs_peft = fmt(ratio(name, f"peft {p:g}")) if variant == "d9d" else "1"
+            lines.append(
+                f"| {p:g} | {variant} | {tps:.0f} | {vs_peft} | {fmt(ratio(name, 'frozen'))} | "
+                f"{saved[name] / 2**20:.0f} MiB |"
+            )
+        target = 1.3 if p > 0 else 1.1
+        vs_peft, vs_frozen = ratio(f"d9d {p:g}", f"peft {p:g}")[0], ratio(f"d9d {p:g}", "frozen")[0]
+        verdicts.append(
+            f"dropout {p:g}: d9d >= {target}x PEFT: {'met' if vs_peft >= target else 'NOT met'} ({vs_peft:.2f}x); "
+            f"within 5% of frozen: {'met' if vs_frozen >= 0.95 else 'NOT met'} ({vs_frozen:.3f}x)"
+        )
+    lines += ["", f"Targets: {'; '.join(verdicts)}."]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, heading: str, command: str, body: str) -> None:
+    """Replaces the body of ``heading`` in ``path`` (up to the next ``## ``), or appends the section."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    if heading not in lines:
+        lines += ["", heading]
+    start = lines.index(heading) + 1
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
+    new = ["", f"Measured with `{command}`.", "", body, ""]
+    path.write_text("\n".join([*lines[:start], *new, *lines[end:]]).rstrip("\n") + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--intermediate", type=int, default=2816)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens per step")
+    parser.add_argument("--seq", type=int, default=512, help="sequence length (tokens / seq sequences per step)")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--alpha", type=float, default=32.0)
+    parser.add_argument("--dropout", type=float, default=0.05)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (0: leave as is)")
+    parser.add_argument("--write", type=Path, help="markdown file whose section gets the tables (e.g. BENCHMARKS.md)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tables = []
+    for name in args.dtypes.split(","):
+        tables.append(run(args, name))
+        print(tables[-1] + "\n", flush=True)  # each table as soon as it is measured
+    body = "\n\n".join(tables)
+    if args.write:
+        heading = "## Whole model (CPU)" if args.device == "cpu" else "## Whole model (GPU)"
+        write_section(args.write, heading, "python " + " ".join(["scripts/bench_e2e.py", *sys.argv[1:]]), body)
+
+
+if __name__ == "__main__":
+    main()
