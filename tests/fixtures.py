@@ -5,6 +5,7 @@ Tests import from here (never from ``conftest``); ``conftest`` only turns these 
 
 import re
 
+import pytest
 import torch
 from torch import nn
 
@@ -15,6 +16,11 @@ from d9d.peft.lora import LoRAConfig, LoRAParameters
 ATTENTION_PROJECTIONS = r".*attention\..*_proj.*"
 """The README's LoRA pattern: every projection of the toy models' ``attention`` modules."""
 NORMS = r".*norm.*"
+
+NEEDS_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+"""Marks of a test (or a parameter) that runs on a CUDA device only; it skips cleanly elsewhere."""
+DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
+"""The devices every op test runs on."""
 
 
 def lora(pattern: str | re.Pattern = ATTENTION_PROJECTIONS, r: int = 4, alpha: float = 8, **params) -> LoRAConfig:

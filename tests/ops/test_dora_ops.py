@@ -5,13 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from d9d.ops import dora_linear, dora_merge_, dora_weight_norm
+from tests.fixtures import DEVICES
 
 pytestmark = pytest.mark.local
 
-CUDA = pytest.param(
-    "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-)
-DEVICES = ["cpu", CUDA]
 TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float64: 1e-12}
 
 

@@ -12,13 +12,10 @@ import torch.nn.functional as F
 from d9d.ops import lora_linear
 from d9d.ops._registration import draw_seed
 from d9d.ops.lora import dropout_mask
+from tests.fixtures import DEVICES
 
 pytestmark = pytest.mark.local
 
-CUDA = pytest.param(
-    "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-)
-DEVICES = ["cpu", CUDA]
 # Largest error against the float64 reference, relative to the reference's largest magnitude: the reduced
 # precision dtypes round x, the adapters and the intermediates (xa, s * dy B, or W + s B A) once each.
 TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}

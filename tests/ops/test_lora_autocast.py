@@ -7,16 +7,11 @@ from torch import nn
 
 from d9d.peft.lora.config import LoRAParameters
 from d9d.peft.lora.layer import LoRALinear
+from tests.fixtures import NEEDS_CUDA
 
 pytestmark = pytest.mark.local
 
-CUDA_AUTOCAST = [
-    pytest.param(
-        dtype,
-        marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
-    )
-    for dtype in (torch.float16, torch.bfloat16)
-]
+CUDA_AUTOCAST = [pytest.param(dtype, marks=NEEDS_CUDA) for dtype in (torch.float16, torch.bfloat16)]
 
 
 def make_lora(in_features, out_features, device="cpu"):

@@ -4,17 +4,14 @@ import pytest
 import torch
 
 from d9d.ops import lora_merge_
+from tests.fixtures import DEVICES
 
 pytestmark = pytest.mark.local
 
-CUDA = pytest.param(
-    "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-)
-DEVICES = ["cpu", CUDA]
 TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float64: 1e-12}
 
 
-def make_inputs(dtype, adapter_dtype, device, out_features=12, in_features=10, rank=3):
+def merge_inputs(dtype, adapter_dtype, device, out_features=12, in_features=10, rank=3):
     weight = torch.randn(out_features, in_features, dtype=dtype, device=device)
     lora_A = torch.randn(rank, in_features, dtype=adapter_dtype, device=device)
     lora_B = torch.randn(out_features, rank, dtype=adapter_dtype, device=device)
@@ -25,7 +22,7 @@ def make_inputs(dtype, adapter_dtype, device, out_features=12, in_features=10, r
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("adapter_dtype", [torch.float32, None])
 def test_merge_and_merge_with_negative_scale_match_reference(device, dtype, adapter_dtype):
-    weight, lora_A, lora_B = make_inputs(dtype, adapter_dtype or dtype, device)
+    weight, lora_A, lora_B = merge_inputs(dtype, adapter_dtype or dtype, device)
     original = weight.clone()
     delta = 0.75 * lora_B.double() @ lora_A.double()
     tol = TOLERANCES[dtype] * max(1.0, delta.abs().max().item())
@@ -59,7 +56,7 @@ def test_merge_works_on_a_non_contiguous_weight():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
-    weight, lora_A, lora_B = make_inputs(torch.float32, torch.float32, device)
+    weight, lora_A, lora_B = merge_inputs(torch.float32, torch.float32, device)
     torch.library.opcheck(torch.ops.d9d.lora_merge_.default, (weight.clone(), lora_A, lora_B, 0.5))
 
 
@@ -69,7 +66,7 @@ def test_merge_is_registered_once_for_every_device():
     assert has_kernel("d9d::lora_merge_", "CompositeExplicitAutograd")
     assert not has_kernel("d9d::lora_merge_", "CPU")
     assert not has_kernel("d9d::lora_merge_", "CUDA")
-    weight, lora_A, lora_B = (t.to("meta") for t in make_inputs(torch.float32, torch.float32, "cpu"))
+    weight, lora_A, lora_B = (t.to("meta") for t in merge_inputs(torch.float32, torch.float32, "cpu"))
     lora_merge_(weight, lora_A, lora_B, 0.5)
     assert weight.shape == (12, 10)
 
