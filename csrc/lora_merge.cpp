@@ -1,5 +1,5 @@
-// The merge op W += s B A: pure ATen, so one CompositeExplicitAutograd kernel serves every device (and DTensor's
-// sharding rule in d9d/ops/sharding.py runs it on the local shards).
+// The merge op W += s B A: pure ATen, so one CompositeExplicitAutograd kernel serves every device. merge_peft calls
+// it on local shards; a direct call on DTensors goes through the sharding rule in d9d/ops/sharding.py.
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>

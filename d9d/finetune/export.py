@@ -32,7 +32,10 @@ def export_peft(built: BuiltModel, source: ModelSource, dest: Path) -> tuple[Pat
     try:
         return save_peft_adapter(built.model, dest, **kwargs), ""
     except ValueError as e:
-        path = save_peft_adapter(built.model, dest, include_modules_to_save=False, **kwargs)
+        try:
+            path = save_peft_adapter(built.model, dest, include_modules_to_save=False, **kwargs)
+        except ValueError as lora_only:  # e.g. a stack mixing DoRA and plain LoRA: PEFT has one use_dora
+            return None, f"no PEFT adapter written ({lora_only}); the merged export holds everything"
         return path, f"PEFT adapter holds LoRA only; fully-tuned weights are in the merged export ({e})"
 
 

@@ -34,6 +34,14 @@ def test_plan_of_injected_demo_model_splits_attention_and_mlp() -> None:
     assert plan == {}  # embeddings, norms and the LM head stay whole
 
 
+
+def test_plan_refuses_dora_layers_by_name() -> None:
+    model = TinyLlama()
+    inject_peft_and_freeze(LoRA.from_config(LoRAConfig(module_name_pattern=re.compile(r".*q_proj"),
+                                                       params=LoRAParameters(r=2, alpha=4, use_dora=True))), model)
+    with pytest.raises(ValueError, match=r"'layers\.0\.attention\.q_proj' is a DoRALinear"):
+        tensor_parallel_plan(model)
+
 def test_plan_of_hugging_face_llama_on_meta() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 

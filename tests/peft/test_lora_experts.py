@@ -1,5 +1,6 @@
 """Expert LoRA on transformers v5 fused experts: the math, routing, freezing, merge, and PEFT interop both ways."""
 
+import json
 import re
 
 import pytest
@@ -196,3 +197,18 @@ def test_expert_adapter_of_another_expert_count_is_refused_naming_the_key(tmp_pa
                                          r"fit the model's parameter"):
         load_peft_adapter(other, tmp_path / "adapter")
     assert torch.equal(other.model.layers[0].mlp.experts.gate_up_lora_A, before)
+
+
+def test_expert_adapter_with_another_alpha_for_one_parameter_is_refused(tmp_path):
+    """PEFT scales each targeted parameter by its own alpha_pattern entry: down_proj's is checked too."""
+    model = _injected()
+    adapter = save_peft_adapter(model, tmp_path / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    experts = next(name for name, layer in adapter_layers(model).items() if isinstance(layer, LoRAExperts))
+    down = f"{experts}.down_proj"
+    config["alpha_pattern"] = {**(config.get("alpha_pattern") or {}), re.escape(down): 2 * config["lora_alpha"]}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    before = model.model.layers[0].mlp.experts.down_lora_A.detach().clone()
+    with pytest.raises(ValueError, match=r"experts\.down_proj' has scale .* in the adapter but"):
+        load_peft_adapter(model, adapter)
+    assert torch.equal(model.model.layers[0].mlp.experts.down_lora_A, before)

@@ -64,6 +64,12 @@ def local_runs(t: DTensor) -> Runs:
     return tuple(runs)
 
 
+def local_indices(t: DTensor, dim: int) -> torch.Tensor:
+    """The global indices along ``dim`` that this rank's local tensor of ``t`` holds, in local order (int64)."""
+    runs = local_runs(t)[dim]
+    return torch.cat([torch.arange(start, stop) for start, stop in runs]) if runs else torch.empty(0, dtype=torch.long)
+
+
 def as_runs(indices: list[int]) -> tuple[Run, ...]:
     """Consecutive increasing indices grouped into ``[start, stop)`` runs, keeping their order."""
     runs: list[Run] = []

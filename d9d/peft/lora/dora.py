@@ -33,6 +33,10 @@ class DoRALinear(LoRALinear):
         if not is_meta(base_layer.weight):
             self.init_from_base()
 
+    # No tensor-parallel layout: the magnitude and the row-norm ops have no split rule, so tensor_parallel_plan
+    # refuses a DoRA layer by name instead of inheriting LoRALinear's layout (FSDP2 and HSDP shard DoRA fine).
+    tensor_parallel_placements = None
+
     def adapter_parameter_names(self) -> tuple[str, ...]:
         return ("lora_A", "lora_B", "lora_magnitude")
 

@@ -1,10 +1,10 @@
 """Folding a LoRA or DoRA update into a weight that may be a sharded DTensor."""
 
 import torch
-from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.placement_types import _StridedShard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from d9d.dtensor import full_tensor, local_part
+from d9d.model_state.io.pieces import is_shard_like, local_indices
 from d9d.ops import dora_merge_, dora_weight_norm, lora_merge_
 
 
@@ -25,39 +25,13 @@ def merge_lora_weight_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch
     if not isinstance(weight, DTensor):
         lora_merge_(weight, full_tensor(lora_A), full_tensor(lora_B), scale)
         return
-    if any(not (isinstance(p, Replicate) or (_is_shard(p) and p.dim in (0, 1))) for p in weight.placements):
+    if any(not (isinstance(p, Replicate) or (is_shard_like(p) and p.dim in (0, 1))) for p in weight.placements):
         raise ValueError(f"cannot merge LoRA into a weight placed as {weight.placements}; expected shards of dim 0 "
                          "or 1, or replicas, on each mesh dimension")
     A, B = full_tensor(lora_A), full_tensor(lora_B)  # collectives: every rank gathers the same adapters
     local = weight.to_local()
-    out, inp = weight.shape  # the global shape
-    rows = _local_indices(weight, dim=0, size=out)
-    cols = _local_indices(weight, dim=1, size=inp)
+    rows, cols = local_indices(weight, 0).to(local.device), local_indices(weight, 1).to(local.device)
     lora_merge_(local, A.to(local.device)[:, cols], B.to(local.device)[rows], scale)
-
-
-def _local_indices(weight: DTensor, dim: int, size: int) -> torch.Tensor:
-    """The global indices along ``dim`` that ``weight``'s local shard holds, in local order.
-
-    ``arange(size)`` is cut as ``weight`` is cut along ``dim`` (shards of the other dim become replicas), locally:
-    no communication.
-    """
-    placements = [_index_placement(p, dim) for p in weight.placements]
-    index = torch.arange(size, device=weight.to_local().device)
-    return distribute_tensor(index, weight.device_mesh, placements, src_data_rank=None).to_local()
-
-
-def _index_placement(p: Placement, dim: int) -> Placement:
-    """How a 1-D index vector along ``dim`` is laid out where the weight has placement ``p``."""
-    if not _is_shard(p):
-        return p
-    if p.dim != dim:
-        return Replicate()
-    return _StridedShard(0, split_factor=p.split_factor) if isinstance(p, _StridedShard) else Shard(0)
-
-
-def _is_shard(p: Placement) -> bool:
-    return isinstance(p, Shard | _StridedShard)  # _StridedShard (FSDP2 on top of TP) is no Shard subclass
 
 
 def _row_local(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,

@@ -313,11 +313,13 @@ def load_peft_adapter(model: nn.Module, src_dir: str | os.PathLike, check_scale:
         for name, layer in lora.items():
             ours = layer.peft_spec().options
             ours_scale = ours["lora_alpha"] / (math.sqrt(ours["r"]) if ours["use_rslora"] else ours["r"])
-            targets = layer.peft_spec().target_parameters
-            scale = _peft_scale(config, f"{name}.{targets[0]}" if targets else name, ours["r"])
-            if not math.isclose(scale, ours_scale, rel_tol=1e-6):
-                raise ValueError(f"{config_path}: LoRA layer {name!r} has scale {scale:g} in the adapter but "
-                                 f"{ours_scale:g} in the model (check lora_alpha, r and use_rslora)")
+            # PEFT looks alpha_pattern up per target: the module, or each targeted parameter of it.
+            targets = [f"{name}.{p}" for p in layer.peft_spec().target_parameters] or [name]
+            for target in targets:
+                scale = _peft_scale(config, target, ours["r"])
+                if not math.isclose(scale, ours_scale, rel_tol=1e-6):
+                    raise ValueError(f"{config_path}: LoRA layer {target!r} has scale {scale:g} in the adapter but "
+                                     f"{ours_scale:g} in the model (check lora_alpha, alpha_pattern, r and use_rslora)")
     renames = {key: target for key, (target, from_peft) in sources.items() if from_peft is None}
     relayouts = [_FromPeftLayout(key, target, from_peft) for key, (target, from_peft) in sources.items() if from_peft]
     mapper = ModelStateMapperParallel([ModelStateMapperRename(renames), *relayouts])
