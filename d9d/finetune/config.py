@@ -143,7 +143,7 @@ class OptimizerConfig(_Strict):
 
 
 class CheckpointConfig(_Strict):
-    """Adapter checkpoints (trainable parameters, optimizer state, step) as safetensors + JSON, loaded without pickle."""
+    """Adapter checkpoints (trainable parameters, optimizer state, step): safetensors + JSON, loaded without pickle."""
 
     dir: Path | None = Field(default=None, description="Checkpoint folder; None: <work_dir>/checkpoints.")
     interval: int = Field(default=0, ge=0, description="Save every N steps (and at the end); 0: only at the end.")

@@ -38,7 +38,7 @@ def _merge_sharding(weight, lora_A, lora_B, scale):
     return [
         ([], [Replicate(), Replicate(), Replicate(), None]),
         ([], [Shard(0), Replicate(), Shard(0), None]),  # FSDP2: W and B by rows, A gathered
-        ([], [Shard(1), Shard(1), Replicate(), None]),  # row-wise tensor parallel (input features split): W and A by columns
+        ([], [Shard(1), Shard(1), Replicate(), None]),  # row-wise TP (input features split): W and A by columns
     ]
 
 
