@@ -160,3 +160,11 @@ def test_bad_offsets_and_dtypes_are_refused_by_the_kernel_naming_the_op_and_argu
     with pytest.raises(RuntimeError, match=r"grouped_lora_merge_: scale must be finite"):
         torch.ops.d9d.grouped_lora_merge_(weight, lora_A, lora_B, float("nan"))
     assert torch.equal(weight, before)
+
+
+@pytest.mark.parametrize("op", ["grouped_lora_forward", "grouped_lora_backward", "grouped_lora_merge_"])
+def test_the_ops_are_cpp_kernels(op):
+    """The schema and the CPU kernel come from d9d._C (csrc/grouped_lora*.cpp); CUDA builds add a CUDA kernel."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"d9d::{op}", "CPU")
+    if torch.cuda.is_available():
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"d9d::{op}", "CUDA")
