@@ -181,7 +181,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward
   const at::Tensor x2d = x.contiguous();
   const at::Tensor gy = grad.contiguous();
   at::Tensor grad_x = at::empty({rows, s.in}, x2d.options());
-  at::Tensor grad_W = weight_grad ? at::zeros_like(weight, at::MemoryFormat::Contiguous) : at::empty({0}, weight.options());
+  at::Tensor grad_W =
+      weight_grad ? at::zeros_like(weight, at::MemoryFormat::Contiguous) : at::empty({0}, weight.options());
   // dA_e and dB_e / s are sums over the expert's blocks, in float32 for the 16-bit dtypes.
   const auto acc_options = x2d.options().dtype(accumulate_dtype(x2d.scalar_type()));
   const at::Tensor grad_A_acc = at::zeros({s.experts, s.r, s.in}, acc_options);

@@ -96,8 +96,9 @@ def grouped_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Ten
         scale: Multiplier of the LoRA term.
         dropout: Dropout probability on the LoRA branch's input, in ``[0, 1)``.
         training: Whether dropout is active.
-        seed: The dropout seed (a CPU int64 tensor of one element); drawn from torch's generator when ``None``.
-            Share one seed between calls that must draw the same mask.
+        seed: The dropout seed (a CPU int64 tensor of one element); drawn from torch's generator when ``None`` and
+            dropout is active. Share one seed between calls that must draw the same mask; the mask is
+            ``d9d.ops.lora.dropout_mask(x, dropout, seed)``.
 
     Returns:
         ``(rows, out)``.

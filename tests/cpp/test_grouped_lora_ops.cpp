@@ -22,7 +22,9 @@ at::Tensor grouped_lora_forward(const at::Tensor& x, const at::Tensor& weight, c
 }
 
 at::Tensor dropout_mask(const at::Tensor& x, double dropout, const at::Tensor& seed) {
-  return op("d9d::dropout_mask").typed<at::Tensor(const at::Tensor&, double, const at::Tensor&)>().call(x, dropout, seed);
+  return op("d9d::dropout_mask")
+      .typed<at::Tensor(const at::Tensor&, double, const at::Tensor&)>()
+      .call(x, dropout, seed);
 }
 
 // Experts 0..3 own 3, 0, 5 and 2 rows; the reference loops over them in float64.
