@@ -49,10 +49,11 @@ import torch
 (library,) = glob.glob(f"{sys.argv[1]}/d9d/_C*.so")
 spec = importlib.util.spec_from_file_location("d9d._C", library)
 spec.loader.exec_module(importlib.util.module_from_spec(spec))  # the Python entry point loads and registers the ops
-ops = ["lora_forward", "lora_backward", "dropout_mask"]
+ops = ["lora_forward", "lora_backward", "dropout_mask", "grouped_lora_forward", "grouped_lora_backward",
+       "grouped_lora_merge_"]
 expected = [(op, key) for op in ops for key in ("CPU", "CUDA")]
 expected += [("lora_forward", "AutocastCPU"), ("lora_forward", "AutocastCUDA")]
-expected += [("lora_merge_", "CompositeExplicitAutograd")]
+expected += [(op, "CompositeExplicitAutograd") for op in ("lora_merge_", "dora_weight_norm", "dora_merge_")]
 missing = [
     f"{op} ({key})" for op, key in expected if not torch._C._dispatch_has_kernel_for_dispatch_key(f"d9d::{op}", key)
 ]

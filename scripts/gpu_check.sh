@@ -38,7 +38,8 @@ start=$(date +%s)
 echo "built in $(( $(date +%s) - start )) s"
 "$PY" -c '
 import torch, d9d._C
-for op in ("lora_forward", "lora_backward", "dropout_mask"):
+for op in ("lora_forward", "lora_backward", "dropout_mask", "grouped_lora_forward", "grouped_lora_backward",
+           "grouped_lora_merge_"):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"d9d::{op}", "CUDA"), op
 assert torch._C._dispatch_has_kernel_for_dispatch_key("d9d::lora_forward", "AutocastCUDA")
 assert torch._C._dispatch_has_kernel_for_dispatch_key("d9d::lora_merge_", "CompositeExplicitAutograd")
