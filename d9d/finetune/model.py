@@ -118,60 +118,46 @@ def _prepare_minilm(source: PackagedMiniLMSource, path: Path) -> None:
 
 def _generate_llama(source: GeneratedLlamaSource, path: Path) -> None:
     """Creates the seeded Llama-style model and writes it (sharded) with the MiniLM tokenizer, atomically."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    spec = source.model_dump(mode="json")
-    if _is_prepared(path, spec):
-        return
-    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=source.hidden_size,
-        intermediate_size=source.intermediate_size,
-        num_hidden_layers=source.num_layers,
-        num_attention_heads=source.num_heads,
-        num_key_value_heads=source.num_kv_heads,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.cls_token_id,
-        eos_token_id=tokenizer.sep_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    rng_state = torch.random.get_rng_state()
-    torch.manual_seed(source.init_seed)
-    model = LlamaForCausalLM(config)
-    torch.random.set_rng_state(rng_state)
-    _save_atomically(model, tokenizer, path, spec, source.max_shard_size_mb)
+    _generate(source, path, LlamaConfig, LlamaForCausalLM, intermediate_size=source.intermediate_size)
 
 
 def _generate_qwen3_moe(source: GeneratedQwen3MoeSource, path: Path) -> None:
     """Creates the seeded Qwen3-MoE model (fused 3-D experts) and writes it with the MiniLM tokenizer, atomically."""
-    from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    _generate(source, path, Qwen3MoeConfig, Qwen3MoeForCausalLM, intermediate_size=source.moe_intermediate_size,
+              moe_intermediate_size=source.moe_intermediate_size, head_dim=source.head_dim,
+              num_experts=source.num_experts, num_experts_per_tok=source.num_experts_per_tok)
+
+
+def _generate(source: GeneratedLlamaSource | GeneratedQwen3MoeSource, path: Path, config_class, model_class,
+              **architecture) -> None:
+    """Builds ``model_class`` from the source's common sizes plus ``architecture``, initialized from the source's
+    seed (the caller's RNG state is kept), and writes it with the MiniLM tokenizer, atomically."""
+    from transformers import AutoTokenizer
 
     spec = source.model_dump(mode="json")
     if _is_prepared(path, spec):
         return
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
-    config = Qwen3MoeConfig(
+    config = config_class(
         vocab_size=len(tokenizer),
         hidden_size=source.hidden_size,
-        intermediate_size=source.moe_intermediate_size,
-        moe_intermediate_size=source.moe_intermediate_size,
         num_hidden_layers=source.num_layers,
         num_attention_heads=source.num_heads,
         num_key_value_heads=source.num_kv_heads,
-        head_dim=source.head_dim,
-        num_experts=source.num_experts,
-        num_experts_per_tok=source.num_experts_per_tok,
         max_position_embeddings=512,
         tie_word_embeddings=False,
         bos_token_id=tokenizer.cls_token_id,
         eos_token_id=tokenizer.sep_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **architecture,
     )
     rng_state = torch.random.get_rng_state()
     torch.manual_seed(source.init_seed)
-    model = Qwen3MoeForCausalLM(config)
+    model = model_class(config)
     torch.random.set_rng_state(rng_state)
     _save_atomically(model, tokenizer, path, spec, source.max_shard_size_mb)
 
