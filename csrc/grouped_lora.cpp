@@ -78,19 +78,6 @@ std::vector<int64_t> expert_ends(const char* op, const at::Tensor& offsets, int6
   return ends;
 }
 
-DropoutSpec make_spec(const char* op, double dropout, const at::Tensor& seed) {
-  TORCH_CHECK(std::isfinite(dropout) && dropout >= 0.0 && dropout < 1.0, op, ": dropout must be in [0, 1), got ",
-              dropout);
-  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(), op,
-              ": seed must be a CPU int64 tensor with one element, got ", seed.scalar_type(), " ", seed.sizes(),
-              " on ", seed.device());
-  DropoutSpec spec;
-  spec.seed = static_cast<uint64_t>(seed.contiguous().const_data_ptr<int64_t>()[0]);
-  spec.threshold = static_cast<uint32_t>(std::llround(dropout * kMaskLevels));
-  spec.scale = 1.0 / (1.0 - dropout);
-  return spec;
-}
-
 int64_t block_rows(const GroupedKernels& kernels, int64_t rows, int64_t width) {
   return std::max<int64_t>(1, std::min<int64_t>(rows, kernels.block_elements / std::max<int64_t>(width, 1)));
 }
@@ -129,7 +116,7 @@ at::Tensor grouped_lora_forward(const GroupedKernels& kernels, const at::Tensor&
                                 double scale, double dropout, const at::Tensor& seed) {
   constexpr const char* op = "grouped_lora_forward";
   const Shape s = check_apply(op, x, weight, lora_A, lora_B, scale);
-  const DropoutSpec spec = make_spec(op, dropout, seed);
+  const DropoutSpec spec = make_dropout_spec(op, dropout, seed);
   const int64_t rows = x.size(0);
   const std::vector<int64_t> ends = expert_ends(op, offsets, s.experts, rows);
 
@@ -175,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_lora_backward
   TORCH_CHECK(grad.device() == x.device() && grad.scalar_type() == x.scalar_type(), op,
               ": grad must have x's device and dtype ", x.device(), " ", x.scalar_type(), ", got ", grad.device(), " ",
               grad.scalar_type());
-  const DropoutSpec spec = make_spec(op, dropout, seed);
+  const DropoutSpec spec = make_dropout_spec(op, dropout, seed);
   const std::vector<int64_t> ends = expert_ends(op, offsets, s.experts, rows);
 
   const at::Tensor x2d = x.contiguous();

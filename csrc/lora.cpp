@@ -15,6 +15,19 @@ bool is_supported_dtype(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble;
 }
 
+DropoutSpec make_dropout_spec(const char* op, double dropout, const at::Tensor& seed) {
+  TORCH_CHECK(std::isfinite(dropout) && dropout >= 0.0 && dropout < 1.0, op, ": dropout must be in [0, 1), got ",
+              dropout);
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(), op,
+              ": seed must be a CPU int64 tensor with one element, got ", seed.scalar_type(), " ", seed.sizes(),
+              " on ", seed.device());
+  DropoutSpec spec;
+  spec.seed = static_cast<uint64_t>(seed.contiguous().data_ptr<int64_t>()[0]);
+  spec.threshold = static_cast<uint32_t>(std::llround(dropout * kMaskLevels));
+  spec.scale = 1.0 / (1.0 - dropout);
+  return spec;
+}
+
 int64_t check_adapters(const char* op, const at::Tensor& lora_A, const at::Tensor& lora_B, int64_t in, int64_t out,
                        const char* in_from) {
   TORCH_CHECK(lora_A.dim() == 2 && lora_A.size(1) == in, op, ": lora_A must be r x in (2D with in == ", in_from,
@@ -49,19 +62,6 @@ std::tuple<int64_t, int64_t, int64_t> check_apply(const char* op, const at::Tens
   check_same(op, "lora_A", lora_A, x);
   check_same(op, "lora_B", lora_B, x);
   return {in, out, r};
-}
-
-DropoutSpec make_spec(const char* op, double dropout, const at::Tensor& seed) {
-  TORCH_CHECK(std::isfinite(dropout) && dropout >= 0.0 && dropout < 1.0, op, ": dropout must be in [0, 1), got ",
-              dropout);
-  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(), op,
-              ": seed must be a CPU int64 tensor with one element, got ", seed.scalar_type(), " ", seed.sizes(),
-              " on ", seed.device());
-  DropoutSpec spec;
-  spec.seed = static_cast<uint64_t>(seed.contiguous().data_ptr<int64_t>()[0]);
-  spec.threshold = static_cast<uint32_t>(std::llround(dropout * kMaskLevels));
-  spec.scale = 1.0 / (1.0 - dropout);
-  return spec;
 }
 
 // Rows per block: about kernels.block_elements elements of the widest row-major operand.
@@ -114,7 +114,7 @@ at::Tensor lora_forward(const DeviceKernels& kernels, const at::Tensor& x, const
     check_same(op, "bias", *bias, x);
   }
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
-  const DropoutSpec spec = make_spec(op, dropout, seed);
+  const DropoutSpec spec = make_dropout_spec(op, dropout, seed);
 
   const at::Tensor x2d = x.reshape({-1, in}).contiguous();
   const int64_t rows = x2d.size(0);
@@ -174,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels
               x.sizes());
   check_same(op, "grad_y", grad_y, x);
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
-  const DropoutSpec spec = make_spec(op, dropout, seed);
+  const DropoutSpec spec = make_dropout_spec(op, dropout, seed);
 
   const at::Tensor x2d = x.reshape({-1, in}).contiguous();
   const int64_t rows = x2d.size(0);
@@ -276,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels
 at::Tensor dropout_mask(const DeviceKernels& kernels, const at::Tensor& x, double dropout, const at::Tensor& seed) {
   constexpr const char* op = "dropout_mask";
   TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension (..., in), got ", x.sizes());
-  const DropoutSpec spec = make_spec(op, dropout, seed);
+  const DropoutSpec spec = make_dropout_spec(op, dropout, seed);
   at::Tensor mask = at::empty(x.sizes(), x.options().dtype(at::kBool));
   if (mask.numel() > 0) {
     kernels.mask_rows(mask.view({-1, x.size(-1)}), spec);

@@ -81,6 +81,9 @@ bool is_supported_dtype(at::ScalarType dtype);
 int64_t check_adapters(const char* op, const at::Tensor& lora_A, const at::Tensor& lora_B, int64_t in, int64_t out,
                        const char* in_from);
 
+// The dropout of `op` checked (0 <= p < 1, a one-element CPU int64 seed) and turned into the kernels' form.
+DropoutSpec make_dropout_spec(const char* op, double dropout, const at::Tensor& seed);
+
 // The keep mask (bool, x's shape) that lora_forward and lora_backward use for this seed and dropout.
 at::Tensor dropout_mask(const DeviceKernels& kernels, const at::Tensor& x, double dropout, const at::Tensor& seed);
 
