@@ -29,12 +29,13 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int kVecs = static_cast<int>(kPanel) / Vec::size();  // vectors per panel row
 static_assert(kVecs >= 1 && kVecs * Vec::size() == kPanel, "a panel must be a whole number of vectors");
 
-// Blocking per register file, so that accumulators, the panel row and a broadcast stay in registers:
+// Blocking per register file, so that accumulators, a panel row and a broadcast stay in registers:
 //   panel_mm:          kMmRows * kVecs accumulators + kVecs panel vectors + 1 broadcast;
 //   panel_accumulate:  kAccCols * kVecs accumulators + kVecs panel vectors + 1 broadcast;
 //   fold_rows:         kFoldRows * kFoldVecs accumulators + kFoldVecs rows of A + 1 broadcast.
+// About 8 independent accumulators cover the FMA latency at two FMAs per cycle.
 #if defined(CPU_CAPABILITY_AVX512)  // 32 registers of 16 floats
-constexpr int kMmRows = 4, kAccCols = 16, kFoldRows = 4, kFoldVecs = 4;
+constexpr int kMmRows = 8, kAccCols = 16, kFoldRows = 4, kFoldVecs = 4;
 #elif defined(CPU_CAPABILITY_AVX2)  // 16 registers of 8 floats
 constexpr int kMmRows = 4, kAccCols = 6, kFoldRows = 4, kFoldVecs = 2;
 #elif defined(__aarch64__)  // NEON: 32 registers of 4 floats
@@ -72,17 +73,20 @@ inline void rows_times_panel(const float* p, int64_t ldp, int64_t depth, const f
   }
 }
 
-// acc[k, :kPanel] += sum_i p[i, k] q[i, :kPanel] for the J columns k starting at p, over `rows` rows.
-template <int J>
+// acc[k, :kPanel] += sum_i p[i, k] q[i, :kPanel] for the J columns k starting at p, over `rows` rows (G of them when
+// G > 0, a compile-time count that the compiler unrolls).
+template <int J, int G>
 inline void columns_times_panel(const float* p, int64_t ldp, int64_t rows, const float* q, int64_t ldq, float* acc,
                                 int64_t lda) {
   Vec sums[J][kVecs];
   for (int col = 0; col < J; ++col) {
     for (int v = 0; v < kVecs; ++v) {
-      sums[col][v] = Vec(0.0f);
+      sums[col][v] = Vec::loadu(acc + col * lda + v * Vec::size());
     }
   }
-  for (int64_t i = 0; i < rows; ++i) {
+  const int64_t count = G > 0 ? G : rows;
+#pragma GCC unroll 8
+  for (int64_t i = 0; i < count; ++i) {
     Vec qi[kVecs];
     for (int v = 0; v < kVecs; ++v) {
       qi[v] = Vec::loadu(q + i * ldq + v * Vec::size());
@@ -97,8 +101,7 @@ inline void columns_times_panel(const float* p, int64_t ldp, int64_t rows, const
   }
   for (int col = 0; col < J; ++col) {
     for (int v = 0; v < kVecs; ++v) {
-      float* a = acc + col * lda + v * Vec::size();
-      (Vec::loadu(a) + sums[col][v]).store(a);
+      sums[col][v].store(acc + col * lda + v * Vec::size());
     }
   }
 }
@@ -115,15 +118,38 @@ void panel_mm(const float* p, int64_t ldp, int64_t n, int64_t depth, const float
   }
 }
 
+// panel_accumulate takes the rows kAccRows at a time and the columns in chunks of kAccChunk. Walking one tile of
+// columns down all the rows of a block instead would step by the row stride, which for power-of-two widths maps every
+// row to the same L1 set; a few rows at a time stay within the set's ways, and the chunk's sums (kAccChunk x kPanel
+// floats, 16 KiB) stay in L1 between the groups of rows.
+constexpr int64_t kAccRows = 8;
+constexpr int64_t kAccChunk = kAccCols * (256 / kAccCols);
+
+// Columns [k0, k1) of acc += p^T q for the rows of p and q given (G of them when G > 0).
+template <int G>
+inline void accumulate_rows(const float* p, int64_t ldp, int64_t rows, int64_t k0, int64_t k1, const float* q,
+                            int64_t rp, float* acc) {
+  int64_t k = k0;
+  for (; k + kAccCols <= k1; k += kAccCols) {
+    columns_times_panel<kAccCols, G>(p + k, ldp, rows, q, rp, acc + k * rp, rp);
+  }
+  for (; k < k1; ++k) {
+    columns_times_panel<1, G>(p + k, ldp, rows, q, rp, acc + k * rp, rp);
+  }
+}
+
 void panel_accumulate(const float* p, int64_t ldp, int64_t n, int64_t depth, const float* q, int64_t rp,
                       float* acc) {
   for (int64_t c = 0; c < rp; c += kPanel) {
-    int64_t k = 0;
-    for (; k + kAccCols <= depth; k += kAccCols) {
-      columns_times_panel<kAccCols>(p + k, ldp, n, q + c, rp, acc + k * rp + c, rp);
-    }
-    for (; k < depth; ++k) {
-      columns_times_panel<1>(p + k, ldp, n, q + c, rp, acc + k * rp + c, rp);
+    for (int64_t k0 = 0; k0 < depth; k0 += kAccChunk) {
+      const int64_t k1 = std::min(depth, k0 + kAccChunk);
+      int64_t i = 0;
+      for (; i + kAccRows <= n; i += kAccRows) {
+        accumulate_rows<kAccRows>(p + i * ldp, ldp, kAccRows, k0, k1, q + i * rp + c, rp, acc + c);
+      }
+      if (i < n) {
+        accumulate_rows<0>(p + i * ldp, ldp, n - i, k0, k1, q + i * rp + c, rp, acc + c);
+      }
     }
   }
 }
