@@ -128,13 +128,14 @@ def run_layout(work: Path, layout: str) -> None:
         written.append(Path(path).name)
         return original_save(tensors, path, *args, **kwargs)
 
-    saved = DTensor.full_tensor, dist.send, dist.recv, save_module.save_file
+    saved = DTensor.full_tensor, dist.send, dist.recv, save_module.save_file, save_module._CHUNK_BYTES
     original_save = save_module.save_file
     DTensor.full_tensor, dist.send, dist.recv, save_module.save_file = refuse, refuse, refuse, recording_save
+    save_module._CHUNK_BYTES = 16  # column pieces go in several chunks of a row or less, over several rounds
     try:
         save_model_state(out / "export", None, model, shard_size_gb=100e-9, show_progress=False)
     finally:
-        DTensor.full_tensor, dist.send, dist.recv, save_module.save_file = saved
+        DTensor.full_tensor, dist.send, dist.recv, save_module.save_file, save_module._CHUNK_BYTES = saved
     facts["written"] = written
     (out / f"facts{rank}.json").write_text(json.dumps(facts))
 

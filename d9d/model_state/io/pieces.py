@@ -7,6 +7,7 @@ reads with safetensors slices and that an export places into the full tensor.
 """
 
 import itertools
+import math
 from collections.abc import Iterator
 
 import torch
@@ -97,3 +98,18 @@ def blocks(runs: Runs) -> Iterator[tuple[tuple[slice, ...], tuple[slice, ...]]]:
         per_dim.append(entries)
     for combo in itertools.product(*per_dim):
         yield tuple(g for g, _ in combo), tuple(local for _, local in combo)
+
+
+def chunks(block: tuple[tuple[slice, ...], tuple[slice, ...]], itemsize: int,
+           limit: int) -> Iterator[tuple[tuple[slice, ...], tuple[slice, ...]]]:
+    """Splits a block ``(global slices, local slices)`` of a tensor of at least one dimension into parts of at
+    most ``limit`` bytes (one element at least), each contiguous in a row-major tensor of the block's shape:
+    slabs of the trailing dimensions, cut along the first dimension from which one slab fits."""
+    shape = [s.stop - s.start for s in block[0]]
+    dim = next((d for d in range(len(shape)) if math.prod(shape[d + 1:]) * itemsize <= limit), len(shape) - 1)
+    step = max(1, limit // (math.prod(shape[dim + 1:]) * itemsize))
+    for lead in itertools.product(*(range(n) for n in shape[:dim])):
+        for start in range(0, shape[dim], step):
+            cut = [*((i, i + 1) for i in lead), (start, min(start + step, shape[dim]))]
+            yield tuple(tuple(slice(s.start + a, s.start + b) for s, (a, b) in zip(slices[:dim + 1], cut, strict=True))
+                        + slices[dim + 1:] for slices in block)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from d9d.model_state.io.atomic import atomic_directory, check_destination
 from d9d.model_state.io.layout import INDEX_FILE, SINGLE_FILE, shard_file_name
 from d9d.model_state.io.model_keys import alias_groups, model_state
-from d9d.model_state.io.pieces import Runs, blocks, check_placements, is_shard_like, local_runs, piece_shape
+from d9d.model_state.io.pieces import Runs, blocks, check_placements, chunks, is_shard_like, local_runs, piece_shape
 from d9d.model_state.mapper import ModelStateMapper, StateGroup
 from d9d.model_state.mapper.abc import group_order_key
 from d9d.model_state.mapper.adapters import identity_mapper_from_keys
@@ -61,12 +61,13 @@ def save_model_state(
     A file's owner receives each DTensor input of its groups from the ranks holding its pieces, one replica group
     only (the owner's own replica where it holds one: ``Replicate`` mesh dims are never gathered over), for any
     placement (``Shard``, ``_StridedShard``, uneven splits, 1-D or N-D meshes). The transfers of one step (one
-    group per file of the round) go through one ``torch.distributed.batch_isend_irecv`` per rank: point-to-point
-    on the default process group's communicator (on NCCL one grouped launch, no new communicators), straight into
-    the owner's buffer when the piece is a contiguous block of rows. Nobody else ever holds the full tensor
-    (``full_tensor()`` is never called). The owner applies the mapper and keeps the result until its file is
-    written. So a rank holds its shards plus at most one file's tensors and one group's gathered inputs; with a
-    small ``shard_size_gb`` the export proceeds about one layer per rank at a time. A one-time
+    group per file of the round) go through ``torch.distributed.batch_isend_irecv``: point-to-point on the default
+    process group's communicator (on NCCL grouped launches, no new communicators). Blocks of rows arrive straight
+    in their place in the owner's tensor, all in one exchange; other pieces (columns, 2-D splits) follow in chunks
+    of at most 4 MiB through one reusable buffer, one chunk per owner and exchange. Nobody else ever holds the full
+    tensor (``full_tensor()`` is never called). The owner applies the mapper and keeps the result until its file
+    is written. So a rank holds its shards plus at most one file's tensors and one group's gathered inputs (and a
+    4 MiB buffer); with a small ``shard_size_gb`` the export proceeds about one layer per rank at a time. A one-time
     ``all_gather_object`` shares which global indices each rank holds (a few integers per tensor and rank).
 
     The export is atomic (:func:`d9d.model_state.io.atomic.atomic_directory`): files, index and ``config.json``
@@ -155,16 +156,37 @@ def _write_round(files: list[_PlannedFile], mapper: ModelStateMapper, state: dic
         progress.update(len(work))
 
 
+# A block of a piece that is not contiguous in the full tensor (columns, 2-D splits) is received in chunks of at
+# most this many bytes into one reusable buffer per owner, each copied into place: staging costs this much, not the
+# piece's size.
+_CHUNK_BYTES = 4 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class _Message:
+    """One block (or chunk of a block) of ``tensor`` that ``source`` sends to ``owner``."""
+
+    source: int
+    owner: int
+    tensor: DTensor
+    full: torch.Tensor | None  # the owner's full tensor, on the owner only
+    block: tuple[tuple[slice, ...], tuple[slice, ...]]  # (global slices, local slices)
+
+
 def _gather_step(work: list[tuple[int, StateGroup]], state: dict[str, torch.Tensor],
                  pieces: dict[str, list[_Piece | None]]) -> dict[str, torch.Tensor] | None:
-    """Gathers each group's inputs onto its owner with one batched point-to-point exchange; returns this rank's
-    group's full inputs (``None`` if it owns none). Every rank walks ``work`` in the same order, so the messages
-    of each pair of ranks match one to one (the tag numbers them)."""
+    """Gathers each group's inputs onto its owner with batched point-to-point exchanges; returns this rank's
+    group's full inputs (``None`` if it owns none). Every rank walks ``work`` in the same order and lists every
+    message of the step, so the messages of each pair of ranks match one to one (the tag numbers them).
+
+    A piece goes block by block (one block unless ``_StridedShard`` splits it). Blocks that are contiguous in the
+    full tensor (rows) are received straight into their place, in one exchange. The others are cut into chunks
+    of at most ``_CHUNK_BYTES`` that go in rounds, one exchange each: round ``k`` carries every owner's ``k``-th
+    chunk, so an owner receives one chunk at a time into one buffer and copies it into place."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    ops: list[dist.P2POp] = []
-    unpack: list[tuple[torch.Tensor, torch.Tensor, Runs]] = []
+    direct: list[_Message] = []
+    staged: dict[int, list[_Message]] = {}  # per owner, its chunks in order
     mine: dict[str, torch.Tensor] | None = None
-    message = 0
     for owner, group in work:
         if owner == rank:
             mine = {}
@@ -185,31 +207,47 @@ def _gather_step(work: list[tuple[int, StateGroup]], state: dict[str, torch.Tens
                     continue
                 if piece_shape(runs).count(0):  # an empty piece (more ranks than rows): nothing to send
                     continue
-                if rank == source:
-                    ops.append(dist.P2POp(dist.isend, t.to_local().contiguous(), owner, tag=message))
-                elif rank == owner:
-                    into, in_place = _receive_buffer(full, runs)
-                    ops.append(dist.P2POp(dist.irecv, into, source, tag=message))
-                    if not in_place:
-                        unpack.append((full, into, runs))
-                message += 1
-    if ops:
-        for request in dist.batch_isend_irecv(ops):
-            request.wait()
-    for full, piece, runs in unpack:
-        _place(full, piece, runs)
+                for block in blocks(runs):
+                    if torch.empty(t.shape, device="meta")[block[0]].is_contiguous():
+                        direct.append(_Message(source, owner, t, full, block))
+                    else:
+                        parts = chunks(block, t.element_size(), _CHUNK_BYTES)
+                        staged.setdefault(owner, []).extend(_Message(source, owner, t, full, c) for c in parts)
+    tag = _exchange(direct, 0)
+    buffer = None
+    if rank in staged:
+        size = max(m.full[m.block[0]].nbytes for m in staged[rank])
+        buffer = torch.empty(size, dtype=torch.uint8, device=staged[rank][0].full.device)
+    for k in range(max(map(len, staged.values()), default=0)):
+        tag = _exchange([queue[k] for queue in staged.values() if k < len(queue)], tag, buffer)
     return mine
 
 
-def _receive_buffer(full: torch.Tensor, runs: Runs) -> tuple[torch.Tensor, bool]:
-    """Where a piece is received, and whether that is its place in ``full`` (one contiguous block: rows) rather
-    than a new tensor that :func:`_place` unpacks afterwards."""
-    all_blocks = list(blocks(runs))
-    if len(all_blocks) == 1:
-        view = full[all_blocks[0][0]]
-        if view.is_contiguous():
-            return view, True
-    return full.new_empty(piece_shape(runs)), False
+def _exchange(messages: list[_Message], tag: int, buffer: torch.Tensor | None = None) -> int:
+    """Sends and receives this rank's ``messages`` in one ``batch_isend_irecv``, tagged from ``tag`` on; returns
+    the next tag. Receives straight into the owner's full tensor, or, given a ``buffer`` (at most one message per
+    owner then), into it and copies into place."""
+    if not messages:
+        return tag
+    rank = dist.get_rank()
+    ops: list[dist.P2POp] = []
+    unpack: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for m in messages:
+        if rank == m.source:  # a view when the local tensor is contiguous (the usual case)
+            ops.append(dist.P2POp(dist.isend, m.tensor.to_local()[m.block[1]].contiguous(), m.owner, tag=tag))
+        elif rank == m.owner:
+            place = m.full[m.block[0]]
+            into = place if buffer is None else buffer[:place.nbytes].view(place.dtype).view(place.shape)
+            ops.append(dist.P2POp(dist.irecv, into, m.source, tag=tag))
+            if buffer is not None:
+                unpack.append((place, into))
+        tag += 1
+    if ops:
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+    for place, into in unpack:
+        place.copy_(into)
+    return tag
 
 
 def _place(full: torch.Tensor, piece: torch.Tensor, runs: Runs) -> None:
