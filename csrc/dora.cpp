@@ -98,6 +98,14 @@ void dora_merge_(const at::Tensor& weight, const at::Tensor& lora_A, const at::T
 TORCH_LIBRARY_FRAGMENT(d9d, m) {
   m.def("dora_weight_norm(Tensor weight, Tensor lora_A, Tensor lora_B, float scale) -> Tensor");
   m.def("dora_merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, Tensor magnitude, float scale) -> ()");
+  // DoRA without dropout on the fused LoRA op (kernels in cpu/lora_cpu.cpp and cuda/lora_cuda.cu; see lora.h).
+  m.def(
+      "dora_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor factor, "
+      "float scale) -> Tensor");
+  m.def(
+      "dora_backward(Tensor grad_y, Tensor x, Tensor y, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+      "Tensor factor, float scale, bool need_grad_x) -> (Tensor grad_x, Tensor grad_A, Tensor grad_B, "
+      "Tensor grad_factor)");
 }
 
 TORCH_LIBRARY_IMPL(d9d, CompositeExplicitAutograd, m) {

@@ -100,14 +100,26 @@ at::Tensor fold_adapters(const DeviceKernels& kernels, const at::Tensor& weight,
   return at::addmm_out(folded, weight, lora_B, lora_A, /*beta=*/1, /*alpha=*/scale);
 }
 
+// The row scale (DoRA's factor) as an (out, 1) column, checked; undefined stays undefined.
+at::Tensor row_scale_column(const char* op, const at::Tensor& row_scale, const at::Tensor& x, int64_t out) {
+  if (!row_scale.defined()) {
+    return row_scale;
+  }
+  TORCH_CHECK(row_scale.dim() == 1 && row_scale.size(0) == out, op, ": factor must be 1D of size out == ", out,
+              ", got ", row_scale.sizes());
+  check_same(op, "factor", row_scale, x);
+  return row_scale.unsqueeze(1);
+}
+
 }  // namespace
 
 at::Tensor lora_forward(const DeviceKernels& kernels, const at::Tensor& x, const at::Tensor& weight,
                         const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                        double scale, double dropout, const at::Tensor& seed) {
+                        double scale, double dropout, const at::Tensor& seed, const at::Tensor& row_scale) {
   constexpr const char* op = "lora_forward";
   const auto [in, out, r] = check_apply(op, x, weight, lora_A, lora_B);
   const bool has_bias = bias.has_value() && bias->defined();
+  const at::Tensor f = row_scale_column(op, row_scale, x, out);
   if (has_bias) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out, op, ": bias must be 1D of size out == weight.size(0) == ",
                 out, ", got ", bias->sizes());
@@ -124,6 +136,9 @@ at::Tensor lora_forward(const DeviceKernels& kernels, const at::Tensor& x, const
     // One GEMM on W + s B A: the LoRA term costs the fold (into the device's out x in scratch) and not a pass over
     // x and y.
     const at::Tensor folded = fold_adapters(kernels, weight, lora_A, lora_B, scale);
+    if (f.defined()) {
+      folded.mul_(f);  // f * (W + s B A), in the scratch
+    }
     const at::Tensor y = has_bias ? at::addmm(*bias, x2d, folded.t()) : at::mm(x2d, folded.t());
     return y.view(y_shape);
   }
@@ -133,12 +148,13 @@ at::Tensor lora_forward(const DeviceKernels& kernels, const at::Tensor& x, const
   at::Tensor y = at::empty({rows, out}, x2d.options());
   // Per-worker buffers: xa = dropout(x) A^T of one block, and with dropout the block's dropped-out copy of x (the
   // mask is regenerated in backward). The bias rides along the skinny GEMM as an extra column of ones,
-  // y = [xa, 1] [s B, bias]^T, so it costs no pass of its own.
+  // y = [xa, 1] [s B, bias]^T, so it costs no pass of its own; with a row scale it is added after the scaling.
+  const bool bias_in_blocks = has_bias && !f.defined();
   const at::Tensor dropped_buffers =
       dropout > 0.0 ? at::empty({workers, step, in}, x2d.options()) : at::empty({0}, x2d.options());
-  const at::Tensor xa_buffers = has_bias ? at::ones({workers, step, r + 1}, x2d.options())
-                                         : at::empty({workers, step, r}, x2d.options());
-  const at::Tensor B_bias = has_bias ? at::cat({lora_B * scale, bias->unsqueeze(1)}, 1) : at::Tensor();
+  const at::Tensor xa_buffers = bias_in_blocks ? at::ones({workers, step, r + 1}, x2d.options())
+                                               : at::empty({workers, step, r}, x2d.options());
+  const at::Tensor B_bias = bias_in_blocks ? at::cat({lora_B * scale, bias->unsqueeze(1)}, 1) : at::Tensor();
   kernels.for_each_block(rows, step, [&](int64_t row0, int64_t n, int64_t worker) {
     at::Tensor source = x2d.narrow(0, row0, n);
     if (dropout > 0.0) {
@@ -150,7 +166,7 @@ at::Tensor lora_forward(const DeviceKernels& kernels, const at::Tensor& x, const
     at::Tensor xa_block = xa_1.narrow(1, 0, r);
     at::mm_out(xa_block, source, lora_A.t());
     at::Tensor y_block = y.narrow(0, row0, n);
-    if (has_bias) {
+    if (bias_in_blocks) {
       at::mm_out(y_block, xa_1, B_bias.t());
     } else {
       at::addmm_out(y_block, y_block, xa_block, lora_B.t(), /*beta=*/0, /*alpha=*/scale);  // ignores y's contents
@@ -158,6 +174,12 @@ at::Tensor lora_forward(const DeviceKernels& kernels, const at::Tensor& x, const
   });
   // The base GEMM accumulates into the LoRA part (beta = 1): no N x out temporary.
   y.addmm_(x2d, weight.t());
+  if (f.defined()) {
+    y.mul_(f.t());
+    if (has_bias) {
+      y.add_(*bias);
+    }
+  }
   return y.view(y_shape);
 }
 
@@ -165,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels
                                                              const at::Tensor& x, const at::Tensor& weight,
                                                              const at::Tensor& lora_A, const at::Tensor& lora_B,
                                                              double scale, double dropout, const at::Tensor& seed,
-                                                             bool need_grad_x) {
+                                                             bool need_grad_x, const at::Tensor& row_scale) {
   constexpr const char* op = "lora_backward";
   const auto [in, out, r] = check_apply(op, x, weight, lora_A, lora_B);
   TORCH_CHECK(grad_y.dim() == x.dim() && grad_y.sizes().slice(0, x.dim() - 1) == x.sizes().slice(0, x.dim() - 1) &&
@@ -178,10 +200,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels
 
   const at::Tensor x2d = x.reshape({-1, in}).contiguous();
   const int64_t rows = x2d.size(0);
-  const at::Tensor gy = grad_y.reshape({-1, out}).contiguous();
   // Without dropout and with enough rows, dx = dy (W + s B A) is one GEMM, as in the forward.
   const bool fold = need_grad_x && dropout == 0.0 && folding_pays_off(x2d.scalar_type(), rows, in, out);
   const bool lora_grad_x = need_grad_x && !fold;
+  // A row scale f multiplies dy's columns. Where dy meets only B and the folded weight, f goes into those (B's rows,
+  // the fold's rows, and dB's rows at the end); where the base GEMM takes dy itself, dy is scaled once.
+  const at::Tensor f = row_scale_column(op, row_scale, x, out);
+  const bool f_in_weights = f.defined() && !lora_grad_x;
+  at::Tensor gy = grad_y.reshape({-1, out}).contiguous();
+  if (f.defined() && !f_in_weights) {
+    gy = gy * f.t();
+  }
   // The LoRA products multiply blocks of rows by the panels A^T (in x r) and s B (out x r). The skinny kernels want
   // contiguous panels zero-padded to their width, and sum dA^T and dB in that layout; ATen's GEMMs run fastest on
   // the transposed views and sums (dA and dB^T), as MKL prefers the long side as the output's rows.
@@ -193,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels
     return skinny == nullptr ? columns : at::constant_pad_nd(columns, {0, rp - r}).contiguous();
   };
   const at::Tensor At = panel(lora_A.t());
-  const at::Tensor Bs = panel(lora_B * scale);
+  const at::Tensor Bs = panel(f_in_weights ? lora_B * f * scale : lora_B * scale);
   // The sums run over all rows: each worker accumulates its blocks (in float32 for the 16-bit dtypes), and the
   // workers' sums are added at the end.
   const int64_t workers = kernels.max_workers();
@@ -257,7 +286,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels
     accumulate(grad_A_acc[worker], source, g_block);     // dA^T = dropout(x)^T g
   });
   if (fold) {
-    at::mm_out(grad_x, gy, fold_adapters(kernels, weight, lora_A, lora_B, scale));
+    const at::Tensor folded = fold_adapters(kernels, weight, lora_A, lora_B, scale);
+    if (f_in_weights) {
+      folded.mul_(f);
+    }
+    at::mm_out(grad_x, gy, folded);
   } else if (need_grad_x) {
     grad_x.addmm_(gy, weight);  // the base GEMM accumulates into the LoRA part (beta = 1)
   }
@@ -269,8 +302,70 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels
     grad_B = grad_B.t();
   }
   grad_A = grad_A.to(x2d.scalar_type()).contiguous();
-  grad_B = grad_B.narrow(1, 0, r).mul(scale).to(x2d.scalar_type()).contiguous();
+  grad_B = grad_B.narrow(1, 0, r).mul(f_in_weights ? f * scale : at::scalar_tensor(scale, grad_B.options()));
+  grad_B = grad_B.to(x2d.scalar_type()).contiguous();
   return {need_grad_x ? grad_x.view(x.sizes()) : grad_x, grad_A, grad_B};
+}
+
+at::Tensor dora_forward(const DeviceKernels& kernels, const at::Tensor& x, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                        const at::Tensor& factor, double scale) {
+  check_apply("dora_forward", x, weight, lora_A, lora_B);
+  row_scale_column("dora_forward", factor, x, weight.size(0));
+  return lora_forward(kernels, x, weight, bias, lora_A, lora_B, scale, 0.0, at::zeros({}, at::kLong), factor);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_backward(
+    const DeviceKernels& kernels, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& y,
+    const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& factor, double scale, bool need_grad_x) {
+  constexpr const char* op = "dora_backward";
+  check_apply(op, x, weight, lora_A, lora_B);
+  row_scale_column(op, factor, x, weight.size(0));
+  auto [grad_x, grad_A, grad_B] = lora_backward(kernels, grad_y, x, weight, lora_A, lora_B, scale, 0.0,
+                                                at::zeros({}, at::kLong), need_grad_x, factor);
+  const int64_t out = weight.size(0);
+  TORCH_CHECK(y.sizes() == grad_y.sizes(), op, ": y must be grad_y's shape ", grad_y.sizes(), ", got ", y.sizes());
+  check_same(op, "y", y, x);
+  // grad_factor = sum over rows of dy * z, with DoRA's unscaled output z = (y - bias) / factor:
+  // (sum(dy * y) - bias * sum(dy)) / factor, the sums taken over blocks of rows (no N x out temporary), in float32
+  // for the 16-bit dtypes.
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out, op, ": bias must be 1D of size out == weight.size(0) == ",
+                out, ", got ", bias->sizes());
+    check_same(op, "bias", *bias, x);
+  }
+  const at::Tensor gy = grad_y.reshape({-1, out});
+  const at::Tensor y2d = y.reshape({-1, out});
+  const int64_t rows = gy.size(0);
+  const auto acc_dtype = accumulate_dtype(gy.scalar_type());
+  at::Tensor sums = at::zeros({out}, gy.options().dtype(acc_dtype));
+  at::Tensor grad_sums = at::zeros({out}, gy.options().dtype(acc_dtype));
+  const int64_t step = block_rows(kernels, rows, out);
+  at::Tensor product = at::empty({std::min(step, rows), out}, gy.options());
+  for (int64_t row0 = 0; row0 < rows; row0 += step) {
+    const int64_t n = std::min(step, rows - row0);
+    at::Tensor block = product.narrow(0, 0, n);
+    at::mul_out(block, gy.narrow(0, row0, n), y2d.narrow(0, row0, n));
+    sums.add_(block.sum(0, false, acc_dtype));
+    if (has_bias) {
+      grad_sums.add_(gy.narrow(0, row0, n).sum(0, false, acc_dtype));
+    }
+  }
+  if (has_bias) {
+    sums.sub_(bias->to(acc_dtype) * grad_sums);
+  }
+  at::Tensor grad_factor = sums / factor.to(acc_dtype);
+  // Where the factor is 0, y holds nothing of z: z's columns come from x and those rows of W + s B A.
+  const at::Tensor zero = at::nonzero(factor == 0).squeeze(1);
+  if (zero.numel() > 0) {
+    const at::Tensor rows_of_fold = at::addmm(weight.index_select(0, zero), lora_B.index_select(0, zero), lora_A,
+                                              /*beta=*/1, /*alpha=*/scale);
+    const at::Tensor z = at::mm(x.reshape({-1, x.size(-1)}), rows_of_fold.t());
+    grad_factor.index_copy_(0, zero, (gy.index_select(1, zero) * z).sum(0, false, acc_dtype));
+  }
+  return {grad_x, grad_A, grad_B, grad_factor.to(factor.scalar_type())};
 }
 
 at::Tensor dropout_mask(const DeviceKernels& kernels, const at::Tensor& x, double dropout, const at::Tensor& seed) {

@@ -62,17 +62,33 @@ struct DeviceKernels {
   at::Tensor (*fold_scratch)(const at::Tensor& weight);
 };
 
-// y = x W^T + bias + scale * dropout(x) A^T B^T. The backward needs only x and the seed.
+// y = x W^T + bias + scale * dropout(x) A^T B^T. The backward needs only x and the seed. With a row scale f (out,),
+// y = f * (x W^T + scale * dropout(x) A^T B^T) + bias over the last dim, with f folded into the weights.
 at::Tensor lora_forward(const DeviceKernels& kernels, const at::Tensor& x, const at::Tensor& weight,
                         const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                        double scale, double dropout, const at::Tensor& seed);
+                        double scale, double dropout, const at::Tensor& seed, const at::Tensor& row_scale = {});
 
-// (grad_x, grad_A, grad_B) for a frozen weight and bias; grad_x is an empty tensor when need_grad_x is false.
+// (grad_x, grad_A, grad_B) for a frozen weight and bias; grad_x is an empty tensor when need_grad_x is false. With a
+// row scale f, the gradients of lora_forward's scaled form (grad_y times f, without an N x out copy of it when the
+// weights are folded or grad_x is not needed).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels& kernels, const at::Tensor& grad_y,
                                                              const at::Tensor& x, const at::Tensor& weight,
                                                              const at::Tensor& lora_A, const at::Tensor& lora_B,
                                                              double scale, double dropout, const at::Tensor& seed,
-                                                             bool need_grad_x);
+                                                             bool need_grad_x, const at::Tensor& row_scale = {});
+
+// DoRA without dropout: y = factor * (x W^T + scale x A^T B^T) + bias, factor (out,) applied over the last dim (the
+// fused LoRA op with the factor folded in: y is the only N x out tensor).
+at::Tensor dora_forward(const DeviceKernels& kernels, const at::Tensor& x, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                        const at::Tensor& factor, double scale);
+
+// (grad_x, grad_A, grad_B, grad_factor) of dora_forward, from its output y: DoRA's unscaled output is
+// (y - bias) / factor (recomputed from x for the features whose factor is 0).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_backward(
+    const DeviceKernels& kernels, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& y,
+    const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& factor, double scale, bool need_grad_x);
 
 // Whether the ops take tensors of this dtype: float32, bfloat16, float16, and float64 (for gradcheck).
 bool is_supported_dtype(at::ScalarType dtype);

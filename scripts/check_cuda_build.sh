@@ -50,7 +50,7 @@ import torch
 spec = importlib.util.spec_from_file_location("d9d._C", library)
 spec.loader.exec_module(importlib.util.module_from_spec(spec))  # the Python entry point loads and registers the ops
 ops = ["lora_forward", "lora_backward", "dropout_mask", "grouped_lora_forward", "grouped_lora_backward",
-       "grouped_lora_merge_"]
+       "grouped_lora_merge_", "dora_forward", "dora_backward"]
 expected = [(op, key) for op in ops for key in ("CPU", "CUDA")]
 expected += [("lora_forward", "AutocastCPU"), ("lora_forward", "AutocastCUDA")]
 expected += [(op, "CompositeExplicitAutograd") for op in ("lora_merge_", "dora_weight_norm", "dora_merge_")]

@@ -175,6 +175,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(const at::Tenso
   return lora_backward(kCpuKernels, grad_y, x, weight, lora_A, lora_B, scale, dropout, seed, need_grad_x);
 }
 
+at::Tensor dora_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                            const at::Tensor& lora_B, const at::Tensor& factor, double scale) {
+  return dora_forward(kCpuKernels, x, weight, bias, lora_A, lora_B, factor, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    const at::Tensor& factor, double scale, bool need_grad_x) {
+  return dora_backward(kCpuKernels, grad_y, x, y, weight, bias, lora_A, lora_B, factor, scale, need_grad_x);
+}
+
 at::Tensor dropout_mask_cpu(const at::Tensor& x, double dropout, const at::Tensor& seed) {
   return dropout_mask(kCpuKernels, x, dropout, seed);
 }
@@ -186,4 +199,6 @@ TORCH_LIBRARY_IMPL(d9d, CPU, m) {
   m.impl("lora_forward", &d9d::lora_forward_cpu);
   m.impl("lora_backward", &d9d::lora_backward_cpu);
   m.impl("dropout_mask", &d9d::dropout_mask_cpu);
+  m.impl("dora_forward", &d9d::dora_forward_cpu);
+  m.impl("dora_backward", &d9d::dora_backward_cpu);
 }

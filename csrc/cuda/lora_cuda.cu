@@ -148,6 +148,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(const at::Tens
   return lora_backward(kCudaKernels, grad_y, x, weight, lora_A, lora_B, scale, dropout, seed, need_grad_x);
 }
 
+at::Tensor dora_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                             const at::Tensor& lora_B, const at::Tensor& factor, double scale) {
+  TORCH_CHECK(x.is_cuda(), "dora_forward: x must be a CUDA tensor (another argument sent the call to the "
+              "CUDA kernel), got x on ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  return dora_forward(kCudaKernels, x, weight, bias, lora_A, lora_B, factor, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    const at::Tensor& factor, double scale, bool need_grad_x) {
+  TORCH_CHECK(x.is_cuda(), "dora_backward: x must be a CUDA tensor (another argument sent the call to the "
+              "CUDA kernel), got x on ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  return dora_backward(kCudaKernels, grad_y, x, y, weight, bias, lora_A, lora_B, factor, scale, need_grad_x);
+}
+
 at::Tensor dropout_mask_cuda(const at::Tensor& x, double dropout, const at::Tensor& seed) {
   TORCH_CHECK(x.is_cuda(), "dropout_mask: x must be a CUDA tensor (another argument sent the call to the "
               "CUDA kernel), got x on ", x.device());
@@ -162,4 +181,6 @@ TORCH_LIBRARY_IMPL(d9d, CUDA, m) {
   m.impl("lora_forward", &d9d::lora_forward_cuda);
   m.impl("lora_backward", &d9d::lora_backward_cuda);
   m.impl("dropout_mask", &d9d::dropout_mask_cuda);
+  m.impl("dora_forward", &d9d::dora_forward_cuda);
+  m.impl("dora_backward", &d9d::dora_backward_cuda);
 }

@@ -1,7 +1,10 @@
 """DoRA (weight-decomposed LoRA) on the fused LoRA op and the weight-norm ops of ``d9d._C``."""
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from d9d.ops import _registration  # noqa: F401  (loads d9d._C, which defines the ops)
 from d9d.ops.lora import lora_linear
@@ -20,6 +23,62 @@ def _dora_weight_norm_fake(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: t
 def _dora_merge_fake(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, magnitude: torch.Tensor,
                      scale: float) -> None:
     return None
+
+
+@torch.library.register_fake("d9d::dora_forward")
+def _dora_forward_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                       lora_B: torch.Tensor, factor: torch.Tensor, scale: float) -> torch.Tensor:
+    torch._check(weight.shape[1] == x.shape[-1], lambda: f"dora_forward: weight must be out x in, got {weight.shape}")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("d9d::dora_backward")
+def _dora_backward_fake(grad_y: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor, factor: torch.Tensor,
+                        scale: float, need_grad_x: bool) -> tuple[torch.Tensor, ...]:
+    grad_x = x.new_empty(x.shape) if need_grad_x else x.new_empty((0,))
+    return grad_x, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape), factor.new_empty(factor.shape)
+
+
+def _setup_dora_forward(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    x, weight, bias, lora_A, lora_B, factor, scale = inputs
+    # The output itself rather than DoRA's unscaled output z = (y - bias) / factor: no second N x out tensor lives on.
+    ctx.save_for_backward(x, weight, bias, lora_A, lora_B, factor, output)
+    ctx.scale = scale
+
+
+def _dora_forward_backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    x, weight, bias, lora_A, lora_B, factor, y = ctx.saved_tensors
+    need_x, need_weight, need_bias, need_A, need_B, need_factor = ctx.needs_input_grad[:6]
+    if torch.is_grad_enabled() or need_weight:
+        # Double backward (create_graph=True), or a trainable base weight: the same gradients in ATen ops, which
+        # autograd records, with z recomputed (an extra GEMM; rare paths).
+        x2d, gy = x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, grad_y.shape[-1])
+        xa = x2d @ lora_A.t()
+        z = x2d @ weight.t() + ctx.scale * (xa @ lora_B.t())
+        grad_z = gy * factor
+        g = ctx.scale * (grad_z @ lora_B)  # the gradient of x A^T
+        grad_x = (grad_z @ weight + g @ lora_A).reshape(x.shape)
+        grad_A, grad_B = g.t() @ x2d, ctx.scale * (grad_z.t() @ xa)
+        grad_factor = (gy * z).sum(0)
+        grad_weight = grad_z.t() @ x2d if need_weight else None
+    else:
+        grad_x, grad_A, grad_B, grad_factor = torch.ops.d9d.dora_backward(
+            grad_y, x, y, weight, bias, lora_A, lora_B, factor, ctx.scale, need_x)
+        grad_weight = None
+    grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if need_bias else None
+    return (
+        grad_x if need_x else None,
+        grad_weight if need_weight else None,
+        grad_bias,
+        grad_A if need_A else None,
+        grad_B if need_B else None,
+        grad_factor if need_factor else None,
+        None,
+    )
+
+
+torch.library.register_autograd("d9d::dora_forward", _dora_forward_backward, setup_context=_setup_dora_forward)
 
 
 @torch.no_grad()
@@ -55,6 +114,10 @@ def dora_merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
     """
     torch.ops.d9d.dora_merge_(weight, lora_A, lora_B, magnitude, float(scale))
 
+
+# Dtypes in which the fused backward may take DoRA's unscaled output as (y - bias) / factor: in float32 that loses
+# about |bias| / |y - bias| ulps of it, a 16-bit y would lose far more (there the bias path keeps z instead).
+_EXACT_UNBIAS = (torch.float32, torch.float64)
 
 _SCALE_BLOCK_ELEMENTS = 1 << 16  # rows of dy and z per block of the scaling backward: about 256 KiB of float32 each
 
@@ -116,10 +179,15 @@ def dora_linear(
 
         y = x W^T + b + (f - 1) * d W^T + f * scale * d A^T B^T
 
-    which without dropout (or in eval mode) is ``f * (x W^T + scale x A^T B^T) + b``: one fused LoRA op (the
-    adapters folded into the weight for one GEMM) and one scaling pass (whose backward is one blocked pass too), with
-    no ``out x in`` temporary besides the fused op's reused fold scratch. With
-    dropout, PEFT's form needs a second pass of the base weight, over ``x - d``. Dropout draws from torch's RNG in
+    which without dropout (or in eval mode) is ``f * (x W^T + scale x A^T B^T) + b``. On the CPU that is one fused
+    op, ``d9d::dora_forward``: ``f`` is folded into the weights with the adapters, for one GEMM whose output is the
+    only ``N x out`` tensor, and autograd keeps that output (the backward takes DoRA's unscaled output as
+    ``(y - b) / f``, recomputing it from ``x`` where ``f`` is 0; with a bias only in float32 and float64, as a 16-bit
+    ``y - b`` would lose too much of it). Elsewhere it is the fused LoRA op and one scaling pass (whose backward is
+    one blocked pass too); on CUDA the caching allocator makes that pass's extra ``N x out`` tensors cheap, and the
+    fused backward's check for zero factors would synchronize. Neither has an ``out x in`` temporary besides the
+    fused op's reused fold scratch. With dropout, PEFT's form needs a second pass of the base weight, over
+    ``x - d``. Dropout draws from torch's RNG in
     the same call PEFT makes (``nn.Dropout`` on ``x``), so a seeded run draws the same mask as PEFT.
 
     Args:
@@ -148,5 +216,8 @@ def dora_linear(
         dropped = F.dropout(x, dropout, training=True)
         adapted = lora_linear(dropped, weight, None, lora_A, lora_B, scale, 0.0, False)
         return _ScaleColumns.apply(adapted, factor, None) + F.linear(x - dropped, weight, bias)
+    if x.device.type == "cpu" and not isinstance(x, DTensor) and (bias is None or x.dtype in _EXACT_UNBIAS):
+        return torch.ops.d9d.dora_forward(x, weight, None if bias is None else bias.to(x.dtype), lora_A, lora_B,
+                                          factor, float(scale))
     adapted = lora_linear(x, weight, None, lora_A, lora_B, scale, 0.0, False)
     return _ScaleColumns.apply(adapted, factor, None if bias is None else bias.to(x.dtype))

@@ -193,6 +193,92 @@ def test_compile_fullgraph_matches_eager():
         torch.testing.assert_close(t.grad, want)
 
 
+def fused_inputs(rows, in_features=24, out_features=20, rank=4, dtype=torch.float64, zero_factor=True):
+    """Inputs of ``d9d::dora_forward``, whose factor may have a zero (then y holds nothing of DoRA's unscaled z)."""
+    x = torch.randn(rows, in_features, dtype=dtype, requires_grad=True)
+    weight, lora_A, lora_B = make_weights(out_features, in_features, rank, dtype=dtype)
+    factor = torch.rand(out_features, dtype=dtype) + 0.5
+    if zero_factor:
+        factor[3] = 0.0
+    return x, weight, lora_A.requires_grad_(), lora_B.requires_grad_(), factor.requires_grad_()
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("rows", [5, 64])  # 64 rows fold the factor and adapters into the weight
+def test_fused_op_matches_reference_with_a_zero_factor(rows, with_bias):
+    x, weight, lora_A, lora_B, factor = fused_inputs(rows, dtype=torch.float32)
+    bias = torch.randn(20) if with_bias else None
+    y = torch.ops.d9d.dora_forward(x, weight, bias, lora_A, lora_B, factor, 0.7)
+    refs = [t.detach().double().requires_grad_() for t in (x, lora_A, lora_B, factor)]
+    ref_x, ref_A, ref_B, ref_f = refs
+    want = ref_f * (ref_x @ weight.double().t() + 0.7 * (ref_x @ ref_A.t()) @ ref_B.t())
+    if with_bias:
+        want = want + bias.double()
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    want.backward(grad.double())
+    for leaf, ref in zip((x, lora_A, lora_B, factor), refs, strict=True):
+        torch.testing.assert_close(leaf.grad.double(), ref.grad, rtol=1e-4, atol=1e-4)
+    assert factor.grad[3] != 0  # the zero factor's gradient comes from z recomputed, not from y / f
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("rows", [3, 40])
+def test_fused_op_gradcheck_and_gradgradcheck_float64(rows, with_bias):
+    x, weight, lora_A, lora_B, factor = fused_inputs(rows, in_features=6, out_features=5, rank=2)
+    bias = torch.randn(5, dtype=torch.float64) * 3 if with_bias else None
+
+    def fn(x, lora_A, lora_B, factor):
+        return torch.ops.d9d.dora_forward(x, weight, bias, lora_A, lora_B, factor, 0.6)
+
+    assert torch.autograd.gradcheck(fn, (x, lora_A, lora_B, factor))
+    assert torch.autograd.gradgradcheck(fn, (x, lora_A, lora_B, factor))
+
+
+def test_fused_op_with_a_trainable_weight():
+    x, weight, lora_A, lora_B, factor = fused_inputs(40, in_features=6, out_features=5, rank=2)
+    weight.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda w: torch.ops.d9d.dora_forward(x.detach(), w, None, lora_A.detach(), lora_B.detach(), factor.detach(),
+                                             0.6),
+        (weight,))
+
+
+def test_fused_op_opcheck():
+    x, weight, lora_A, lora_B, factor = fused_inputs(40, dtype=torch.float32)
+    bias = torch.randn(20)
+    torch.library.opcheck(torch.ops.d9d.dora_forward.default, (x, weight, bias, lora_A, lora_B, factor, 0.5))
+    y = torch.ops.d9d.dora_forward(x, weight, bias, lora_A, lora_B, factor, 0.5).detach()
+    torch.library.opcheck(torch.ops.d9d.dora_backward.default,
+                          (torch.randn_like(y), x.detach(), y, weight, bias, lora_A.detach(), lora_B.detach(),
+                           factor.detach(), 0.5, True))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_calls_take_the_fused_op_and_compile(bias):
+    x, weight, b, lora_A, lora_B, magnitude = dora_inputs((64,), bias=bias)
+    y = dora_linear(x, weight, b, lora_A, lora_B, magnitude, 0.5, 0.0, training=True)
+    assert "dora_forward" in type(y.grad_fn).__name__
+    y.sum().backward()
+    grads = [t.grad.clone() for t in (x, lora_A, lora_B, magnitude)]
+    for t in (x, lora_A, lora_B, magnitude):
+        t.grad = None
+    compiled = torch.compile(
+        lambda x: dora_linear(x, weight, b, lora_A, lora_B, magnitude, 0.5, 0.0, training=True), fullgraph=True)
+    out = compiled(x)
+    torch.testing.assert_close(out, y)
+    out.sum().backward()
+    for t, want in zip((x, lora_A, lora_B, magnitude), grads, strict=True):
+        torch.testing.assert_close(t.grad, want)
+
+
+def test_fused_op_names_a_factor_of_the_wrong_size():
+    x, weight, lora_A, lora_B, _ = fused_inputs(4, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match=r"dora_forward: factor must be 1D of size out == 20"):
+        torch.ops.d9d.dora_forward(x, weight, None, lora_A, lora_B, torch.rand(19), 0.5)
+
+
 @pytest.mark.parametrize("op", ["dora_weight_norm", "dora_merge_"])
 def test_one_kernel_serves_cpu_and_cuda(op):
     """The norm ops are written once over ATen (CompositeExplicitAutograd): CUDA gets the same kernel as the CPU."""
