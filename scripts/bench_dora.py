@@ -15,14 +15,24 @@ largest single allocation (an ``out x in`` temporary shows up there).
 """
 
 import argparse
-import os
-import random
+import functools
 import statistics
-import sys
 import time
 from pathlib import Path
 
+import bench_common
 import torch
+from bench_common import (
+    SavedBytes,
+    command_line,
+    cpu_memory_events,
+    cpu_model,
+    overhead_quartiles,
+    paired_overhead,
+    paired_ratios,
+    time_interleaved,
+    write_section,
+)
 from torch import nn
 
 from d9d.ops import dora_linear, dora_weight_norm
@@ -72,19 +82,11 @@ class Setup:
 
     def saved_bytes(self, variant: str, dropout: float) -> int:
         """Bytes of the distinct tensors autograd saves for backward, excluding x and the parameters."""
-        excluded = {t.untyped_storage().data_ptr() for t in (self.x, *self.base.parameters(), *self.params)}
-        seen: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            if t.untyped_storage().data_ptr() not in excluded:
-                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with SavedBytes(exclude=(self.x, *self.base.parameters(), *self.params)) as saved:
             y = self.forward(variant, dropout)
         y.backward(self.grad_y)
         self.step("base", 0.0)  # clears the gradients
-        return sum(seen.values())
+        return saved.nbytes
 
     def allocations(self, variant: str, dropout: float) -> tuple[int, int]:
         """(peak of live bytes during one step above the start, largest net allocation of one op), on the CPU.
@@ -92,40 +94,18 @@ class Setup:
         From the profiler's per-op memory (allocations minus frees inside each op), walked in start order: the
         peak is at op granularity, and an op's own net allocation shows its biggest temporary or output.
         """
-        os.environ.setdefault("KINETO_LOG_LEVEL", "99")
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-            self.step(variant, dropout)
+        events = cpu_memory_events(lambda: self.step(variant, dropout))
         live = peak = largest = 0
-        for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        for e in sorted(events, key=lambda e: e.time_range.start):
             live += e.self_cpu_memory_usage
             peak = max(peak, live)
             largest = max(largest, e.self_cpu_memory_usage)
         return peak, largest
 
 
-def time_interleaved(setup: Setup, cases: list[tuple[str, float]], repeats: int, warmup: int, clock) -> dict:
-    for case in cases:
-        for _ in range(warmup):
-            setup.step(*case)
-    order = random.Random(0)
-    times: dict[tuple[str, float], list[float]] = {case: [] for case in cases}
-    for _ in range(repeats):
-        for case in order.sample(cases, len(cases)):
-            start = clock()
-            setup.step(*case)
-            times[case].append(clock() - start)
-    return times
-
-
-def ratio_stats(times: list[float], base: list[float]) -> tuple[float, float, float]:
-    """Median, first and third quartile over repeats of (time / base time in the same repeat) - 1."""
-    ratios = [t / b - 1 for t, b in zip(times, base, strict=True)]
-    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
-    return statistics.median(ratios), q1, q3
-
-
 def mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+    """Bytes in MiB, or in KiB under 1 MiB (never in bytes, unlike ``bench_common.mib``)."""
+    return bench_common.mib(n, smallest="KiB")
 
 
 def report(args: argparse.Namespace) -> str:
@@ -135,13 +115,15 @@ def report(args: argparse.Namespace) -> str:
     dropouts = [0.0, args.dropout]
     cases = [("base", 0.0)] + [(v, p) for p in dropouts for v in ("peft", "d9d")]
     clock = time.process_time if args.clock == "process" else time.perf_counter
-    times = time_interleaved(setup, cases, args.repeats, args.warmup, clock)
+    steps = {case: functools.partial(setup.step, *case) for case in cases}
+    times = time_interleaved(steps, args.repeats, args.warmup, clock=clock)
     base = times[("base", 0.0)]
     weight_bytes = setup.base.weight.numel() * setup.base.weight.element_size()
     lines = [
-        f"CPU {cpu_model()}, capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}; float32, x {args.tokens} x {args.features}, W {args.out_features} x "
-        f"{args.features} (W itself is {mib(weight_bytes)}), r = {args.rank}, forward + backward with W frozen. "
+        f"CPU {cpu_model('unknown')}, capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}; float32, x {args.tokens} x {args.features}, "
+        f"W {args.out_features} x {args.features} (W itself is {mib(weight_bytes)}), r = {args.rank}, "
+        "forward + backward with W frozen. "
         f"Clock: {'CPU time of the process' if args.clock == 'process' else 'wall time'}. "
         f"{args.repeats} repeats after {args.warmup} warm-up steps, every case once per repeat in a shuffled order; "
         "overhead = median over repeats of (step / base step of the same repeat) - 1, with the middle half of the "
@@ -158,7 +140,8 @@ def report(args: argparse.Namespace) -> str:
     overhead = {}
     for p in dropouts:
         for variant in ("peft", "d9d"):
-            overhead[(variant, p)], q1, q3 = ratio_stats(times[(variant, p)], base)
+            overhead[(variant, p)] = paired_overhead(times[(variant, p)], base)
+            q1, q3 = overhead_quartiles(times[(variant, p)], base)
             peak, largest = setup.allocations(variant, p)
             name = "PEFT DoRA layer" if variant == "peft" else "d9d `dora_linear`"
             lines.append(
@@ -168,33 +151,12 @@ def report(args: argparse.Namespace) -> str:
             )
     verdict = "met" if overhead[("d9d", 0.0)] <= 0.15 else "NOT met"
     versus_peft = "; ".join(
-        f"dropout {p:g}: {statistics.median(a / b for a, b in zip(*pair, strict=True)):.2f}"
+        f"dropout {p:g}: {statistics.median(paired_ratios(*pair)):.2f}"
         for p, pair in ((p, (times[("d9d", p)], times[("peft", p)])) for p in dropouts)
     )
     lines += ["", f"Target d9d DoRA <= +15% over the frozen base at dropout 0: {verdict} "
                   f"({100 * overhead[('d9d', 0.0)]:+.1f}%). Median of d9d step / PEFT step: {versus_peft}."]
     return "\n".join(lines)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
-def write_section(path: Path, heading: str, command: str, table: str) -> None:
-    """Replaces the body of ``heading`` in ``path`` (up to the next ``## ``); a missing section is appended."""
-    lines = path.read_text().splitlines() if path.exists() else []
-    if heading not in lines:
-        lines += ["", heading]
-    start = lines.index(heading) + 1
-    end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
-    body = ["", f"Measured with `{command}`.", "", table, ""]
-    path.write_text("\n".join([*lines[:start], *body, *lines[end:]]).rstrip("\n") + "\n")
 
 
 def main() -> None:
@@ -215,8 +177,7 @@ def main() -> None:
     table = report(args)
     print(table)
     if args.write:
-        write_section(args.write, "## DoRA (CPU)", "python " + " ".join(["scripts/bench_dora.py", *sys.argv[1:]]),
-                      table)
+        write_section(args.write, "## DoRA (CPU)", command_line("scripts/bench_dora.py"), table)
 
 
 if __name__ == "__main__":

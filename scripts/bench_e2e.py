@@ -17,19 +17,24 @@ backward (``saved_tensors_hooks``, parameters excluded) are counted on one extra
 """
 
 import argparse
-import platform
-import random
 import re
 import statistics
-import sys
-import time
 from pathlib import Path
 
 import torch
+from bench_common import (
+    SavedBytes,
+    command_line,
+    cpu_capabilities,
+    cpu_model,
+    mib,
+    paired_ratios,
+    time_interleaved,
+    write_section,
+)
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from d9d.ops._registration import cpu_kernels_capability
 from d9d.peft import inject_peft_and_freeze
 from d9d.peft.all import peft_method_from_config
 from d9d.peft.lora import LoRAConfig, LoRAParameters
@@ -37,17 +42,6 @@ from d9d.peft.lora.layer import LoRALinear
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def cpu_model() -> str:
-    """The CPU's model name, from /proc/cpuinfo where there is one."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def base_model(args: argparse.Namespace, dtype: torch.dtype) -> LlamaForCausalLM:
@@ -122,26 +116,12 @@ class Step:
             p.grad = None
 
     def saved_bytes(self) -> int:
-        params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
-        seen: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in params and storage.data_ptr() != 0:
-                seen[storage.data_ptr()] = storage.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with SavedBytes(exclude=self.model.parameters()) as saved:
             loss = self.loss()
         loss.backward()
         for p in self.trainable:
             p.grad = None
-        return sum(seen.values())
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        return saved.nbytes
 
 
 def check_same_outputs(steps: dict[str, Step], dropouts: list[float]) -> float:
@@ -171,22 +151,11 @@ def run(args: argparse.Namespace, dtype_name: str) -> str:
         steps[f"peft {p:g}"] = Step(peft_model, input_ids)
     difference = check_same_outputs(steps, dropouts)
     saved = {name: step.saved_bytes() for name, step in steps.items()}
-    for step in steps.values():
-        for _ in range(args.warmup):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    order = random.Random(0)
-    for _ in range(args.repeats):
-        for name in order.sample(list(steps), len(steps)):
-            synchronize(args.device)
-            start = time.perf_counter()
-            steps[name]()
-            synchronize(args.device)
-            times[name].append(time.perf_counter() - start)
+    times = time_interleaved(steps, args.repeats, args.warmup, device=args.device)
 
     def ratio(a: str, b: str) -> tuple[float, float, float]:
         """Speed of a over b: median, min and max over repeats of b's time / a's time in the same repeat."""
-        ratios = [tb / ta for ta, tb in zip(times[a], times[b], strict=True)]
+        ratios = paired_ratios(times[b], times[a])
         return statistics.median(ratios), min(ratios), max(ratios)
 
     def fmt(r: tuple[float, float, float]) -> str:
@@ -197,7 +166,7 @@ def run(args: argparse.Namespace, dtype_name: str) -> str:
         f"### {dtype_name}",
         "",
         f"{args.device}, {dtype_name}, {cpu_model() if args.device == 'cpu' else torch.cuda.get_device_name()}, "
-        f"capability {torch.backends.cpu.get_cpu_capability()} (d9d kernels: {cpu_kernels_capability()}), "
+        f"{cpu_capabilities()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}. LlamaForCausalLM: hidden {args.hidden}, "
         f"{args.layers} layers, intermediate {args.intermediate}, {args.heads} heads, vocab {args.vocab}; "
         f"{args.tokens} tokens per step ({args.tokens // args.seq} x {args.seq}); LoRA r = {args.rank}, alpha = "
@@ -208,7 +177,7 @@ def run(args: argparse.Namespace, dtype_name: str) -> str:
         "",
         "| dropout | variant | tokens/s | speed vs PEFT | speed vs frozen | saved for backward |",
         "| --- | --- | ---: | ---: | ---: | ---: |",
-        f"| - | frozen (no adapters) | {frozen_tps:.0f} | - | 1 | {saved['frozen'] / 2**20:.0f} MiB |",
+        f"| - | frozen (no adapters) | {frozen_tps:.0f} | - | 1 | {mib(saved['frozen'], digits=0, smallest='MiB')} |",
     ]
     verdicts = []
     for p in dropouts:
@@ -218,7 +187,7 @@ def run(args: argparse.Namespace, dtype_name: str) -> str:
             vs_peft = fmt(ratio(name, f"peft {p:g}")) if variant == "d9d" else "1"
             lines.append(
                 f"| {p:g} | {variant} | {tps:.0f} | {vs_peft} | {fmt(ratio(name, 'frozen'))} | "
-                f"{saved[name] / 2**20:.0f} MiB |"
+                f"{mib(saved[name], digits=0, smallest='MiB')} |"
             )
         target = 1.3 if p > 0 else 1.1
         vs_peft, vs_frozen = ratio(f"d9d {p:g}", f"peft {p:g}")[0], ratio(f"d9d {p:g}", "frozen")[0]
@@ -228,17 +197,6 @@ def run(args: argparse.Namespace, dtype_name: str) -> str:
         )
     lines += ["", f"Targets: {'; '.join(verdicts)}."]
     return "\n".join(lines)
-
-
-def write_section(path: Path, heading: str, command: str, body: str) -> None:
-    """Replaces the body of ``heading`` in ``path`` (up to the next ``## ``), or appends the section."""
-    lines = path.read_text().splitlines() if path.exists() else []
-    if heading not in lines:
-        lines += ["", heading]
-    start = lines.index(heading) + 1
-    end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
-    new = ["", f"Measured with `{command}`.", "", body, ""]
-    path.write_text("\n".join([*lines[:start], *new, *lines[end:]]).rstrip("\n") + "\n")
 
 
 def main() -> None:
@@ -269,7 +227,7 @@ def main() -> None:
     body = "\n\n".join(tables)
     if args.write:
         heading = "## Whole model (CPU)" if args.device == "cpu" else "## Whole model (GPU)"
-        write_section(args.write, heading, "python " + " ".join(["scripts/bench_e2e.py", *sys.argv[1:]]), body)
+        write_section(args.write, heading, command_line("scripts/bench_e2e.py"), body)
 
 
 if __name__ == "__main__":

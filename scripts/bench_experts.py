@@ -14,14 +14,15 @@ allocated (views excluded) against the size of one E x out x in weight.
 """
 
 import argparse
+import functools
 import os
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from bench_common import SavedBytes, cpu_model, mib, paired_ratios, time_interleaved
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -79,18 +80,9 @@ def step(module: nn.Module, x: torch.Tensor, index: torch.Tensor, weights: torch
 
 
 def saved_bytes(module: nn.Module, x, index, weights) -> int:
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedBytes(exclude=module.parameters()) as saved:
         step(module, x, index, weights)
-    return sum(seen.values())
+    return saved.nbytes
 
 
 class LargestAllocation(TorchDispatchMode):
@@ -114,10 +106,6 @@ def largest_allocation(module: nn.Module, x, index, weights) -> int:
     return mode.largest
 
 
-def mib(n: int) -> str:
-    return f"{n / 2**20:.2f} MiB"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experts", type=int, default=8)
@@ -133,34 +121,28 @@ def main() -> None:
     args = parser.parse_args()
 
     variants, x, index, weights = build(args)
-    for module in variants.values():  # warm-up
-        step(module, x, index, weights)
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.repeats):
-        order = list(variants)
-        random.shuffle(order)
-        for name in order:
-            start = time.perf_counter()
-            step(variants[name], x, index, weights)
-            times[name].append(time.perf_counter() - start)
+    steps = {name: functools.partial(step, module, x, index, weights) for name, module in variants.items()}
+    # One warm-up step each; the orders are drawn afresh on every run (an unseeded generator).
+    times = time_interleaved(steps, args.repeats, warmup=1, order=random.Random())
     weight_bytes = args.experts * 2 * args.intermediate * args.hidden * 4  # gate_up_proj, E x out x in, float32
     base_median = statistics.median(times["base"])
     rows = []
     for name, module in variants.items():
         median = statistics.median(times[name])
-        ratios = sorted(t / b for t, b in zip(times[name], times["base"], strict=True))
+        ratios = sorted(paired_ratios(times[name], times["base"]))
         quarter = len(ratios) // 4
         overhead = "-" if name == "base" else f"{median / base_median - 1:+.1%}"
         spread = "-" if name == "base" else f"{ratios[quarter] - 1:+.1%} to {ratios[-quarter - 1] - 1:+.1%}"
         largest = largest_allocation(module, x, index, weights)
-        saved = mib(saved_bytes(module, x, index, weights))
-        rows.append(f"| {name} | {median * 1e3:.1f} | {overhead} | {spread} | {saved} | {mib(largest)} "
+        saved = mib(saved_bytes(module, x, index, weights), digits=2, smallest="MiB")
+        rows.append(f"| {name} | {median * 1e3:.1f} | {overhead} | {spread} | {saved} | "
+                    f"{mib(largest, digits=2, smallest='MiB')} "
                     f"({largest / weight_bytes:.2f}) |")
     table = "\n".join([
         f"E = {args.experts}, top-{args.top_k}, {args.tokens} tokens, hidden {args.hidden}, expert intermediate "
         f"{args.intermediate}, r = {args.r} per expert, dropout {args.dropout}, float32; base "
         f"`_experts_implementation = {args.implementation!r}`; {args.repeats} interleaved repeats. CPU: "
-        f"{cpu_name()}, `get_cpu_capability() = {torch.backends.cpu.get_cpu_capability()}`, "
+        f"{cpu_model(os.uname().machine)}, `get_cpu_capability() = {torch.backends.cpu.get_cpu_capability()}`, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}.",
         "",
         "| variant | median fwd+bwd (ms) | overhead over base | middle half of paired ratios | saved for backward "
@@ -173,16 +155,6 @@ def main() -> None:
         text = args.write.read_text()
         start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
         args.write.write_text(text[:start] + "\n" + table + "\n" + text[end:])
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return os.uname().machine
 
 
 if __name__ == "__main__":

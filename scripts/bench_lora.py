@@ -20,46 +20,28 @@ pin MKL and oneDNN too, so that the base GEMMs do not keep using AVX-512:
 """
 
 import argparse
-import os
-import platform
-import random
+import functools
 import statistics
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from bench_common import (
+    SavedBytes,
+    command_line,
+    cpu_memory_events,
+    machine,
+    mib,
+    overhead_quartiles,
+    paired_overhead,
+    time_interleaved,
+    write_section,
+)
 from torch import nn
 
 from d9d.ops import lora_linear, lora_merge_
-from d9d.ops._registration import cpu_kernels_capability
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cpu_model() -> str:
-    """The CPU's model name, from /proc/cpuinfo where there is one."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def machine(device: torch.device) -> str:
-    """The device, and on the CPU its model and the capability that ATen and d9d's kernels run, with any pinning."""
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}"
-    names = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
-    pins = [f"{name}={os.environ[name]}" for name in names if name in os.environ]
-    pinned = f", pinned with {' '.join(pins)}" if pins else ""
-    return (
-        f"{cpu_model()}, capability {torch.backends.cpu.get_cpu_capability()} "
-        f"(d9d kernels: {cpu_kernels_capability()}){pinned}"
-    )
 
 
 class Setup:
@@ -106,59 +88,12 @@ class Setup:
 
     def saved_bytes(self, variant: str, dropout: float) -> int:
         """Bytes of the distinct tensors autograd saves for backward, excluding x and the parameters."""
-        excluded = {t.untyped_storage().data_ptr() for t in (self.x, *self.base.parameters())}
-        excluded |= {p.untyped_storage().data_ptr() for p in (self.lora_A.weight, self.lora_B.weight)}
-        seen: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in excluded:
-                seen[storage.data_ptr()] = storage.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        excluded = (self.x, *self.base.parameters(), self.lora_A.weight, self.lora_B.weight)
+        with SavedBytes(exclude=excluded) as saved:
             y = self.forward(variant, dropout)
         y.backward(self.grad_y)
         self.x.grad = None
-        return sum(seen.values())
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_interleaved(
-    setup: Setup, cases: list[tuple[str, float]], repeats: int, warmup: int
-) -> dict[tuple[str, float], list[float]]:
-    """Seconds of one fwd+bwd step per case and repeat; each repeat runs every case once, in a shuffled order."""
-    for case in cases:
-        for _ in range(warmup):
-            setup.step(*case)
-    order = random.Random(0)
-    times: dict[tuple[str, float], list[float]] = {case: [] for case in cases}
-    for _ in range(repeats):
-        for case in order.sample(cases, len(cases)):
-            synchronize(setup.device)
-            start = time.perf_counter()
-            setup.step(*case)
-            synchronize(setup.device)
-            times[case].append(time.perf_counter() - start)
-    return times
-
-
-def paired_overhead(times: list[float], base: list[float]) -> float:
-    """Median over repeats of time / base time in the same repeat, minus one: robust to slow phases of the machine."""
-    return statistics.median(t / b for t, b in zip(times, base, strict=True)) - 1
-
-
-def overhead_quartiles(times: list[float], base: list[float]) -> tuple[float, float]:
-    """First and third quartile over repeats of time / base time in the same repeat, minus one: the noise."""
-    ratios = [t / b for t, b in zip(times, base, strict=True)]
-    if len(ratios) < 2:
-        return ratios[0] - 1, ratios[0] - 1
-    q1, _, q3 = statistics.quantiles(ratios, n=4)
-    return q1 - 1, q3 - 1
+        return saved.nbytes
 
 
 def allocated_bytes(fn: Callable[[], None], device: torch.device) -> int:
@@ -170,11 +105,8 @@ def allocated_bytes(fn: Callable[[], None], device: torch.device) -> int:
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # keep the profiler's start/stop lines out of the table
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
     # Each op's own allocations are its positive self memory; frees show up as negative entries.
-    return sum(max(0, e.self_cpu_memory_usage) for e in prof.events())
+    return sum(max(0, e.self_cpu_memory_usage) for e in cpu_memory_events(fn))
 
 
 def merge_bytes(setup: Setup) -> tuple[int, int]:
@@ -190,20 +122,14 @@ def merge_bytes(setup: Setup) -> tuple[int, int]:
     return fused, allocated_bytes(unfused, setup.device)
 
 
-def mib(n: int) -> str:
-    """Bytes in MiB, or KiB / B when that would round to zero."""
-    if n >= 2**20:
-        return f"{n / 2**20:.1f} MiB"
-    return f"{n / 2**10:.1f} KiB" if n >= 2**10 else f"{n} B"
-
-
 def report(args: argparse.Namespace) -> str:
     """Runs every measurement and returns the markdown table."""
     torch.set_num_threads(args.threads) if args.threads else None
     setup = Setup(args)
     dropouts = [0.0, args.dropout]
     cases = [("base", 0.0)] + [(variant, p) for p in dropouts for variant in ("unfused", "fused")]
-    times = time_interleaved(setup, cases, args.repeats, args.warmup)
+    steps = {case: functools.partial(setup.step, *case) for case in cases}
+    times = time_interleaved(steps, args.repeats, args.warmup, device=setup.device)
     base = times[("base", 0.0)]
     x_bytes = setup.x.numel() * setup.x.element_size()
     lines = [
@@ -257,21 +183,6 @@ def report(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, heading: str, command: str, table: str) -> None:
-    """Replaces the body of ``heading`` in ``path`` (up to the next ``## ``), leaving other sections as they are.
-
-    A missing section is inserted before the first other section.
-    """
-    lines = path.read_text().splitlines() if path.exists() else []
-    if heading not in lines:
-        first = next((i for i, line in enumerate(lines) if line.startswith("## ")), len(lines))
-        lines[first:first] = [heading, ""]
-    start = lines.index(heading) + 1
-    end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
-    body = ["", f"Measured with `{command}`.", "", table, ""]
-    path.write_text("\n".join([*lines[:start], *body, *lines[end:]]).rstrip("\n") + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -298,7 +209,7 @@ def main() -> None:
     if args.write:
         where = f"CPU, {torch.backends.cpu.get_cpu_capability()}" if args.device == "cpu" else "GPU"
         heading = args.section or f"## LoRA ops ({where})"
-        write_section(args.write, heading, "python " + " ".join(["scripts/bench_lora.py", *sys.argv[1:]]), table)
+        write_section(args.write, heading, command_line("scripts/bench_lora.py"), table, new_first=True)
 
 
 if __name__ == "__main__":
