@@ -4,7 +4,8 @@ Forward + backward (W frozen, x requires grad) of
   base:  the frozen base linear alone,
   peft:  PEFT's ``lora.Linear`` with ``use_dora=True`` (it builds ``B @ A`` through an ``in x in`` identity and the
          ``out x in`` matrix ``W + s B A`` on every forward to take the row norms),
-  d9d:   ``d9d.ops.dora_linear`` (row norms over blocks of rows, the fused LoRA op, one scaling pass),
+  d9d:   ``d9d.ops.dora_linear`` (row norms over blocks of rows; on the CPU without dropout one fused op,
+         ``d9d::dora_forward``, with DoRA's factor folded into the weights; with dropout PEFT's two-GEMM form),
 interleaved so that machine noise hits them alike. Reports the median step, the paired overhead over base, the bytes
 autograd saves for backward (excluding x and parameters), the peak of the CPU allocations during one step, and the
 largest single allocation (an ``out x in`` temporary shows up there).

@@ -212,3 +212,34 @@ def test_expert_adapter_with_another_alpha_for_one_parameter_is_refused(tmp_path
     with pytest.raises(ValueError, match=r"experts\.down_proj' has scale .* in the adapter but"):
         load_peft_adapter(model, adapter)
     assert torch.equal(model.model.layers[0].mlp.experts.down_lora_A, before)
+
+
+def _tiny_mixtral(seed: int = 0):
+    config = transformers.MixtralConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=8, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return transformers.MixtralForCausalLM(config).eval()
+
+
+def test_mixtral_experts_adapt_and_merge_like_qwen3_moe():
+    """Mixtral's v5 ``MixtralExperts`` (``mlp.experts``) has the same 3-D layout: adapted outputs equal the base
+    with per-expert merged weights, and ``merge_peft`` keeps them."""
+    model = _tiny_mixtral()
+    method = peft_method_from_config(_stack(attention=False))
+    inject_peft_and_freeze(method, model)
+    assert all(isinstance(layer.mlp.experts, LoRAExperts) for layer in model.model.layers)
+    _perturb(model)
+    reference = _tiny_mixtral()
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            lora, ref = layer.mlp.experts, reference.model.layers[i].mlp.experts
+            ref.gate_up_proj += lora.scale * torch.einsum("eor,eri->eoi", lora.gate_up_lora_B, lora.gate_up_lora_A)
+            ref.down_proj += lora.scale * torch.einsum("eor,eri->eoi", lora.down_lora_B, lora.down_lora_A)
+        adapted = model(input_ids=_ids()).logits
+        torch.testing.assert_close(adapted, reference(input_ids=_ids()).logits, rtol=1e-5, atol=1e-5)
+        merge_peft(method, model)
+        assert type(model.model.layers[0].mlp.experts).__name__ == "MixtralExperts"
+        torch.testing.assert_close(model(input_ids=_ids()).logits, adapted, rtol=1e-5, atol=1e-5)
