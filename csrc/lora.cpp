@@ -64,9 +64,9 @@ std::tuple<int64_t, int64_t, int64_t> check_apply(const char* op, const at::Tens
   return {in, out, r};
 }
 
-// Rows per block: about kernels.block_elements elements of the widest row-major operand.
-int64_t block_rows(const DeviceKernels& kernels, int64_t rows, int64_t width) {
-  return std::max<int64_t>(1, std::min<int64_t>(rows, kernels.block_elements / std::max<int64_t>(width, 1)));
+// Rows per block: about `elements` elements of the widest row-major operand.
+int64_t block_rows(int64_t elements, int64_t rows, int64_t width) {
+  return std::max<int64_t>(1, std::min<int64_t>(rows, elements / std::max<int64_t>(width, 1)));
 }
 
 // float32 accumulator for reduced-precision gradients summed over blocks.
@@ -144,7 +144,7 @@ at::Tensor lora_forward(const DeviceKernels& kernels, const at::Tensor& x, const
   }
 
   const int64_t workers = kernels.max_workers();
-  const int64_t step = block_rows(kernels, rows, std::max(in, out));
+  const int64_t step = block_rows(kernels.block_elements, rows, std::max(in, out));
   at::Tensor y = at::empty({rows, out}, x2d.options());
   // Per-worker buffers: xa = dropout(x) A^T of one block, and with dropout the block's dropped-out copy of x (the
   // mask is regenerated in backward). The bias rides along the skinny GEMM as an extra column of ones,
@@ -254,7 +254,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels
   // Blocks of rows small enough to stay in cache, so that each block of dy and x is read from memory once by the
   // LoRA GEMMs. xa = dropout(x) A^T is recomputed here rather than saved by the forward, and with dropout the mask of
   // a block is drawn once, never stored.
-  const int64_t step = block_rows(kernels, rows, std::max(in, out));
+  const int64_t block_elements = skinny != nullptr ? skinny->block_elements : kernels.block_elements;
+  const int64_t step = block_rows(block_elements, rows, std::max(in, out));
   const at::Tensor dropped_buffers =
       dropout > 0.0 ? at::empty({workers, step, in}, x2d.options()) : at::empty({0}, x2d.options());
   const at::Tensor xa_buffers = at::empty({workers, step, rp}, x2d.options());
@@ -321,28 +322,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_backward(
     const at::Tensor& lora_B, const at::Tensor& factor, double scale, bool need_grad_x) {
   constexpr const char* op = "dora_backward";
   check_apply(op, x, weight, lora_A, lora_B);
-  row_scale_column(op, factor, x, weight.size(0));
-  auto [grad_x, grad_A, grad_B] = lora_backward(kernels, grad_y, x, weight, lora_A, lora_B, scale, 0.0,
-                                                at::zeros({}, at::kLong), need_grad_x, factor);
   const int64_t out = weight.size(0);
+  row_scale_column(op, factor, x, out);
   TORCH_CHECK(y.sizes() == grad_y.sizes(), op, ": y must be grad_y's shape ", grad_y.sizes(), ", got ", y.sizes());
   check_same(op, "y", y, x);
-  // grad_factor = sum over rows of dy * z, with DoRA's unscaled output z = (y - bias) / factor:
-  // (sum(dy * y) - bias * sum(dy)) / factor, the sums taken over blocks of rows (no N x out temporary), in float32
-  // for the 16-bit dtypes.
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out, op, ": bias must be 1D of size out == weight.size(0) == ",
                 out, ", got ", bias->sizes());
     check_same(op, "bias", *bias, x);
   }
+  auto [grad_x, grad_A, grad_B] = lora_backward(kernels, grad_y, x, weight, lora_A, lora_B, scale, 0.0,
+                                                at::zeros({}, at::kLong), need_grad_x, factor);
+  // grad_factor = sum over rows of dy * z, with DoRA's unscaled output z = (y - bias) / factor:
+  // (sum(dy * y) - bias * sum(dy)) / factor, the sums taken over blocks of rows (no N x out temporary), in float32
+  // for the 16-bit dtypes.
   const at::Tensor gy = grad_y.reshape({-1, out});
   const at::Tensor y2d = y.reshape({-1, out});
   const int64_t rows = gy.size(0);
   const auto acc_dtype = accumulate_dtype(gy.scalar_type());
   at::Tensor sums = at::zeros({out}, gy.options().dtype(acc_dtype));
   at::Tensor grad_sums = at::zeros({out}, gy.options().dtype(acc_dtype));
-  const int64_t step = block_rows(kernels, rows, out);
+  const int64_t step = block_rows(kernels.block_elements, rows, out);
   at::Tensor product = at::empty({std::min(step, rows), out}, gy.options());
   for (int64_t row0 = 0; row0 < rows; row0 += step) {
     const int64_t n = std::min(step, rows - row0);

@@ -26,6 +26,8 @@ using BlockBody = c10::function_ref<void(int64_t row0, int64_t n, int64_t worker
 // of rows of x or dy (row stride free, columns contiguous); q, out and acc are contiguous.
 struct SkinnyKernels {
   int64_t panel_width;
+  // Rows per block of the backward when these kernels run it: about this many elements of the widest operand.
+  int64_t block_elements;
   // Whether the kernels handle tensors like x (device, dtype, CPU features); if not, ATen's GEMMs run instead.
   bool (*supports)(const at::Tensor& x);
   // out (n x rp) = p (n x depth) q (depth x rp).

@@ -156,9 +156,9 @@ at::Tensor fold_scratch_cpu(const at::Tensor& weight) {
   return buffer.narrow(0, 0, weight.numel()).view(weight.sizes());
 }
 
-// Blocks of 256 KiB of float32: a block of x and one of dy fit a core's L2 cache together with room to spare (on the
-// AVX-512 Xeon the benchmark runs on, 2^16 elements ran the backward's skinny products about 5% faster than 2^17).
-constexpr DeviceKernels kCpuKernels{dropout_rows_cpu,   dropout_rows_backward_cpu, mask_rows_cpu, 1 << 16,
+// Blocks of 512 KiB of float32: a block of x and one of dy fit a core's L2 cache together (the skinny kernels take
+// smaller ones; see skinny_gemm.cpp).
+constexpr DeviceKernels kCpuKernels{dropout_rows_cpu,   dropout_rows_backward_cpu, mask_rows_cpu, 1 << 17,
                                     for_each_block_cpu, max_workers_cpu,           &kCpuSkinnyKernels,
                                     fold_scratch_cpu};
 

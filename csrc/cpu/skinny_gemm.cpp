@@ -80,6 +80,9 @@ void fold(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& 
 
 }  // namespace
 
-const SkinnyKernels kCpuSkinnyKernels{cpu::kPanel, skinny_supports, skinny_mm, skinny_accumulate, fold};
+// Blocks of 256 KiB of float32 for the backward's skinny products: a block of x and one of dy sit in a core's L2
+// with room to spare (on the AVX-512 Xeon of BENCHMARKS.md, 2^16 elements ran them about 5% faster than 2^17). The
+// ATen GEMMs elsewhere keep the larger blocks of lora_cpu.cpp, which need fewer library calls.
+const SkinnyKernels kCpuSkinnyKernels{cpu::kPanel, 1 << 16, skinny_supports, skinny_mm, skinny_accumulate, fold};
 
 }  // namespace d9d

@@ -205,8 +205,8 @@ def test_every_cpu_capability_matches_reference(capability):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_inputs_spanning_many_blocks_and_threads_match_reference(dtype, dropout):
-    # The CPU kernels process 2^16-element blocks of rows spread over the threads: 3000 x 300 makes 14 blocks, the
-    # last one short.
+    # The CPU kernels process blocks of rows (2^17 elements; 2^16 in the float32 backward) spread over the threads:
+    # 3000 x 300 makes 7 or 14 blocks, the last one short.
     x, weight, b, lora_A, lora_B = make_inputs((3000,), 300, 260, 4, dtype=dtype)
     assert_op_matches_reference(x, weight, b, lora_A, lora_B, 0.5, dropout, torch.tensor([11]), TOLERANCES[dtype])
 
