@@ -303,7 +303,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels
     grad_B = grad_B.t();
   }
   grad_A = grad_A.to(x2d.scalar_type()).contiguous();
-  grad_B = grad_B.narrow(1, 0, r).mul(f_in_weights ? f * scale : at::scalar_tensor(scale, grad_B.options()));
+  // In dB's (float32 for 16-bit) accumulation dtype: f * scale rounded to 16 bits would bias whole rows of dB.
+  grad_B = grad_B.narrow(1, 0, r).mul(f_in_weights ? f.to(grad_B.scalar_type()) * scale
+                                                   : at::scalar_tensor(scale, grad_B.options()));
   grad_B = grad_B.to(x2d.scalar_type()).contiguous();
   return {need_grad_x ? grad_x.view(x.sizes()) : grad_x, grad_A, grad_B};
 }

@@ -51,7 +51,7 @@ struct DeviceKernels {
   void (*mask_rows)(const at::Tensor& mask, const DropoutSpec& spec);
   // Rows are processed in blocks of about this many elements (of the widest operand): small enough for a block of
   // dy and x to stay in cache between the LoRA GEMMs that read it, and for the dropped-out copy of x to exist for
-  // one block only.
+  // one block only. The backward takes SkinnyKernels::block_elements instead when those kernels run it.
   int64_t block_elements;
   // Runs body over the blocks [0, step), [step, 2 step), ... covering `rows`; blocks of different workers may run
   // concurrently, so each worker gets its own buffers and accumulators.
@@ -86,7 +86,8 @@ at::Tensor dora_forward(const DeviceKernels& kernels, const at::Tensor& x, const
                         const at::Tensor& factor, double scale);
 
 // (grad_x, grad_A, grad_B, grad_factor) of dora_forward, from its output y: DoRA's unscaled output is
-// (y - bias) / factor (recomputed from x for the features whose factor is 0).
+// (y - bias) / factor (recomputed from x for the features whose factor is 0). With a bias in a 16-bit dtype, y - bias
+// keeps little of it; dora_linear takes this op with a bias in float32 and float64 only.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_backward(
     const DeviceKernels& kernels, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& y,
     const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,

@@ -149,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(const at::Tens
 }
 
 at::Tensor dora_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                             const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                              const at::Tensor& lora_B, const at::Tensor& factor, double scale) {
   TORCH_CHECK(x.is_cuda(), "dora_forward: x must be a CUDA tensor (another argument sent the call to the "
               "CUDA kernel), got x on ", x.device());

@@ -183,7 +183,8 @@ def dora_linear(
     op, ``d9d::dora_forward``: ``f`` is folded into the weights with the adapters, for one GEMM whose output is the
     only ``N x out`` tensor, and autograd keeps that output (the backward takes DoRA's unscaled output as
     ``(y - b) / f``, recomputing it from ``x`` where ``f`` is 0; with a bias only in float32 and float64, as a 16-bit
-    ``y - b`` would lose too much of it). Elsewhere it is the fused LoRA op and one scaling pass (whose backward is
+    ``y - b`` would lose too much of it). Elsewhere (CUDA, DTensors, under autocast, whose casts the LoRA op's
+    autocast kernel makes) it is the fused LoRA op and one scaling pass (whose backward is
     one blocked pass too); on CUDA the caching allocator makes that pass's extra ``N x out`` tensors cheap, and the
     fused backward's check for zero factors would synchronize. Neither has an ``out x in`` temporary besides the
     fused op's reused fold scratch. With dropout, PEFT's form needs a second pass of the base weight, over
@@ -211,13 +212,18 @@ def dora_linear(
     if lora_B.dtype != x.dtype:
         lora_B = lora_B.to(x.dtype)
     norm = dora_weight_norm(weight, lora_A, lora_B, scale)
-    factor = (magnitude / norm).to(x.dtype)
+    # Under autocast the LoRA op computes in the autocast dtype, and so does the scaling, as an nn.Linear would.
+    autocast = torch.is_autocast_enabled(x.device.type)
+    factor = (magnitude / norm).to(torch.get_autocast_dtype(x.device.type) if autocast else x.dtype)
     if training and dropout > 0:
         dropped = F.dropout(x, dropout, training=True)
         adapted = lora_linear(dropped, weight, None, lora_A, lora_B, scale, 0.0, False)
         return _ScaleColumns.apply(adapted, factor, None) + F.linear(x - dropped, weight, bias)
-    if x.device.type == "cpu" and not isinstance(x, DTensor) and (bias is None or x.dtype in _EXACT_UNBIAS):
+    fused = (x.device.type == "cpu" and not isinstance(x, DTensor) and not isinstance(weight, DTensor)
+             and not autocast and weight.dtype == x.dtype
+             and (bias is None or x.dtype in _EXACT_UNBIAS))
+    if fused:
         return torch.ops.d9d.dora_forward(x, weight, None if bias is None else bias.to(x.dtype), lora_A, lora_B,
                                           factor, float(scale))
     adapted = lora_linear(x, weight, None, lora_A, lora_B, scale, 0.0, False)
-    return _ScaleColumns.apply(adapted, factor, None if bias is None else bias.to(x.dtype))
+    return _ScaleColumns.apply(adapted, factor, None if bias is None else bias.to(factor.dtype))

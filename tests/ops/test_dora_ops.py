@@ -284,3 +284,52 @@ def test_one_kernel_serves_cpu_and_cuda(op):
     """The norm ops are written once over ATen (CompositeExplicitAutograd): CUDA gets the same kernel as the CPU."""
     for key in ("CPU", "CUDA"):
         assert torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"d9d::{op}", key), key
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_autocast_runs_in_bfloat16_like_the_lora_op(bias):
+    """Under CPU autocast, a float32 DoRA layer fed bfloat16 (or float32) activations runs in bfloat16, as
+    nn.Linear and the LoRA op do: the fused DoRA op has no autocast kernel, so dora_linear takes the LoRA op's."""
+    x, weight, b, lora_A, lora_B, magnitude = dora_inputs((64,), bias=bias)
+    want = reference_dora(x.detach(), weight, None if b is None else b.detach(), lora_A.detach(), lora_B.detach(),
+                          magnitude.detach(), 0.5)
+    for source in (x, x.detach().bfloat16()):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = dora_linear(source, weight, b, lora_A, lora_B, magnitude, 0.5, 0.0, training=True)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.double(), want, rtol=2e-2, atol=5e-2)
+        magnitude.grad = lora_A.grad = None
+        y.float().sum().backward()
+        assert torch.isfinite(magnitude.grad).all()
+        assert lora_A.grad.abs().sum() > 0
+
+
+def test_fused_op_bfloat16_without_bias_matches_reference():
+    x, weight, _, lora_A, lora_B, magnitude = dora_inputs((64,), bias=False)
+    y = dora_linear(x.detach().bfloat16().requires_grad_(), weight.bfloat16(), None, lora_A, lora_B, magnitude,
+                    0.5, 0.0, training=True)
+    assert "dora_forward" in type(y.grad_fn).__name__
+    want = reference_dora(x.detach().bfloat16(), weight.bfloat16(), None, lora_A.detach().bfloat16(),
+                          lora_B.detach().bfloat16(), magnitude.detach(), 0.5)
+    torch.testing.assert_close(y.double(), want, rtol=2e-2, atol=5e-2)
+    y.float().sum().backward()
+    assert lora_A.grad.dtype == lora_B.grad.dtype == magnitude.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("rows", [5, 64])
+def test_fused_backward_without_grad_x_matches_reference(rows):
+    """need_grad_x false: the factor goes into B and dB only (no dy * f copy), on the skinny kernels in float32."""
+    x, weight, lora_A, lora_B, factor = fused_inputs(rows, dtype=torch.float32)
+    bias = torch.randn(20)
+    x, lora_A, lora_B, factor = (t.detach() for t in (x, lora_A, lora_B, factor))
+    y = torch.ops.d9d.dora_forward(x, weight, bias, lora_A, lora_B, factor, 0.7)
+    grad = torch.randn_like(y)
+    grad_x, grad_A, grad_B, grad_factor = torch.ops.d9d.dora_backward(grad, x, y, weight, bias, lora_A, lora_B,
+                                                                        factor, 0.7, False)
+    assert grad_x.numel() == 0
+    refs = [t.double().requires_grad_() for t in (lora_A, lora_B, factor)]
+    ref_A, ref_B, ref_f = refs
+    want = ref_f * (x.double() @ weight.double().t() + 0.7 * (x.double() @ ref_A.t()) @ ref_B.t()) + bias.double()
+    want.backward(grad.double())
+    for got, ref in zip((grad_A, grad_B, grad_factor), refs, strict=True):
+        torch.testing.assert_close(got.double(), ref.grad, rtol=1e-4, atol=1e-4)
