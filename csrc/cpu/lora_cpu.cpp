@@ -11,6 +11,7 @@
 #include <array>
 
 #include "../dropout_mask.h"
+#include "../dropout_rows.h"
 #include "../lora.h"
 #include "skinny_gemm.h"
 #include "vec_kernels.h"
@@ -73,6 +74,8 @@ void dropout_backward_span(const float* x, float* out, float* grad, const uint16
   cpu::vec_kernels().dropout_backward_span(x, out, grad, draws, n, threshold, scale);
 }
 
+}  // namespace
+
 void dropout_rows_cpu(const at::Tensor& x, const at::Tensor& out, int64_t row0, const DropoutSpec& spec) {
   const int64_t cols = x.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dropout_rows_cpu", [&] {
@@ -107,6 +110,8 @@ void dropout_rows_backward_cpu(const at::Tensor& x, const at::Tensor& out, const
     });
   });
 }
+
+namespace {
 
 void mask_rows_cpu(const at::Tensor& mask, const DropoutSpec& spec) {
   const int64_t cols = mask.size(1);

@@ -11,6 +11,7 @@
 #include <algorithm>
 
 #include "../dropout_mask.h"
+#include "../dropout_rows.h"
 #include "../lora.h"
 
 namespace d9d {
@@ -86,6 +87,8 @@ void launch_dropout_rows(const at::Tensor& x, const at::Tensor& out, const at::T
   });
 }
 
+}  // namespace
+
 void dropout_rows_cuda(const at::Tensor& x, const at::Tensor& out, int64_t row0, const DropoutSpec& spec) {
   launch_dropout_rows<false>(x, out, nullptr, row0, spec);
 }
@@ -94,6 +97,8 @@ void dropout_rows_backward_cuda(const at::Tensor& x, const at::Tensor& out, cons
                                 const DropoutSpec& spec) {
   launch_dropout_rows<true>(x, out, &grad, row0, spec);
 }
+
+namespace {
 
 void mask_rows_cuda(const at::Tensor& mask, const DropoutSpec& spec) {
   const int64_t rows = mask.size(0);
