@@ -100,6 +100,21 @@ at::Tensor fold_adapters(const DeviceKernels& kernels, const at::Tensor& weight,
   return at::addmm_out(folded, weight, lora_B, lora_A, /*beta=*/1, /*alpha=*/scale);
 }
 
+// The device's skinny kernels if they take tensors like x, else nullptr (ATen's GEMMs run instead).
+const SkinnyKernels* skinny_kernels_for(const DeviceKernels& kernels, const at::Tensor& x) {
+  return kernels.skinny != nullptr && kernels.skinny->supports(x) ? kernels.skinny : nullptr;
+}
+
+// Columns of the panels that hold r columns: r rounded up to the skinny kernels' panel width (r for ATen's GEMMs).
+int64_t panel_columns(const SkinnyKernels* skinny, int64_t r) {
+  return skinny == nullptr ? r : (r + skinny->panel_width - 1) / skinny->panel_width * skinny->panel_width;
+}
+
+// columns (rows x r) as a contiguous panel of rp columns, zero beyond r.
+at::Tensor as_panel(const at::Tensor& columns, int64_t rp) {
+  return at::constant_pad_nd(columns, {0, rp - columns.size(1)}).contiguous();
+}
+
 // The row scale (DoRA's factor) as an (out, 1) column, checked; undefined stays undefined.
 at::Tensor row_scale_column(const char* op, const at::Tensor& row_scale, const at::Tensor& x, int64_t out) {
   if (!row_scale.defined()) {
@@ -146,15 +161,21 @@ at::Tensor lora_forward(const DeviceKernels& kernels, const at::Tensor& x, const
   const int64_t workers = kernels.max_workers();
   const int64_t step = block_rows(kernels.block_elements, rows, std::max(in, out));
   at::Tensor y = at::empty({rows, out}, x2d.options());
-  // Per-worker buffers: xa = dropout(x) A^T of one block, and with dropout the block's dropped-out copy of x (the
-  // mask is regenerated in backward). The bias rides along the skinny GEMM as an extra column of ones,
-  // y = [xa, 1] [s B, bias]^T, so it costs no pass of its own; with a row scale it is added after the scaling.
+  // xa = dropout(x) A^T, block by block: on the skinny kernels where they run, with A^T as a panel of rp columns.
+  const SkinnyKernels* skinny = skinny_kernels_for(kernels, x2d);
+  const int64_t rp = panel_columns(skinny, r);
+  const at::Tensor At = skinny != nullptr ? as_panel(lora_A.t(), rp) : lora_A.t();
+  // The bias rides along the expansion as an extra column of ones, y = [xa, 1] [s B, bias]^T, so it costs no pass of
+  // its own; with a row scale it is added after the scaling.
   const bool bias_in_blocks = has_bias && !f.defined();
+  const at::Tensor B_rows =
+      bias_in_blocks ? at::cat({as_panel(lora_B * scale, rp), bias->unsqueeze(1)}, 1) : as_panel(lora_B, rp);
+  // Per-worker buffers: [xa, 1] of one block, and with dropout the block's dropped-out copy of x (the mask is
+  // regenerated in backward).
+  const at::Tensor xa_buffers = bias_in_blocks ? at::ones({workers, step, rp + 1}, x2d.options())
+                                               : at::empty({workers, step, rp}, x2d.options());
   const at::Tensor dropped_buffers =
       dropout > 0.0 ? at::empty({workers, step, in}, x2d.options()) : at::empty({0}, x2d.options());
-  const at::Tensor xa_buffers = bias_in_blocks ? at::ones({workers, step, r + 1}, x2d.options())
-                                               : at::empty({workers, step, r}, x2d.options());
-  const at::Tensor B_bias = bias_in_blocks ? at::cat({lora_B * scale, bias->unsqueeze(1)}, 1) : at::Tensor();
   kernels.for_each_block(rows, step, [&](int64_t row0, int64_t n, int64_t worker) {
     at::Tensor source = x2d.narrow(0, row0, n);
     if (dropout > 0.0) {
@@ -163,13 +184,17 @@ at::Tensor lora_forward(const DeviceKernels& kernels, const at::Tensor& x, const
       source = dropped;
     }
     const at::Tensor xa_1 = xa_buffers[worker].narrow(0, 0, n);
-    at::Tensor xa_block = xa_1.narrow(1, 0, r);
-    at::mm_out(xa_block, source, lora_A.t());
+    at::Tensor xa_block = xa_1.narrow(1, 0, rp);
+    if (skinny != nullptr) {
+      skinny->mm(source, At, xa_block);
+    } else {
+      at::mm_out(xa_block, source, At);
+    }
     at::Tensor y_block = y.narrow(0, row0, n);
     if (bias_in_blocks) {
-      at::mm_out(y_block, xa_1, B_bias.t());
+      at::mm_out(y_block, xa_1, B_rows.t());
     } else {
-      at::addmm_out(y_block, y_block, xa_block, lora_B.t(), /*beta=*/0, /*alpha=*/scale);  // ignores y's contents
+      at::addmm_out(y_block, y_block, xa_1, B_rows.t(), /*beta=*/0, /*alpha=*/scale);  // ignores y's contents
     }
   });
   // The base GEMM accumulates into the LoRA part (beta = 1): no N x out temporary.
@@ -214,13 +239,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels
   // The LoRA products multiply blocks of rows by the panels A^T (in x r) and s B (out x r). The skinny kernels want
   // contiguous panels zero-padded to their width, and sum dA^T and dB in that layout; ATen's GEMMs run fastest on
   // the transposed views and sums (dA and dB^T), as MKL prefers the long side as the output's rows.
-  const SkinnyKernels* skinny =
-      kernels.skinny != nullptr && kernels.skinny->supports(x2d) ? kernels.skinny : nullptr;
-  const int64_t width = skinny != nullptr ? skinny->panel_width : 1;
-  const int64_t rp = (r + width - 1) / width * width;
-  const auto panel = [&](const at::Tensor& columns) {  // (rows, r) -> (rows, rp)
-    return skinny == nullptr ? columns : at::constant_pad_nd(columns, {0, rp - r}).contiguous();
-  };
+  const SkinnyKernels* skinny = skinny_kernels_for(kernels, x2d);
+  const int64_t rp = panel_columns(skinny, r);
+  const auto panel = [&](const at::Tensor& columns) { return skinny == nullptr ? columns : as_panel(columns, rp); };
   const at::Tensor At = panel(lora_A.t());
   const at::Tensor Bs = panel(f_in_weights ? lora_B * f * scale : lora_B * scale);
   // The sums run over all rows: each worker accumulates its blocks (in float32 for the 16-bit dtypes), and the
@@ -286,15 +307,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels
     accumulate(grad_B_acc[worker], gy_block, xa_block);  // dB = dy^T xa (times s, applied once at the end)
     accumulate(grad_A_acc[worker], source, g_block);     // dA^T = dropout(x)^T g
   });
-  if (fold) {
-    const at::Tensor folded = fold_adapters(kernels, weight, lora_A, lora_B, scale);
-    if (f_in_weights) {
-      folded.mul_(f);
-    }
-    at::mm_out(grad_x, gy, folded);
-  } else if (need_grad_x) {
-    grad_x.addmm_(gy, weight);  // the base GEMM accumulates into the LoRA part (beta = 1)
-  }
+  // The workers' sums are added up before the base GEMM, while they are still in cache.
   at::Tensor grad_A = grad_A_acc.sum(0);
   at::Tensor grad_B = grad_B_acc.sum(0);
   if (skinny != nullptr) {
@@ -307,6 +320,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels
   grad_B = grad_B.narrow(1, 0, r).mul(f_in_weights ? f.to(grad_B.scalar_type()) * scale
                                                    : at::scalar_tensor(scale, grad_B.options()));
   grad_B = grad_B.to(x2d.scalar_type()).contiguous();
+  if (fold) {
+    const at::Tensor folded = fold_adapters(kernels, weight, lora_A, lora_B, scale);
+    if (f_in_weights) {
+      folded.mul_(f);
+    }
+    at::mm_out(grad_x, gy, folded);
+  } else if (need_grad_x) {
+    grad_x.addmm_(gy, weight);  // the base GEMM accumulates into the LoRA part (beta = 1)
+  }
   return {need_grad_x ? grad_x.view(x.sizes()) : grad_x, grad_A, grad_B};
 }
 

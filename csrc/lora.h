@@ -21,16 +21,16 @@ struct DropoutSpec {
 // Work on rows [row0, row0 + n) of x, done by `worker` (< DeviceKernels::max_workers()).
 using BlockBody = c10::function_ref<void(int64_t row0, int64_t n, int64_t worker)>;
 
-// Faster GEMMs for the skinny products of the backward and for the fold W + s B A. In the backward's products one
-// operand is a panel of rp columns (r rounded up to a multiple of panel_width, with zero columns), and p is a block
-// of rows of x or dy (row stride free, columns contiguous); q, out and acc are contiguous.
+// Faster GEMMs for the skinny products (xa = x A^T in both passes, the backward's other three) and for the fold
+// W + s B A. In the products one operand is a panel of rp columns (r rounded up to a multiple of panel_width, with
+// zero columns), and p is a block of rows of x or dy (row stride free, columns contiguous); q and acc are contiguous.
 struct SkinnyKernels {
   int64_t panel_width;
   // Rows per block of the backward when these kernels run it: about this many elements of the widest operand.
   int64_t block_elements;
   // Whether the kernels handle tensors like x (device, dtype, CPU features); if not, ATen's GEMMs run instead.
   bool (*supports)(const at::Tensor& x);
-  // out (n x rp) = p (n x depth) q (depth x rp).
+  // out (n x rp) = p (n x depth) q (depth x rp); out's rows may be strided.
   void (*mm)(const at::Tensor& p, const at::Tensor& q, const at::Tensor& out);
   // acc (depth x rp) += p^T q, for p (n x depth) and q (n x rp).
   void (*accumulate)(const at::Tensor& p, const at::Tensor& q, const at::Tensor& acc);

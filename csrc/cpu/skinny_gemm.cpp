@@ -30,9 +30,11 @@ bool skinny_supports(const at::Tensor& x) {
 }
 
 // p's rows may be strided (a block of x or dy), and with one column (in or out == 1) so may its column; the
-// kernels never step along a single column. The panels and outputs are contiguous with rp columns.
+// kernels never step along a single column. The panels are contiguous with rp columns, and so are the outputs but for
+// mm's, whose rows may be strided.
 void check_operands(const char* what, const at::Tensor& p, const at::Tensor& q, const at::Tensor& out) {
-  TORCH_CHECK(p.dim() == 2 && (p.size(1) <= 1 || p.stride(1) == 1) && q.is_contiguous() && out.is_contiguous() &&
+  TORCH_CHECK(p.dim() == 2 && (p.size(1) <= 1 || p.stride(1) == 1) && q.is_contiguous() && out.dim() == 2 &&
+                  out.stride(1) == 1 &&
                   q.size(1) % cpu::kPanel == 0 && q.size(1) == out.size(1) && p.scalar_type() == at::kFloat &&
                   q.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
               what, ": internal error, unsupported operands ", p.sizes(), " ", q.sizes(), " ", out.sizes());
@@ -43,12 +45,13 @@ void skinny_mm(const at::Tensor& p, const at::Tensor& q, const at::Tensor& out) 
   TORCH_CHECK(p.size(1) == q.size(0) && out.size(0) == p.size(0), "skinny_mm: internal error, shapes ", p.sizes(),
               " ", q.sizes(), " ", out.sizes());
   cpu::vec_kernels().panel_mm(p.const_data_ptr<float>(), p.stride(0), p.size(0), p.size(1),
-                              q.const_data_ptr<float>(), q.size(1), out.mutable_data_ptr<float>());
+                              q.const_data_ptr<float>(), q.size(1), out.mutable_data_ptr<float>(), out.stride(0));
 }
 
 void skinny_accumulate(const at::Tensor& p, const at::Tensor& q, const at::Tensor& acc) {
   check_operands("skinny_accumulate", p, q, acc);
-  TORCH_CHECK(p.size(0) == q.size(0) && acc.size(0) == p.size(1), "skinny_accumulate: internal error, shapes ",
+  TORCH_CHECK(p.size(0) == q.size(0) && acc.size(0) == p.size(1) && acc.is_contiguous(),
+              "skinny_accumulate: internal error, shapes ",
               p.sizes(), " ", q.sizes(), " ", acc.sizes());
   cpu::vec_kernels().panel_accumulate(p.const_data_ptr<float>(), p.stride(0), p.size(0), p.size(1),
                                       q.const_data_ptr<float>(), q.size(1), acc.mutable_data_ptr<float>());

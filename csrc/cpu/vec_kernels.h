@@ -14,8 +14,10 @@ constexpr int64_t kPanel = 16;
 struct VecKernels {
   // The capability this build was compiled for ("DEFAULT", "AVX2", "AVX512").
   const char* capability;
-  // out (n x rp) = p (n x depth) q (depth x rp), for p's rows ldp apart, q and out contiguous, rp % kPanel == 0.
-  void (*panel_mm)(const float* p, int64_t ldp, int64_t n, int64_t depth, const float* q, int64_t rp, float* out);
+  // out (n x rp) = p (n x depth) q (depth x rp), for p's rows ldp apart, out's ldo apart, q contiguous,
+  // rp % kPanel == 0.
+  void (*panel_mm)(const float* p, int64_t ldp, int64_t n, int64_t depth, const float* q, int64_t rp, float* out,
+                   int64_t ldo);
   // acc (depth x rp) += p^T q, for p (n x depth, rows ldp apart) and q (n x rp), q and acc contiguous.
   void (*panel_accumulate)(const float* p, int64_t ldp, int64_t n, int64_t depth, const float* q, int64_t rp,
                            float* acc);

@@ -106,14 +106,15 @@ inline void columns_times_panel(const float* p, int64_t ldp, int64_t rows, const
   }
 }
 
-void panel_mm(const float* p, int64_t ldp, int64_t n, int64_t depth, const float* q, int64_t rp, float* out) {
+void panel_mm(const float* p, int64_t ldp, int64_t n, int64_t depth, const float* q, int64_t rp, float* out,
+              int64_t ldo) {
   for (int64_t c = 0; c < rp; c += kPanel) {
     int64_t i = 0;
     for (; i + kMmRows <= n; i += kMmRows) {
-      rows_times_panel<kMmRows>(p + i * ldp, ldp, depth, q + c, rp, out + i * rp + c, rp);
+      rows_times_panel<kMmRows>(p + i * ldp, ldp, depth, q + c, rp, out + i * ldo + c, ldo);
     }
     for (; i < n; ++i) {
-      rows_times_panel<1>(p + i * ldp, ldp, depth, q + c, rp, out + i * rp + c, rp);
+      rows_times_panel<1>(p + i * ldp, ldp, depth, q + c, rp, out + i * ldo + c, ldo);
     }
   }
 }
@@ -215,8 +216,9 @@ void fold_rows(const float* weight, const float* sB, const float* A, int64_t r, 
   }
 }
 
-// Lane-parallel over groups so that the compiler vectorizes it with this build's vector width.
-void philox_batch(uint64_t seed, int64_t row, int64_t group0, int64_t count, uint32_t* __restrict__ words) {
+// Philox4x32-10, lane-parallel over groups so that the compiler vectorizes it for builds without a hand-written
+// version below (it does so poorly on x86: the 32 x 32 -> 64-bit products do not map onto 32-bit lanes).
+inline void philox_batch_portable(uint64_t seed, int64_t row, int64_t group0, int64_t count, uint32_t* __restrict__ words) {
   constexpr uint32_t kMulA = 0xD2511F53;
   constexpr uint32_t kMulB = 0xCD9E8D57;
   constexpr uint32_t kKeyA = 0x9E3779B9;
@@ -252,6 +254,129 @@ void philox_batch(uint64_t seed, int64_t row, int64_t group0, int64_t count, uin
     words[4 * j + 3] = c3;
   }
 }
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// Philox on x86 vectors of 32-bit lanes, one group per lane. The unsigned multiply of even lanes (vpmuludq) gives the
+// 64-bit products of the even lanes, and of the odd lanes after a shuffle; their halves are shuffled back into 32-bit
+// lanes. On the Xeon of BENCHMARKS.md this runs 2.7x (AVX-512) and 2.2x (AVX2) faster than philox_batch_portable.
+namespace philox {
+#if defined(CPU_CAPABILITY_AVX512)
+using Lanes = __m512i;
+constexpr int64_t kLanes = 16;
+inline Lanes splat(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
+inline Lanes first_lanes(uint32_t v) {
+  return _mm512_add_epi32(splat(v), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+}
+inline Lanes xor3(Lanes a, Lanes b, Lanes c) { return _mm512_ternarylogic_epi32(a, b, c, 0x96); }
+// The high and low words of a * k, lane by lane.
+inline void multiply(Lanes a, Lanes k, Lanes& hi, Lanes& lo) {
+  const Lanes even = _mm512_mul_epu32(a, k);                                      // 64-bit lane i: a[2i] k
+  const Lanes odd = _mm512_mul_epu32(_mm512_shuffle_epi32(a, _MM_PERM_DDBB), k);  // 64-bit lane i: a[2i + 1] k
+  hi = _mm512_mask_shuffle_epi32(odd, 0x5555, even, _MM_PERM_DDBB);
+  lo = _mm512_mask_shuffle_epi32(even, 0xAAAA, odd, _MM_PERM_CCAA);
+}
+inline Lanes unpacklo32(Lanes a, Lanes b) { return _mm512_unpacklo_epi32(a, b); }
+inline Lanes unpackhi32(Lanes a, Lanes b) { return _mm512_unpackhi_epi32(a, b); }
+inline Lanes unpacklo64(Lanes a, Lanes b) { return _mm512_unpacklo_epi64(a, b); }
+inline Lanes unpackhi64(Lanes a, Lanes b) { return _mm512_unpackhi_epi64(a, b); }
+template <int I>
+inline __m128i chunk(Lanes v) {
+  return _mm512_extracti32x4_epi32(v, I);
+}
+#else
+using Lanes = __m256i;
+constexpr int64_t kLanes = 8;
+inline Lanes splat(uint32_t v) { return _mm256_set1_epi32(static_cast<int>(v)); }
+inline Lanes first_lanes(uint32_t v) { return _mm256_add_epi32(splat(v), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+inline Lanes xor3(Lanes a, Lanes b, Lanes c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
+inline void multiply(Lanes a, Lanes k, Lanes& hi, Lanes& lo) {
+  const Lanes even = _mm256_mul_epu32(a, k);
+  const Lanes odd = _mm256_mul_epu32(_mm256_shuffle_epi32(a, 0xF5), k);
+  hi = _mm256_blend_epi32(_mm256_shuffle_epi32(even, 0xF5), odd, 0xAA);
+  lo = _mm256_blend_epi32(even, _mm256_shuffle_epi32(odd, 0xA0), 0xAA);
+}
+inline Lanes unpacklo32(Lanes a, Lanes b) { return _mm256_unpacklo_epi32(a, b); }
+inline Lanes unpackhi32(Lanes a, Lanes b) { return _mm256_unpackhi_epi32(a, b); }
+inline Lanes unpacklo64(Lanes a, Lanes b) { return _mm256_unpacklo_epi64(a, b); }
+inline Lanes unpackhi64(Lanes a, Lanes b) { return _mm256_unpackhi_epi64(a, b); }
+template <int I>
+inline __m128i chunk(Lanes v) {
+  return _mm256_extracti128_si256(v, I);
+}
+#endif
+
+// Stores chunk I of the groups (4 groups of 4 words) in group-major order, from vectors q whose chunk I holds group
+// 4 I + q.
+template <int I>
+inline void store_chunk(const Lanes (&groups)[4], uint32_t* words) {
+  for (int q = 0; q < 4; ++q) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(words + 4 * (4 * I + q)), chunk<I>(groups[q]));
+  }
+}
+
+// words[4 j + w] = word w of group j, from the words' lanes c0..c3: a 4 x 4 transpose within each 128-bit chunk.
+inline void store_groups(Lanes c0, Lanes c1, Lanes c2, Lanes c3, uint32_t* words) {
+  const Lanes t0 = unpacklo32(c0, c1), t1 = unpackhi32(c0, c1);
+  const Lanes t2 = unpacklo32(c2, c3), t3 = unpackhi32(c2, c3);
+  const Lanes groups[4] = {unpacklo64(t0, t2), unpackhi64(t0, t2), unpacklo64(t1, t3), unpackhi64(t1, t3)};
+  store_chunk<0>(groups, words);
+  store_chunk<1>(groups, words);
+#if defined(CPU_CAPABILITY_AVX512)
+  store_chunk<2>(groups, words);
+  store_chunk<3>(groups, words);
+#endif
+}
+}  // namespace philox
+
+void philox_batch(uint64_t seed, int64_t row, int64_t group0, int64_t count, uint32_t* __restrict__ words) {
+  using philox::Lanes;
+  using philox::splat;
+  constexpr int64_t kLanes = philox::kLanes;
+  const uint64_t first = static_cast<uint64_t>(group0);
+  // The lanes share the counter's high word; a batch whose groups cross a multiple of 2^32 (never, in practice)
+  // takes the portable loop.
+  if ((first >> 32) != ((first + static_cast<uint64_t>(count)) >> 32)) {
+    philox_batch_portable(seed, row, group0, count, words);
+    return;
+  }
+  uint32_t key0[10];
+  uint32_t key1[10];
+  for (int round = 0; round < 10; ++round) {
+    key0[round] = static_cast<uint32_t>(seed) + static_cast<uint32_t>(round) * 0x9E3779B9u;
+    key1[round] = static_cast<uint32_t>(seed >> 32) + static_cast<uint32_t>(round) * 0xBB67AE85u;
+  }
+  const Lanes mul_a = splat(0xD2511F53u);
+  const Lanes mul_b = splat(0xCD9E8D57u);
+  const Lanes high_word = splat(static_cast<uint32_t>(first >> 32));
+  const Lanes row_lo = splat(static_cast<uint32_t>(static_cast<uint64_t>(row)));
+  const Lanes row_hi = splat(static_cast<uint32_t>(static_cast<uint64_t>(row) >> 32));
+  const int64_t full = count / kLanes * kLanes;
+  for (int64_t j = 0; j < full; j += kLanes) {
+    Lanes c0 = philox::first_lanes(static_cast<uint32_t>(first + static_cast<uint64_t>(j)));
+    Lanes c1 = high_word;
+    Lanes c2 = row_lo;
+    Lanes c3 = row_hi;
+#pragma GCC unroll 10
+    for (int round = 0; round < 10; ++round) {
+      Lanes hi0, lo0, hi1, lo1;
+      philox::multiply(c0, mul_a, hi0, lo0);
+      philox::multiply(c2, mul_b, hi1, lo1);
+      c0 = philox::xor3(hi1, c1, splat(key0[round]));
+      c2 = philox::xor3(hi0, c3, splat(key1[round]));
+      c1 = lo1;
+      c3 = lo0;
+    }
+    philox::store_groups(c0, c1, c2, c3, words + 4 * j);
+  }
+  if (full < count) {
+    philox_batch_portable(seed, row, group0 + full, count - full, words + 4 * full);
+  }
+}
+#else
+void philox_batch(uint64_t seed, int64_t row, int64_t group0, int64_t count, uint32_t* __restrict__ words) {
+  philox_batch_portable(seed, row, group0, count, words);
+}
+#endif
 
 // Plain loops over 16-bit draws, which the compiler vectorizes for this build.
 void dropout_span(const float* __restrict__ x, float* __restrict__ out, const uint16_t* __restrict__ draws, int64_t n,

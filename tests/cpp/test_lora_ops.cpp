@@ -127,8 +127,10 @@ TEST(VecKernels, EveryBuildMatchesAten) {
   const at::Tensor A = torch::randn({r, in});
   for (const d9d::cpu::VecKernels* build : runnable_builds()) {
     SCOPED_TRACE(build->capability);
-    at::Tensor out = torch::empty({n, rp});
-    build->panel_mm(p.data_ptr<float>(), p.stride(0), n, depth, q.data_ptr<float>(), rp, out.data_ptr<float>());
+    // out's rows strided too (a block of [xa, 1] in the forward).
+    at::Tensor out = torch::empty({n, rp + 3}).narrow(1, 0, rp);
+    build->panel_mm(p.data_ptr<float>(), p.stride(0), n, depth, q.data_ptr<float>(), rp, out.data_ptr<float>(),
+                    out.stride(0));
     EXPECT_TRUE(at::allclose(out, at::mm(p, q), 1e-4, 1e-4));
 
     at::Tensor acc = acc0.clone();
@@ -141,12 +143,16 @@ TEST(VecKernels, EveryBuildMatchesAten) {
                      folded.data_ptr<float>());
     EXPECT_TRUE(at::allclose(folded, weight + at::mm(sB, A), 1e-4, 1e-4));
 
-    std::vector<uint32_t> words(4 * 5);
-    build->philox_batch(uint64_t{7} << 33, 6, 3, 5, words.data());
-    for (int64_t j = 0; j < 5; ++j) {
-      const d9d::MaskBits bits = d9d::mask_bits(uint64_t{7} << 33, 6, 3 + j);
-      for (int w = 0; w < 4; ++w) {
-        EXPECT_EQ(words[4 * j + w], bits.words[w]) << j << ", " << w;
+    // Whole vectors of groups and a tail; a row past 2^32; groups whose counter crosses 2^32.
+    for (const int64_t group0 : {int64_t{3}, (int64_t{1} << 32) - 20}) {
+      const int64_t count = 37, row = (int64_t{1} << 33) + 6;
+      std::vector<uint32_t> words(4 * count);
+      build->philox_batch(uint64_t{7} << 33, row, group0, count, words.data());
+      for (int64_t j = 0; j < count; ++j) {
+        const d9d::MaskBits bits = d9d::mask_bits(uint64_t{7} << 33, row, group0 + j);
+        for (int w = 0; w < 4; ++w) {
+          EXPECT_EQ(words[4 * j + w], bits.words[w]) << group0 << ", " << j << ", " << w;
+        }
       }
     }
 
