@@ -126,6 +126,141 @@ at::Tensor row_scale_column(const char* op, const at::Tensor& row_scale, const a
   return row_scale.unsqueeze(1);
 }
 
+// y = dropout(x) A^T (s B)^T [+ bias], block by block: each block of x is read once (and dropped out once, in a
+// per-worker buffer), and xa = dropout(x) A^T of a block runs on the skinny kernels where they take x, with A^T as a
+// panel of rp columns.
+void write_lora_term_blocks(const DeviceKernels& kernels, const at::Tensor& x2d, const at::Tensor& lora_A,
+                            const at::Tensor& lora_B, const at::Tensor& bias, double scale, double dropout,
+                            const DropoutSpec& spec, const SkinnyKernels* skinny, const at::Tensor& y) {
+  const int64_t rows = x2d.size(0);
+  const int64_t in = x2d.size(1);
+  const int64_t out = y.size(1);
+  const int64_t r = lora_A.size(0);
+  const int64_t workers = kernels.max_workers();
+  const int64_t step = block_rows(kernels.block_elements, rows, std::max(in, out));
+  const int64_t rp = panel_columns(skinny, r);
+  const at::Tensor At = skinny != nullptr ? as_panel(lora_A.t(), rp) : lora_A.t();
+  // The bias rides along the expansion as an extra column of ones, y = [xa, 1] [s B, bias]^T.
+  const bool bias_in_blocks = bias.defined();
+  const at::Tensor B_rows =
+      bias_in_blocks ? at::cat({as_panel(lora_B * scale, rp), bias.unsqueeze(1)}, 1) : as_panel(lora_B, rp);
+  // Per-worker buffers: [xa, 1] of one block, and with dropout the block's dropped-out copy of x (the mask is
+  // regenerated in backward).
+  const at::Tensor xa_buffers = bias_in_blocks ? at::ones({workers, step, rp + 1}, x2d.options())
+                                               : at::empty({workers, step, rp}, x2d.options());
+  const at::Tensor dropped_buffers =
+      dropout > 0.0 ? at::empty({workers, step, in}, x2d.options()) : at::empty({0}, x2d.options());
+  kernels.for_each_block(rows, step, [&](int64_t row0, int64_t n, int64_t worker) {
+    at::Tensor source = x2d.narrow(0, row0, n);
+    if (dropout > 0.0) {
+      const at::Tensor dropped = dropped_buffers[worker].narrow(0, 0, n);
+      kernels.dropout_rows(source, dropped, row0, spec);
+      source = dropped;
+    }
+    const at::Tensor xa_1 = xa_buffers[worker].narrow(0, 0, n);
+    at::Tensor xa_block = xa_1.narrow(1, 0, rp);
+    if (skinny != nullptr) {
+      skinny->mm(source, At, xa_block);
+    } else {
+      at::mm_out(xa_block, source, At);
+    }
+    at::Tensor y_block = y.narrow(0, row0, n);
+    if (bias_in_blocks) {
+      at::mm_out(y_block, xa_1, B_rows.t());
+    } else {
+      at::addmm_out(y_block, y_block, xa_1, B_rows.t(), /*beta=*/0, /*alpha=*/scale);  // ignores y's contents
+    }
+  });
+}
+
+// The backward's LoRA products block by block, for blocks of rows small enough to stay in cache, so that each block
+// of dy and x is read from memory once: g = dy s B, xa = dropout(x) A^T (recomputed rather than saved by the
+// forward; with dropout the mask of a block is drawn again, never stored), dB / s = dy^T xa and dA = g^T dropout(x),
+// summed per worker (in float32 for the 16-bit dtypes). With grad_x defined, also its LoRA part g A, masked.
+// Returns (dA, dB / s), in the accumulation dtype.
+std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& kernels, const at::Tensor& gy,
+                                                          const at::Tensor& x2d, const at::Tensor& lora_A,
+                                                          const at::Tensor& Bs, double dropout,
+                                                          const DropoutSpec& spec, const SkinnyKernels* skinny,
+                                                          const at::Tensor& grad_x) {
+  const int64_t rows = x2d.size(0);
+  const int64_t in = x2d.size(1);
+  const int64_t out = gy.size(1);
+  const int64_t r = lora_A.size(0);
+  const bool lora_grad_x = grad_x.defined();
+  // The LoRA products multiply blocks of rows by the panels A^T (in x r) and s B (out x r). The skinny kernels want
+  // contiguous panels zero-padded to their width, and sum dA^T and dB in that layout; ATen's GEMMs run fastest on
+  // the transposed views and sums (dA and dB^T), as MKL prefers the long side as the output's rows.
+  const int64_t rp = panel_columns(skinny, r);
+  const auto panel = [&](const at::Tensor& columns) { return skinny == nullptr ? columns : as_panel(columns, rp); };
+  const at::Tensor At = panel(lora_A.t());
+  const at::Tensor Bp = panel(Bs);
+  const int64_t workers = kernels.max_workers();
+  const auto acc_options = x2d.options().dtype(accumulate_dtype(x2d.scalar_type()));
+  const bool cast_acc = acc_options.dtype() != x2d.dtype();
+  const auto sums = [&](int64_t depth) {
+    return skinny != nullptr ? at::zeros({workers, depth, rp}, acc_options)
+                             : at::zeros({workers, r, depth}, acc_options);
+  };
+  const at::Tensor grad_A_acc = sums(in);
+  const at::Tensor grad_B_acc = sums(out);
+  const auto product = [skinny](at::Tensor result, const at::Tensor& p, const at::Tensor& q) {  // result = p q
+    if (skinny != nullptr) {
+      skinny->mm(p, q, result);
+    } else {
+      at::mm_out(result, p, q);
+    }
+  };
+  const auto accumulate = [skinny, cast_acc](at::Tensor acc, const at::Tensor& p, const at::Tensor& q) {
+    if (skinny != nullptr) {
+      skinny->accumulate(p, q, acc);  // acc += p^T q
+    } else if (cast_acc) {
+      acc.add_(at::mm(q.t(), p));  // acc^T += p^T q
+    } else {
+      acc.addmm_(q.t(), p);
+    }
+  };
+  const int64_t block_elements = skinny != nullptr ? skinny->block_elements : kernels.block_elements;
+  const int64_t step = block_rows(block_elements, rows, std::max(in, out));
+  const at::Tensor dropped_buffers =
+      dropout > 0.0 ? at::empty({workers, step, in}, x2d.options()) : at::empty({0}, x2d.options());
+  const at::Tensor xa_buffers = at::empty({workers, step, rp}, x2d.options());
+  const at::Tensor g_buffers = at::empty({workers, step, rp}, x2d.options());
+  kernels.for_each_block(rows, step, [&](int64_t row0, int64_t n, int64_t worker) {
+    const at::Tensor gy_block = gy.narrow(0, row0, n);
+    const at::Tensor x_block = x2d.narrow(0, row0, n);
+    // g = s dy B is the gradient w.r.t. xa.
+    const at::Tensor g_block = g_buffers[worker].narrow(0, 0, n);
+    product(g_block, gy_block, Bp);
+    // The LoRA part of dx, g A (masked below with dropout); the base GEMM accumulates onto it after the loop.
+    at::Tensor dx_block = lora_grad_x ? grad_x.narrow(0, row0, n) : at::Tensor();
+    if (lora_grad_x) {
+      at::mm_out(dx_block, g_block.narrow(1, 0, r), lora_A);
+    }
+    at::Tensor source = x_block;
+    if (dropout > 0.0) {
+      // Regenerate the block's mask: dropout(x) feeds xa and dA, and the LoRA part of dx is masked in the same pass.
+      source = dropped_buffers[worker].narrow(0, 0, n);
+      if (lora_grad_x) {
+        kernels.dropout_rows_backward(x_block, source, dx_block, row0, spec);
+      } else {
+        kernels.dropout_rows(x_block, source, row0, spec);
+      }
+    }
+    const at::Tensor xa_block = xa_buffers[worker].narrow(0, 0, n);
+    product(xa_block, source, At);
+    accumulate(grad_B_acc[worker], gy_block, xa_block);  // dB = dy^T xa (times s, applied once at the end)
+    accumulate(grad_A_acc[worker], source, g_block);     // dA^T = dropout(x)^T g
+  });
+  // The workers' sums are added up here, before the base GEMM evicts them.
+  at::Tensor grad_A = grad_A_acc.sum(0);
+  at::Tensor grad_B = grad_B_acc.sum(0);
+  if (skinny != nullptr) {
+    return {grad_A.narrow(1, 0, r).t(), grad_B.narrow(1, 0, r)};
+  }
+  return {grad_A, grad_B.t()};
+}
+
 }  // namespace
 
 at::Tensor lora_forward(const DeviceKernels& kernels, const at::Tensor& x, const at::Tensor& weight,
@@ -158,45 +293,22 @@ at::Tensor lora_forward(const DeviceKernels& kernels, const at::Tensor& x, const
     return y.view(y_shape);
   }
 
-  const int64_t workers = kernels.max_workers();
-  const int64_t step = block_rows(kernels.block_elements, rows, std::max(in, out));
   at::Tensor y = at::empty({rows, out}, x2d.options());
-  // xa = dropout(x) A^T, block by block: on the skinny kernels where they run, with A^T as a panel of rp columns.
   const SkinnyKernels* skinny = skinny_kernels_for(kernels, x2d);
-  const int64_t rp = panel_columns(skinny, r);
-  const at::Tensor At = skinny != nullptr ? as_panel(lora_A.t(), rp) : lora_A.t();
-  // The bias rides along the expansion as an extra column of ones, y = [xa, 1] [s B, bias]^T, so it costs no pass of
-  // its own; with a row scale it is added after the scaling.
-  const bool bias_in_blocks = has_bias && !f.defined();
-  const at::Tensor B_rows =
-      bias_in_blocks ? at::cat({as_panel(lora_B * scale, rp), bias->unsqueeze(1)}, 1) : as_panel(lora_B, rp);
-  // Per-worker buffers: [xa, 1] of one block, and with dropout the block's dropped-out copy of x (the mask is
-  // regenerated in backward).
-  const at::Tensor xa_buffers = bias_in_blocks ? at::ones({workers, step, rp + 1}, x2d.options())
-                                               : at::empty({workers, step, rp}, x2d.options());
-  const at::Tensor dropped_buffers =
-      dropout > 0.0 ? at::empty({workers, step, in}, x2d.options()) : at::empty({0}, x2d.options());
-  kernels.for_each_block(rows, step, [&](int64_t row0, int64_t n, int64_t worker) {
-    at::Tensor source = x2d.narrow(0, row0, n);
-    if (dropout > 0.0) {
-      const at::Tensor dropped = dropped_buffers[worker].narrow(0, 0, n);
-      kernels.dropout_rows(source, dropped, row0, spec);
-      source = dropped;
-    }
-    const at::Tensor xa_1 = xa_buffers[worker].narrow(0, 0, n);
-    at::Tensor xa_block = xa_1.narrow(1, 0, rp);
-    if (skinny != nullptr) {
-      skinny->mm(source, At, xa_block);
+  // The bias rides along the LoRA term, so it costs no pass of its own; with a row scale it is added after the
+  // scaling.
+  const bool bias_in_lora = has_bias && !f.defined();
+  if (dropout == 0.0 && skinny == nullptr && kernels.whole_products) {
+    const at::Tensor xa = at::mm(x2d, lora_A.t());  // N x r
+    if (bias_in_lora) {
+      at::addmm_out(y, *bias, xa, lora_B.t(), /*beta=*/1, /*alpha=*/scale);
     } else {
-      at::mm_out(xa_block, source, At);
+      at::addmm_out(y, y, xa, lora_B.t(), /*beta=*/0, /*alpha=*/scale);  // ignores y's contents
     }
-    at::Tensor y_block = y.narrow(0, row0, n);
-    if (bias_in_blocks) {
-      at::mm_out(y_block, xa_1, B_rows.t());
-    } else {
-      at::addmm_out(y_block, y_block, xa_1, B_rows.t(), /*beta=*/0, /*alpha=*/scale);  // ignores y's contents
-    }
-  });
+  } else {
+    write_lora_term_blocks(kernels, x2d, lora_A, lora_B, bias_in_lora ? *bias : at::Tensor(), scale, dropout, spec,
+                           skinny, y);
+  }
   // The base GEMM accumulates into the LoRA part (beta = 1): no N x out temporary.
   y.addmm_(x2d, weight.t());
   if (f.defined()) {
@@ -236,89 +348,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels
   if (f.defined() && !f_in_weights) {
     gy = gy * f.t();
   }
-  // The LoRA products multiply blocks of rows by the panels A^T (in x r) and s B (out x r). The skinny kernels want
-  // contiguous panels zero-padded to their width, and sum dA^T and dB in that layout; ATen's GEMMs run fastest on
-  // the transposed views and sums (dA and dB^T), as MKL prefers the long side as the output's rows.
   const SkinnyKernels* skinny = skinny_kernels_for(kernels, x2d);
-  const int64_t rp = panel_columns(skinny, r);
-  const auto panel = [&](const at::Tensor& columns) { return skinny == nullptr ? columns : as_panel(columns, rp); };
-  const at::Tensor At = panel(lora_A.t());
-  const at::Tensor Bs = panel(f_in_weights ? lora_B * f * scale : lora_B * scale);
-  // The sums run over all rows: each worker accumulates its blocks (in float32 for the 16-bit dtypes), and the
-  // workers' sums are added at the end.
-  const int64_t workers = kernels.max_workers();
-  const auto acc_options = x2d.options().dtype(accumulate_dtype(x2d.scalar_type()));
-  const bool cast_acc = acc_options.dtype() != x2d.dtype();
-  const auto sums = [&](int64_t depth) {
-    return skinny != nullptr ? at::zeros({workers, depth, rp}, acc_options)
-                             : at::zeros({workers, r, depth}, acc_options);
-  };
-  const at::Tensor grad_A_acc = sums(in);
-  const at::Tensor grad_B_acc = sums(out);
-  const auto product = [skinny](at::Tensor result, const at::Tensor& p, const at::Tensor& q) {  // result = p q
-    if (skinny != nullptr) {
-      skinny->mm(p, q, result);
-    } else {
-      at::mm_out(result, p, q);
-    }
-  };
-  const auto accumulate = [skinny, cast_acc](at::Tensor acc, const at::Tensor& p, const at::Tensor& q) {
-    if (skinny != nullptr) {
-      skinny->accumulate(p, q, acc);  // acc += p^T q
-    } else if (cast_acc) {
-      acc.add_(at::mm(q.t(), p));  // acc^T += p^T q
-    } else {
-      acc.addmm_(q.t(), p);
-    }
-  };
+  const at::Tensor Bs = f_in_weights ? lora_B * f * scale : lora_B * scale;
   at::Tensor grad_x = need_grad_x ? at::empty({rows, in}, x2d.options()) : at::empty({0}, x.options());
-  // Blocks of rows small enough to stay in cache, so that each block of dy and x is read from memory once by the
-  // LoRA GEMMs. xa = dropout(x) A^T is recomputed here rather than saved by the forward, and with dropout the mask of
-  // a block is drawn once, never stored.
-  const int64_t block_elements = skinny != nullptr ? skinny->block_elements : kernels.block_elements;
-  const int64_t step = block_rows(block_elements, rows, std::max(in, out));
-  const at::Tensor dropped_buffers =
-      dropout > 0.0 ? at::empty({workers, step, in}, x2d.options()) : at::empty({0}, x2d.options());
-  const at::Tensor xa_buffers = at::empty({workers, step, rp}, x2d.options());
-  const at::Tensor g_buffers = at::empty({workers, step, rp}, x2d.options());
-  kernels.for_each_block(rows, step, [&](int64_t row0, int64_t n, int64_t worker) {
-    const at::Tensor gy_block = gy.narrow(0, row0, n);
-    const at::Tensor x_block = x2d.narrow(0, row0, n);
-    // g = s dy B is the gradient w.r.t. xa.
-    const at::Tensor g_block = g_buffers[worker].narrow(0, 0, n);
-    product(g_block, gy_block, Bs);
-    // The LoRA part of dx, g A (masked below with dropout); the base GEMM accumulates onto it after the loop.
-    at::Tensor dx_block = lora_grad_x ? grad_x.narrow(0, row0, n) : at::Tensor();
+  at::Tensor grad_A;
+  at::Tensor grad_B;  // without its factor s (and f)
+  if (dropout == 0.0 && skinny == nullptr && kernels.whole_products) {
+    const at::Tensor g = at::mm(gy, Bs);  // N x r: the gradient w.r.t. xa = x A^T
     if (lora_grad_x) {
-      at::mm_out(dx_block, g_block.narrow(1, 0, r), lora_A);
+      at::mm_out(grad_x, g, lora_A);  // the LoRA part of dx; the base GEMM accumulates onto it below
     }
-    at::Tensor source = x_block;
-    if (dropout > 0.0) {
-      // Regenerate the block's mask: dropout(x) feeds xa and dA, and the LoRA part of dx is masked in the same pass.
-      source = dropped_buffers[worker].narrow(0, 0, n);
-      if (lora_grad_x) {
-        kernels.dropout_rows_backward(x_block, source, dx_block, row0, spec);
-      } else {
-        kernels.dropout_rows(x_block, source, row0, spec);
-      }
-    }
-    const at::Tensor xa_block = xa_buffers[worker].narrow(0, 0, n);
-    product(xa_block, source, At);
-    accumulate(grad_B_acc[worker], gy_block, xa_block);  // dB = dy^T xa (times s, applied once at the end)
-    accumulate(grad_A_acc[worker], source, g_block);     // dA^T = dropout(x)^T g
-  });
-  // The workers' sums are added up before the base GEMM, while they are still in cache.
-  at::Tensor grad_A = grad_A_acc.sum(0);
-  at::Tensor grad_B = grad_B_acc.sum(0);
-  if (skinny != nullptr) {
-    grad_A = grad_A.narrow(1, 0, r).t();
+    grad_A = at::mm(g.t(), x2d);
+    grad_B = at::mm(gy.t(), at::mm(x2d, lora_A.t()));
   } else {
-    grad_B = grad_B.t();
+    std::tie(grad_A, grad_B) = lora_products_in_blocks(kernels, gy, x2d, lora_A, Bs, dropout, spec, skinny,
+                                                       lora_grad_x ? grad_x : at::Tensor());
   }
   grad_A = grad_A.to(x2d.scalar_type()).contiguous();
-  // In dB's (float32 for 16-bit) accumulation dtype: f * scale rounded to 16 bits would bias whole rows of dB.
-  grad_B = grad_B.narrow(1, 0, r).mul(f_in_weights ? f.to(grad_B.scalar_type()) * scale
-                                                   : at::scalar_tensor(scale, grad_B.options()));
+  // s and f multiply dB in float32 for the 16-bit dtypes: f * s rounded to 16 bits would bias whole rows of dB.
+  const at::ScalarType acc_dtype = accumulate_dtype(x2d.scalar_type());
+  grad_B = grad_B.to(acc_dtype).mul(f_in_weights ? f.to(acc_dtype) * scale
+                                                 : at::scalar_tensor(scale, grad_B.options().dtype(acc_dtype)));
   grad_B = grad_B.to(x2d.scalar_type()).contiguous();
   if (fold) {
     const at::Tensor folded = fold_adapters(kernels, weight, lora_A, lora_B, scale);
