@@ -143,13 +143,15 @@ TEST(VecKernels, EveryBuildMatchesAten) {
                      folded.data_ptr<float>());
     EXPECT_TRUE(at::allclose(folded, weight + at::mm(sB, A), 1e-4, 1e-4));
 
-    // Whole vectors of groups and a tail; a row past 2^32; groups whose counter crosses 2^32.
-    for (const int64_t group0 : {int64_t{3}, (int64_t{1} << 32) - 20}) {
+    // Whole vectors of groups and a tail; a row past 2^32; groups whose counter crosses 2^32, and groups past it; a
+    // seed with both halves set.
+    const uint64_t seed = (uint64_t{7} << 33) + 12345;
+    for (const int64_t group0 : {int64_t{3}, (int64_t{1} << 32) - 20, (int64_t{1} << 32) + 3}) {
       const int64_t count = 37, row = (int64_t{1} << 33) + 6;
       std::vector<uint32_t> words(4 * count);
-      build->philox_batch(uint64_t{7} << 33, row, group0, count, words.data());
+      build->philox_batch(seed, row, group0, count, words.data());
       for (int64_t j = 0; j < count; ++j) {
-        const d9d::MaskBits bits = d9d::mask_bits(uint64_t{7} << 33, row, group0 + j);
+        const d9d::MaskBits bits = d9d::mask_bits(seed, row, group0 + j);
         for (int w = 0; w < 4; ++w) {
           EXPECT_EQ(words[4 * j + w], bits.words[w]) << group0 << ", " << j << ", " << w;
         }

@@ -159,6 +159,18 @@ def test_small_adapters_act_in_16_bit_dtypes(dtype):
     assert 0.9 < kept.item() < 1.1, f"the op kept {kept.item():.2f} of the LoRA term"
 
 
+def test_bfloat16_gradients_summed_over_many_rows_match_reference():
+    # dB = s dy^T (x A^T) sums 4096 rows of about 8 * 16 (about 5e5) before s = 0.01 scales it down: one GEMM over
+    # all rows, accumulated in float32 and scaled in float32 before the final rounding.
+    torch.manual_seed(7)
+    x, weight, b, lora_A, lora_B = make_inputs((4096,), 16, 16, 4, dtype=torch.bfloat16)
+    x = (x.float() + 1).bfloat16()
+    lora_A = (lora_A.float().abs() + 1).bfloat16()
+    grad_y = (8 + torch.randn(4096, 16)).bfloat16()
+    tol = TOLERANCES[torch.bfloat16]
+    assert_op_matches_reference(x, weight, b, lora_A, lora_B, 0.01, 0.0, torch.tensor([3]), tol, grad_y)
+
+
 def _capability_under(requested: str) -> str:
     """What ATen and d9d's kernels pick in a process started with ATEN_CPU_CAPABILITY=requested."""
     probe = (
