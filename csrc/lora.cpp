@@ -112,6 +112,9 @@ int64_t panel_columns(const SkinnyKernels* skinny, int64_t r) {
 
 // columns (rows x r) as a contiguous panel of rp columns, zero beyond r.
 at::Tensor as_panel(const at::Tensor& columns, int64_t rp) {
+  if (rp == columns.size(1)) {
+    return columns.contiguous();
+  }
   return at::constant_pad_nd(columns, {0, rp - columns.size(1)}).contiguous();
 }
 

@@ -216,13 +216,16 @@ void fold_rows(const float* weight, const float* sB, const float* A, int64_t r, 
   }
 }
 
+// Philox4x32-10's multipliers and key increments (as in at::philox_engine).
+constexpr uint32_t kMulA = 0xD2511F53;
+constexpr uint32_t kMulB = 0xCD9E8D57;
+constexpr uint32_t kKeyA = 0x9E3779B9;
+constexpr uint32_t kKeyB = 0xBB67AE85;
+
 // Philox4x32-10, lane-parallel over groups so that the compiler vectorizes it for builds without a hand-written
 // version below (it does so poorly on x86: the 32 x 32 -> 64-bit products do not map onto 32-bit lanes).
-inline void philox_batch_portable(uint64_t seed, int64_t row, int64_t group0, int64_t count, uint32_t* __restrict__ words) {
-  constexpr uint32_t kMulA = 0xD2511F53;
-  constexpr uint32_t kMulB = 0xCD9E8D57;
-  constexpr uint32_t kKeyA = 0x9E3779B9;
-  constexpr uint32_t kKeyB = 0xBB67AE85;
+inline void philox_batch_portable(uint64_t seed, int64_t row, int64_t group0, int64_t count,
+                                  uint32_t* __restrict__ words) {
   const uint32_t key0 = static_cast<uint32_t>(seed);
   const uint32_t key1 = static_cast<uint32_t>(seed >> 32);
   const uint32_t row_lo = static_cast<uint32_t>(static_cast<uint64_t>(row));
@@ -342,11 +345,11 @@ void philox_batch(uint64_t seed, int64_t row, int64_t group0, int64_t count, uin
   uint32_t key0[10];
   uint32_t key1[10];
   for (int round = 0; round < 10; ++round) {
-    key0[round] = static_cast<uint32_t>(seed) + static_cast<uint32_t>(round) * 0x9E3779B9u;
-    key1[round] = static_cast<uint32_t>(seed >> 32) + static_cast<uint32_t>(round) * 0xBB67AE85u;
+    key0[round] = static_cast<uint32_t>(seed) + static_cast<uint32_t>(round) * kKeyA;
+    key1[round] = static_cast<uint32_t>(seed >> 32) + static_cast<uint32_t>(round) * kKeyB;
   }
-  const Lanes mul_a = splat(0xD2511F53u);
-  const Lanes mul_b = splat(0xCD9E8D57u);
+  const Lanes mul_a = splat(kMulA);
+  const Lanes mul_b = splat(kMulB);
   const Lanes high_word = splat(static_cast<uint32_t>(first >> 32));
   const Lanes row_lo = splat(static_cast<uint32_t>(static_cast<uint64_t>(row)));
   const Lanes row_hi = splat(static_cast<uint32_t>(static_cast<uint64_t>(row) >> 32));
