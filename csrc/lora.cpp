@@ -88,6 +88,24 @@ bool folding_pays_off(at::ScalarType dtype, int64_t rows, int64_t in, int64_t ou
   return (dtype == at::kFloat || dtype == at::kDouble) && rows * (in + out) >= 2 * in * out;
 }
 
+// Whether the LoRA products run as one GEMM each over all rows rather than block by block (without dropout only,
+// which needs the blocks to regenerate the mask): where the device prefers whole GEMMs and either its skinny kernels
+// do not take x, or x has too few rows to give every worker several of their blocks. There a library call per
+// product, spread over all threads, beats a handful of blocks: on the AVX-512 Xeon of BENCHMARKS.md, 1024 x 1024
+// forward + backward ran 19% faster at 16 rows, 8% at 128 and 2% at 512, and broke even at 8 blocks per worker.
+bool products_in_whole_gemms(const DeviceKernels& kernels, const SkinnyKernels* skinny, double dropout,
+                             int64_t rows, int64_t in, int64_t out) {
+  constexpr int64_t kMinBlocksPerWorker = 8;
+  if (dropout != 0.0 || !kernels.whole_products) {
+    return false;
+  }
+  if (skinny == nullptr) {
+    return true;
+  }
+  const int64_t step = block_rows(skinny->block_elements, rows, std::max(in, out));
+  return (rows + step - 1) / step < kMinBlocksPerWorker * kernels.max_workers();
+}
+
 // W + s B A in W's dtype, in the device's scratch: on the device's own kernel when it has one for this dtype, else
 // through the GEMM library.
 at::Tensor fold_adapters(const DeviceKernels& kernels, const at::Tensor& weight, const at::Tensor& lora_A,
@@ -301,7 +319,7 @@ at::Tensor lora_forward(const DeviceKernels& kernels, const at::Tensor& x, const
   // The bias rides along the LoRA term, so it costs no pass of its own; with a row scale it is added after the
   // scaling.
   const bool bias_in_lora = has_bias && !f.defined();
-  if (dropout == 0.0 && skinny == nullptr && kernels.whole_products) {
+  if (products_in_whole_gemms(kernels, skinny, dropout, rows, in, out)) {
     const at::Tensor xa = at::mm(x2d, lora_A.t());  // N x r
     if (bias_in_lora) {
       at::addmm_out(y, *bias, xa, lora_B.t(), /*beta=*/1, /*alpha=*/scale);
@@ -356,7 +374,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels
   at::Tensor grad_x = need_grad_x ? at::empty({rows, in}, x2d.options()) : at::empty({0}, x.options());
   at::Tensor grad_A;
   at::Tensor grad_B;  // without its factor s (and f)
-  if (dropout == 0.0 && skinny == nullptr && kernels.whole_products) {
+  if (products_in_whole_gemms(kernels, skinny, dropout, rows, in, out)) {
     const at::Tensor g = at::mm(gy, Bs);  // N x r: the gradient w.r.t. xa = x A^T
     if (lora_grad_x) {
       at::mm_out(grad_x, g, lora_A);  // the LoRA part of dx; the base GEMM accumulates onto it below

@@ -216,11 +216,18 @@ def test_every_cpu_capability_matches_reference(capability):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_inputs_spanning_many_blocks_and_threads_match_reference(dtype, dropout):
+@pytest.mark.parametrize("rows", [3000, 7000])
+def test_inputs_spanning_many_blocks_and_threads_match_reference(dtype, dropout, rows):
     # The CPU kernels process blocks of rows (2^17 elements; 2^16 in the float32 backward) spread over the threads:
-    # 3000 x 300 makes 7 or 14 blocks, the last one short.
-    x, weight, b, lora_A, lora_B = make_inputs((3000,), 300, 260, 4, dtype=dtype)
-    assert_op_matches_reference(x, weight, b, lora_A, lora_B, 0.5, dropout, torch.tensor([11]), TOLERANCES[dtype])
+    # 3000 x 300 makes 7 or 14 blocks, the last one short. Without dropout, float32 products run block by block only
+    # from 8 blocks per thread (7000 rows, 33 blocks, on 2 threads), and as whole GEMMs below that (3000 rows).
+    x, weight, b, lora_A, lora_B = make_inputs((rows,), 300, 260, 4, dtype=dtype)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert_op_matches_reference(x, weight, b, lora_A, lora_B, 0.5, dropout, torch.tensor([11]), TOLERANCES[dtype])
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("device", DEVICES)
