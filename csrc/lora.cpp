@@ -90,9 +90,11 @@ bool folding_pays_off(at::ScalarType dtype, int64_t rows, int64_t in, int64_t ou
 
 // Whether the LoRA products run as one GEMM each over all rows rather than block by block (without dropout only,
 // which needs the blocks to regenerate the mask): where the device prefers whole GEMMs and either its skinny kernels
-// do not take x, or x has too few rows to give every worker several of their blocks. There a library call per
-// product, spread over all threads, beats a handful of blocks: on the AVX-512 Xeon of BENCHMARKS.md, 1024 x 1024
-// forward + backward ran 19% faster at 16 rows, 8% at 128 and 2% at 512, and broke even at 8 blocks per worker.
+// do not take x, or x has fewer than 8 of the skinny kernels' (backward) blocks per worker. The forward makes the
+// same choice, so that both passes take one path. With so few blocks the fixed costs per call and per block
+// outweigh the blocks' FMAs, and a library call per product, spread over all threads, runs faster. On the AVX-512
+// Xeon of BENCHMARKS.md (2 threads), 1024 x 1024 forward + backward ran 19% faster at 16 rows, 8% at 128 and 2% at
+// 512, and broke even at 8 blocks per worker.
 bool products_in_whole_gemms(const DeviceKernels& kernels, const SkinnyKernels* skinny, double dropout,
                              int64_t rows, int64_t in, int64_t out) {
   constexpr int64_t kMinBlocksPerWorker = 8;

@@ -62,10 +62,11 @@ struct DeviceKernels {
   const SkinnyKernels* skinny;
   // Scratch of weight's shape and dtype for the folded weight, used only until the op returns.
   at::Tensor (*fold_scratch)(const at::Tensor& weight);
-  // Whether, without dropout, the LoRA products that the skinny kernels do not take (and those of inputs with too
-  // few rows for several skinny blocks per worker) run as one GEMM each over all rows rather than one per block: on
-  // the CPU one library call runs these N x r shapes several times faster (bfloat16 on AMX: about 4x). CUDA keeps its large blocks, whose partial sums of dA and dB add up in float32
-  // whatever cuBLAS's reduced-precision reductions do.
+  // Whether, without dropout, the LoRA products that the skinny kernels do not take run as one GEMM each over all
+  // rows rather than one per block: on the CPU one library call runs these N x r shapes several times faster
+  // (bfloat16 on AMX: about 4x). It also sends inputs with too few rows for the skinny kernels' blocks there (see
+  // products_in_whole_gemms in lora.cpp). CUDA keeps its large blocks, whose partial sums of dA and dB add up in
+  // float32 whatever cuBLAS's reduced-precision reductions do.
   bool whole_products;
 };
 

@@ -44,7 +44,8 @@ struct Inputs {
 TEST(LoraForward, MatchesReferenceWithAndWithoutDropout) {
   torch::manual_seed(0);
   Inputs in;
-  // 10 rows take the folded path without dropout (W + s B A), 5 rows the blocked LoRA GEMMs.
+  // 10 rows take the folded path without dropout (W + s B A); 5 rows the LoRA GEMMs (whole on the CPU without
+  // dropout, blocked with it).
   for (const at::Tensor& x : {in.x, in.x[0]}) {
     for (double dropout : {0.0, 0.4}) {
       const at::Tensor y = lora_forward(x, in.weight, in.bias, in.lora_A, in.lora_B, 0.5, dropout, in.seed);

@@ -65,7 +65,7 @@ def assert_op_matches_reference(x, weight, b, lora_A, lora_B, scale, dropout, se
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("bias", [True, False])
 # Without dropout, inputs with at least 2 in out / (in + out) rows (22 here) run on W + s B A folded; fewer rows
-# run the LoRA GEMMs block by block. (4, 8) takes the folded path, the others the blocked one.
+# run the LoRA GEMMs on x and y. (4, 8) takes the folded path, the others the LoRA GEMMs.
 @pytest.mark.parametrize("shape", [(9,), (2, 5), (1, 3, 4), (4, 8)])
 def test_forward_and_backward_match_reference(device, dtype, dropout, bias, shape):
     x, weight, b, lora_A, lora_B = make_inputs(shape, dtype=dtype, device=device, bias=bias)
@@ -94,7 +94,9 @@ def test_forward_and_backward_match_reference(device, dtype, dropout, bias, shap
 
 @pytest.mark.parametrize("rank", [1, 16, 17, 40])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-@pytest.mark.parametrize("rows", [7, 150])  # blocked and, without dropout, folded
+# With dropout both sizes run the blocks (panels of 16 columns on AVX-512); without it, 7 rows run whole GEMMs and
+# 150 rows fold the forward and dx.
+@pytest.mark.parametrize("rows", [7, 150])
 def test_ranks_across_panel_widths_match_reference(rank, dropout, rows):
     # On AVX-512 CPUs the float32 backward pads r to panels of 16 columns: one, exactly one, two and three panels.
     x, weight, b, lora_A, lora_B = make_inputs((rows,), 70, 50, rank)
@@ -219,8 +221,9 @@ def test_every_cpu_capability_matches_reference(capability):
 @pytest.mark.parametrize("rows", [3000, 7000])
 def test_inputs_spanning_many_blocks_and_threads_match_reference(dtype, dropout, rows):
     # The CPU kernels process blocks of rows (2^17 elements; 2^16 in the float32 backward) spread over the threads:
-    # 3000 x 300 makes 7 or 14 blocks, the last one short. Without dropout, float32 products run block by block only
-    # from 8 blocks per thread (7000 rows, 33 blocks, on 2 threads), and as whole GEMMs below that (3000 rows).
+    # 3000 x 300 makes 7 or 14 blocks, the last one short. Without dropout, both sizes fold the forward and dx, and
+    # the float32 dA and dB run block by block only from 8 backward blocks per thread (7000 rows: 33 blocks on 2
+    # threads), as whole GEMMs below that (3000 rows).
     x, weight, b, lora_A, lora_B = make_inputs((rows,), 300, 260, 4, dtype=dtype)
     previous = torch.get_num_threads()
     try:
@@ -256,7 +259,7 @@ def test_eval_mode_and_zero_dropout_use_no_mask():
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
-@pytest.mark.parametrize("shape", [(2,), (2, 3)])  # 2 rows: blocked; 6 rows: folded without dropout
+@pytest.mark.parametrize("shape", [(2,), (2, 3)])  # 2 rows: LoRA GEMMs on x and y; 6 rows: folded without dropout
 def test_gradcheck_float64(dropout, shape):
     x, weight, b, lora_A, lora_B = make_inputs(shape, 6, 5, 3, dtype=torch.float64)
     seed = torch.tensor([42])
@@ -314,7 +317,8 @@ def test_backward_skips_grad_x_when_x_needs_none(dropout, rows):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", [(1, 3), (4, 3)])  # 3 rows: blocked; 12 rows: folded without dropout
+# 3 rows: blocks with dropout, whole GEMMs on the CPU without; 12 rows: folded without dropout.
+@pytest.mark.parametrize("shape", [(1, 3), (4, 3)])
 def test_opcheck(device, shape):
     x, weight, b, lora_A, lora_B = make_inputs(shape, 8, 6, 2, device=device)
     seed = torch.tensor([7])
