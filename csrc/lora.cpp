@@ -64,9 +64,16 @@ std::tuple<int64_t, int64_t, int64_t> check_apply(const char* op, const at::Tens
   return {in, out, r};
 }
 
-// Rows per block: about `elements` elements of the widest row-major operand.
-int64_t block_rows(int64_t elements, int64_t rows, int64_t width) {
-  return std::max<int64_t>(1, std::min<int64_t>(rows, elements / std::max<int64_t>(width, 1)));
+// Rows per block: about `elements` elements of the widest row-major operand, rounded down to a multiple of
+// `multiple` where there are that many.
+int64_t block_rows(int64_t elements, int64_t rows, int64_t width, int64_t multiple = 1) {
+  const int64_t step = std::max<int64_t>(1, std::min<int64_t>(rows, elements / std::max<int64_t>(width, 1)));
+  return step >= multiple ? step / multiple * multiple : step;
+}
+
+// Rows per block of a loop whose products run on `skinny` where it is not nullptr.
+int64_t skinny_block_rows(const SkinnyKernels* skinny, int64_t elements, int64_t rows, int64_t width) {
+  return block_rows(elements, rows, width, skinny != nullptr ? skinny->block_row_multiple : 1);
 }
 
 // float32 accumulator for reduced-precision gradients summed over blocks.
@@ -104,7 +111,7 @@ bool products_in_whole_gemms(const DeviceKernels& kernels, const SkinnyKernels* 
   if (skinny == nullptr) {
     return true;
   }
-  const int64_t step = block_rows(skinny->block_elements, rows, std::max(in, out));
+  const int64_t step = skinny_block_rows(skinny, skinny->block_elements, rows, std::max(in, out));
   return (rows + step - 1) / step < kMinBlocksPerWorker * kernels.max_workers();
 }
 
@@ -160,7 +167,7 @@ void write_lora_term_blocks(const DeviceKernels& kernels, const at::Tensor& x2d,
   const int64_t out = y.size(1);
   const int64_t r = lora_A.size(0);
   const int64_t workers = kernels.max_workers();
-  const int64_t step = block_rows(kernels.block_elements, rows, std::max(in, out));
+  const int64_t step = skinny_block_rows(skinny, kernels.block_elements, rows, std::max(in, out));
   const int64_t rp = panel_columns(skinny, r);
   const at::Tensor At = skinny != nullptr ? as_panel(lora_A.t(), rp) : lora_A.t();
   // The bias rides along the expansion as an extra column of ones, y = [xa, 1] [s B, bias]^T.
@@ -243,8 +250,23 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
       acc.addmm_(q.t(), p);
     }
   };
+  // result = p q and acc += p^T h: the skinny kernels read p once for both.
+  const auto product_and_accumulate = [&](at::Tensor result, const at::Tensor& p, const at::Tensor& q,
+                                          at::Tensor acc, const at::Tensor& h) {
+    if (skinny != nullptr) {
+      skinny->mm_accumulate(p, q, result, h, acc);
+    } else {
+      product(result, p, q);
+      accumulate(acc, p, h);
+    }
+  };
+  // On the skinny kernels, three passes over a block instead of four: one of dy and x carries both of its products
+  // (g and dB on dy, or xa and dA on x), the other takes its two in turn. The carrier's second pass is the one saved,
+  // so the wider of the two carries. But with dropout and a LoRA part of dx, x goes second and carries: g A must exist
+  // before the pass that regenerates the mask of dropout(x), which masks g A too.
+  const bool dy_carries_both = out > in && !(dropout > 0.0 && lora_grad_x);
   const int64_t block_elements = skinny != nullptr ? skinny->block_elements : kernels.block_elements;
-  const int64_t step = block_rows(block_elements, rows, std::max(in, out));
+  const int64_t step = skinny_block_rows(skinny, block_elements, rows, std::max(in, out));
   const at::Tensor dropped_buffers =
       dropout > 0.0 ? at::empty({workers, step, in}, x2d.options()) : at::empty({0}, x2d.options());
   const at::Tensor xa_buffers = at::empty({workers, step, rp}, x2d.options());
@@ -252,15 +274,31 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
   kernels.for_each_block(rows, step, [&](int64_t row0, int64_t n, int64_t worker) {
     const at::Tensor gy_block = gy.narrow(0, row0, n);
     const at::Tensor x_block = x2d.narrow(0, row0, n);
-    // g = s dy B is the gradient w.r.t. xa.
+    // g = s dy B is the gradient w.r.t. xa; dB = dy^T xa (times s, applied once at the end); dA^T = dropout(x)^T g.
     const at::Tensor g_block = g_buffers[worker].narrow(0, 0, n);
+    const at::Tensor xa_block = xa_buffers[worker].narrow(0, 0, n);
+    const at::Tensor grad_A_sums = grad_A_acc[worker];
+    const at::Tensor grad_B_sums = grad_B_acc[worker];
+    at::Tensor dx_block = lora_grad_x ? grad_x.narrow(0, row0, n) : at::Tensor();
+    at::Tensor source = x_block;
+    if (dy_carries_both) {  // dx's LoRA part, if any, is not masked here
+      if (dropout > 0.0) {
+        source = dropped_buffers[worker].narrow(0, 0, n);
+        kernels.dropout_rows(x_block, source, row0, spec);
+      }
+      product(xa_block, source, At);
+      product_and_accumulate(g_block, gy_block, Bp, grad_B_sums, xa_block);
+      if (lora_grad_x) {
+        at::mm_out(dx_block, g_block.narrow(1, 0, r), lora_A);
+      }
+      accumulate(grad_A_sums, source, g_block);
+      return;
+    }
     product(g_block, gy_block, Bp);
     // The LoRA part of dx, g A (masked below with dropout); the base GEMM accumulates onto it after the loop.
-    at::Tensor dx_block = lora_grad_x ? grad_x.narrow(0, row0, n) : at::Tensor();
     if (lora_grad_x) {
       at::mm_out(dx_block, g_block.narrow(1, 0, r), lora_A);
     }
-    at::Tensor source = x_block;
     if (dropout > 0.0) {
       // Regenerate the block's mask: dropout(x) feeds xa and dA, and the LoRA part of dx is masked in the same pass.
       source = dropped_buffers[worker].narrow(0, 0, n);
@@ -270,10 +308,8 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
         kernels.dropout_rows(x_block, source, row0, spec);
       }
     }
-    const at::Tensor xa_block = xa_buffers[worker].narrow(0, 0, n);
-    product(xa_block, source, At);
-    accumulate(grad_B_acc[worker], gy_block, xa_block);  // dB = dy^T xa (times s, applied once at the end)
-    accumulate(grad_A_acc[worker], source, g_block);     // dA^T = dropout(x)^T g
+    product_and_accumulate(xa_block, source, At, grad_A_sums, g_block);
+    accumulate(grad_B_sums, gy_block, xa_block);
   });
   // The workers' sums are added up here, before the base GEMM evicts them.
   at::Tensor grad_A = grad_A_acc.sum(0);

@@ -28,12 +28,19 @@ struct SkinnyKernels {
   int64_t panel_width;
   // Rows per block of the backward when these kernels run it: about this many elements of the widest operand.
   int64_t block_elements;
+  // Blocks of rows that these kernels take are multiples of this many rows (but for the input's last block), so
+  // that their register tiles have no leftover rows.
+  int64_t block_row_multiple;
   // Whether the kernels handle tensors like x (device, dtype, CPU features); if not, ATen's GEMMs run instead.
   bool (*supports)(const at::Tensor& x);
   // out (n x rp) = p (n x depth) q (depth x rp); out's rows may be strided.
   void (*mm)(const at::Tensor& p, const at::Tensor& q, const at::Tensor& out);
   // acc (depth x rp) += p^T q, for p (n x depth) and q (n x rp).
   void (*accumulate)(const at::Tensor& p, const at::Tensor& q, const at::Tensor& acc);
+  // out = p q and acc += p^T h, for h (n x rp): mm and accumulate on the same p, in one pass over it where the
+  // kernels can (p is then read once for both).
+  void (*mm_accumulate)(const at::Tensor& p, const at::Tensor& q, const at::Tensor& out, const at::Tensor& h,
+                        const at::Tensor& acc);
   // out = weight + scale B A, for out of weight's shape (the fold; no panels involved).
   void (*fold)(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
                const at::Tensor& out);

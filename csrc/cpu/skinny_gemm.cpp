@@ -57,6 +57,25 @@ void skinny_accumulate(const at::Tensor& p, const at::Tensor& q, const at::Tenso
                                       q.const_data_ptr<float>(), q.size(1), acc.mutable_data_ptr<float>());
 }
 
+void skinny_mm_accumulate(const at::Tensor& p, const at::Tensor& q, const at::Tensor& out, const at::Tensor& h,
+                          const at::Tensor& acc) {
+  const auto& kernels = cpu::vec_kernels();
+  if (kernels.panel_mm_accumulate == nullptr) {
+    skinny_mm(p, q, out);
+    skinny_accumulate(p, h, acc);
+    return;
+  }
+  check_operands("skinny_mm_accumulate", p, q, out);
+  check_operands("skinny_mm_accumulate", p, h, acc);
+  TORCH_CHECK(p.size(1) == q.size(0) && out.size(0) == p.size(0) && h.size(0) == p.size(0) &&
+                  acc.size(0) == p.size(1) && acc.is_contiguous(),
+              "skinny_mm_accumulate: internal error, shapes ", p.sizes(), " ", q.sizes(), " ", out.sizes(), " ",
+              h.sizes(), " ", acc.sizes());
+  kernels.panel_mm_accumulate(p.const_data_ptr<float>(), p.stride(0), p.size(0), p.size(1), q.const_data_ptr<float>(),
+                              q.size(1), out.mutable_data_ptr<float>(), out.stride(0), h.const_data_ptr<float>(),
+                              acc.mutable_data_ptr<float>());
+}
+
 // out = weight + scale B A, in parallel over blocks of rows. Each output element is written once, from one read of
 // weight: the memory traffic of a copy, with the r FMAs per element hidden under it.
 void fold(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
@@ -86,6 +105,7 @@ void fold(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& 
 // Blocks of 256 KiB of float32 for the backward's skinny products: a block of x and one of dy sit in a core's L2
 // with room to spare (on the AVX-512 Xeon of BENCHMARKS.md, 2^16 elements ran them about 5% faster than 2^17). The
 // ATen GEMMs elsewhere keep the larger blocks of lora_cpu.cpp, which need fewer library calls.
-const SkinnyKernels kCpuSkinnyKernels{cpu::kPanel, 1 << 16, skinny_supports, skinny_mm, skinny_accumulate, fold};
+const SkinnyKernels kCpuSkinnyKernels{cpu::kPanel,    1 << 16,           cpu::kBlockRowMultiple, skinny_supports,
+                                      skinny_mm,      skinny_accumulate, skinny_mm_accumulate,   fold};
 
 }  // namespace d9d

@@ -11,6 +11,10 @@ namespace d9d::cpu {
 // NEON ones).
 constexpr int64_t kPanel = 16;
 
+// Blocks of rows handed to the kernels are multiples of this many rows (but for an input's last block): a whole
+// number of every build's register tiles, whose leftover rows run fewer accumulators.
+constexpr int64_t kBlockRowMultiple = 8;
+
 struct VecKernels {
   // The capability this build was compiled for ("DEFAULT", "AVX2", "AVX512").
   const char* capability;
@@ -21,6 +25,10 @@ struct VecKernels {
   // acc (depth x rp) += p^T q, for p (n x depth, rows ldp apart) and q (n x rp), q and acc contiguous.
   void (*panel_accumulate)(const float* p, int64_t ldp, int64_t n, int64_t depth, const float* q, int64_t rp,
                            float* acc);
+  // out = p q and acc += p^T h in one pass over p (h n x rp, contiguous), each element of p loaded once for both;
+  // nullptr in builds with too few registers for that to pay, which run panel_mm and panel_accumulate instead.
+  void (*panel_mm_accumulate)(const float* p, int64_t ldp, int64_t n, int64_t depth, const float* q, int64_t rp,
+                              float* out, int64_t ldo, const float* h, float* acc);
   // Rows [begin, end) of out = weight + sB A, for weight and out (rows x in), sB (rows x r) and A (r x in), all
   // contiguous.
   void (*fold_rows)(const float* weight, const float* sB, const float* A, int64_t r, int64_t in, int64_t begin,

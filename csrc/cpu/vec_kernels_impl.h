@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "vec_kernels.h"
 
@@ -32,17 +33,36 @@ static_assert(kVecs >= 1 && kVecs * Vec::size() == kPanel, "a panel must be a wh
 // Blocking per register file, so that accumulators, a panel row and a broadcast stay in registers:
 //   panel_mm:          kMmRows * kVecs accumulators + kVecs panel vectors + 1 broadcast;
 //   panel_accumulate:  kAccCols * kVecs accumulators + kVecs panel vectors + 1 broadcast;
-//   fold_rows:         kFoldRows * kFoldVecs accumulators + kFoldVecs rows of A + 1 broadcast.
+//   fold_rows:         kFoldRows * kFoldVecs accumulators + kFoldVecs rows of A + 1 broadcast;
+//   panel_mm_accumulate: kFuseRows * kVecs accumulators + as many held vectors of h + kVecs panel vectors + 2 kVecs
+//                      partial sums + 1 broadcast (0: too few registers for it to pay; the two passes run instead).
 // About 8 independent accumulators cover the FMA latency at two FMAs per cycle.
 #if defined(CPU_CAPABILITY_AVX512)  // 32 registers of 16 floats
-constexpr int kMmRows = 8, kAccCols = 16, kFoldRows = 4, kFoldVecs = 4;
+constexpr int kMmRows = 8, kAccCols = 16, kFoldRows = 4, kFoldVecs = 4, kFuseRows = 8;
 #elif defined(CPU_CAPABILITY_AVX2)  // 16 registers of 8 floats
-constexpr int kMmRows = 4, kAccCols = 6, kFoldRows = 4, kFoldVecs = 2;
+constexpr int kMmRows = 4, kAccCols = 6, kFoldRows = 4, kFoldVecs = 2, kFuseRows = 0;
 #elif defined(__aarch64__)  // NEON: 32 registers of 4 floats
-constexpr int kMmRows = 4, kAccCols = 6, kFoldRows = 4, kFoldVecs = 4;
+constexpr int kMmRows = 4, kAccCols = 6, kFoldRows = 4, kFoldVecs = 4, kFuseRows = 0;
 #else  // plain arrays of 8 floats, which the compiler maps onto 16 SSE registers of 4
-constexpr int kMmRows = 2, kAccCols = 2, kFoldRows = 2, kFoldVecs = 1;
+constexpr int kMmRows = 2, kAccCols = 2, kFoldRows = 2, kFoldVecs = 1, kFuseRows = 0;
 #endif
+static_assert(kBlockRowMultiple % kMmRows == 0 && (kFuseRows == 0 || kBlockRowMultiple % kFuseRows == 0),
+              "blocks of rows must hold whole register tiles");
+
+// Rows [i, n) left after the full tiles of R rows: at most one tile each of R / 2, R / 4, ..., 1 rows (R a power of
+// two), so that a few leftover rows still run several accumulators rather than one row at a time.
+template <int R, typename Tile>
+inline void tail_tiles(int64_t i, int64_t n, const Tile& tile) {
+  static_assert(R > 0 && (R & (R - 1)) == 0, "tiles of a power of two rows");
+  if constexpr (R > 1) {
+    constexpr int half = R / 2;
+    if (i + half <= n) {
+      tile(std::integral_constant<int, half>{}, i);
+      i += half;
+    }
+    tail_tiles<half>(i, n, tile);
+  }
+}
 
 // out[i, :kPanel] = sum_k p[i, k] q[k, :kPanel] for the R rows i starting at p.
 template <int R>
@@ -109,13 +129,14 @@ inline void columns_times_panel(const float* p, int64_t ldp, int64_t rows, const
 void panel_mm(const float* p, int64_t ldp, int64_t n, int64_t depth, const float* q, int64_t rp, float* out,
               int64_t ldo) {
   for (int64_t c = 0; c < rp; c += kPanel) {
+    const auto tile = [&](auto rows, int64_t i) {
+      rows_times_panel<decltype(rows)::value>(p + i * ldp, ldp, depth, q + c, rp, out + i * ldo + c, ldo);
+    };
     int64_t i = 0;
     for (; i + kMmRows <= n; i += kMmRows) {
-      rows_times_panel<kMmRows>(p + i * ldp, ldp, depth, q + c, rp, out + i * ldo + c, ldo);
+      tile(std::integral_constant<int, kMmRows>{}, i);
     }
-    for (; i < n; ++i) {
-      rows_times_panel<1>(p + i * ldp, ldp, depth, q + c, rp, out + i * ldo + c, ldo);
-    }
+    tail_tiles<kMmRows>(i, n, tile);
   }
 }
 
@@ -152,6 +173,84 @@ void panel_accumulate(const float* p, int64_t ldp, int64_t n, int64_t depth, con
         accumulate_rows<0>(p + i * ldp, ldp, n - i, k0, k1, q + i * rp + c, rp, acc + c);
       }
     }
+  }
+}
+
+// The register type under Vec, for arrays of vectors that must stay in registers: GCC keeps some arrays of the
+// Vectorized class in memory (such as the two in the loop below), storing them on every iteration.
+#if defined(CPU_CAPABILITY_AVX512)
+using RawVec = __m512;
+#elif defined(CPU_CAPABILITY_AVX2)
+using RawVec = __m256;
+#else
+using RawVec = Vec;
+#endif
+
+// For the R rows i starting at p and the columns k in [k0, k1): out[i, :kPanel] += sum_k p[i, k] q[k, :kPanel] (from
+// zero when k0 == 0) and acc[k, :kPanel] += sum_i p[i, k] h[i, :kPanel]. Each element of p is broadcast once for both
+// products, which panel_mm and panel_accumulate would broadcast once each; acc[k] is summed in two halves (even and
+// odd rows) to halve its chain of dependent FMAs. For builds whose vector is a whole panel row (kVecs == 1): the
+// rows' sums and h's rows take 2 R registers.
+template <int R>
+inline void rows_times_panel_and_back(const float* p, int64_t ldp, int64_t k0, int64_t k1, const float* q,
+                                      int64_t ldq, float* out, int64_t ldo, const float* h, int64_t ldh, float* acc,
+                                      int64_t lda) {
+  static_assert(R > 0 && kVecs == 1, "one vector per panel row");
+  RawVec sums[R];
+  RawVec held[R];
+  for (int row = 0; row < R; ++row) {
+    sums[row] = k0 == 0 ? Vec(0.0f) : Vec::loadu(out + row * ldo);
+    held[row] = Vec::loadu(h + row * ldh);
+  }
+  for (int64_t k = k0; k < k1; ++k) {
+    const Vec qk = Vec::loadu(q + k * ldq);
+    Vec even = Vec::loadu(acc + k * lda);
+    Vec odd(0.0f);
+    for (int row = 0; row < R; ++row) {
+      const Vec pk(p[row * ldp + k]);
+      sums[row] = at::vec::fmadd(pk, qk, Vec(sums[row]));
+      if (row % 2 == 0) {
+        even = at::vec::fmadd(pk, Vec(held[row]), even);
+      } else {
+        odd = at::vec::fmadd(pk, Vec(held[row]), odd);
+      }
+    }
+    (even + odd).store(acc + k * lda);
+  }
+  for (int row = 0; row < R; ++row) {
+    Vec(sums[row]).store(out + row * ldo);
+  }
+}
+
+// panel_mm and panel_accumulate in one pass over p, in chunks of kAccChunk columns as in panel_accumulate (out holds
+// the partial sums between chunks). Instantiated only for builds with kFuseRows > 0.
+template <int kRows>
+void panel_mm_accumulate(const float* p, int64_t ldp, int64_t n, int64_t depth, const float* q, int64_t rp,
+                         float* out, int64_t ldo, const float* h, float* acc) {
+  for (int64_t c = 0; c < rp; c += kPanel) {
+    for (int64_t k0 = 0; k0 < depth; k0 += kAccChunk) {
+      const int64_t k1 = std::min(depth, k0 + kAccChunk);
+      const auto tile = [&](auto rows, int64_t i) {
+        rows_times_panel_and_back<decltype(rows)::value>(p + i * ldp, ldp, k0, k1, q + c, rp, out + i * ldo + c, ldo,
+                                                         h + i * rp + c, rp, acc + c, rp);
+      };
+      int64_t i = 0;
+      for (; i + kRows <= n; i += kRows) {
+        tile(std::integral_constant<int, kRows>{}, i);
+      }
+      tail_tiles<kRows>(i, n, tile);
+    }
+  }
+}
+
+using PanelMmAccumulate = void (*)(const float*, int64_t, int64_t, int64_t, const float*, int64_t, float*, int64_t,
+                                   const float*, float*);
+
+constexpr PanelMmAccumulate fused_pass() {
+  if constexpr (kFuseRows > 0) {
+    return &panel_mm_accumulate<kFuseRows>;
+  } else {
+    return nullptr;
   }
 }
 
@@ -401,8 +500,14 @@ void dropout_backward_span(const float* __restrict__ x, float* __restrict__ out,
 }  // namespace
 
 // Constant-initialized (function addresses only): no code of this build runs before the dispatch picks it.
-extern const VecKernels kVecKernels{D9D_STRINGIFY(CPU_CAPABILITY), panel_mm,     panel_accumulate,     fold_rows,
-                                    philox_batch,                  dropout_span, dropout_backward_span};
+extern const VecKernels kVecKernels{D9D_STRINGIFY(CPU_CAPABILITY),
+                                    panel_mm,
+                                    panel_accumulate,
+                                    fused_pass(),
+                                    fold_rows,
+                                    philox_batch,
+                                    dropout_span,
+                                    dropout_backward_span};
 
 }  // namespace CPU_CAPABILITY
 }  // namespace d9d::cpu

@@ -139,6 +139,30 @@ TEST(VecKernels, EveryBuildMatchesAten) {
                             acc.data_ptr<float>());
     EXPECT_TRUE(at::allclose(acc, acc0 + at::mm(p.t(), q_rows), 1e-4, 1e-4));
 
+    // The fused pass, where the build has one: rows in full tiles and leftovers (11 = 8 + 2 + 1, 7 = 4 + 2 + 1), and
+    // columns in one chunk and in several (300 > 256).
+    if (std::string(build->capability) == "AVX512") {
+      EXPECT_NE(build->panel_mm_accumulate, nullptr);
+    }
+    if (build->panel_mm_accumulate != nullptr) {
+      for (const int64_t rows_p : {int64_t{11}, int64_t{7}}) {
+        for (const int64_t depth_p : {int64_t{37}, int64_t{300}}) {
+          SCOPED_TRACE(std::to_string(rows_p) + " x " + std::to_string(depth_p));
+          const at::Tensor pp = torch::randn({rows_p, depth_p + 5}).narrow(1, 0, depth_p);
+          const at::Tensor qp = torch::randn({depth_p, rp});
+          const at::Tensor h = torch::randn({rows_p, rp});
+          const at::Tensor sums0 = torch::randn({depth_p, rp});
+          at::Tensor product = torch::empty({rows_p, rp + 3}).narrow(1, 0, rp);
+          at::Tensor sums = sums0.clone();
+          build->panel_mm_accumulate(pp.data_ptr<float>(), pp.stride(0), rows_p, depth_p, qp.data_ptr<float>(), rp,
+                                     product.data_ptr<float>(), product.stride(0), h.data_ptr<float>(),
+                                     sums.data_ptr<float>());
+          EXPECT_TRUE(at::allclose(product, at::mm(pp, qp), 1e-4, 1e-4));
+          EXPECT_TRUE(at::allclose(sums, sums0 + at::mm(pp.t(), h), 1e-4, 1e-4));
+        }
+      }
+    }
+
     at::Tensor folded = torch::empty({rows, in});
     build->fold_rows(weight.data_ptr<float>(), sB.data_ptr<float>(), A.data_ptr<float>(), r, in, 0, rows,
                      folded.data_ptr<float>());

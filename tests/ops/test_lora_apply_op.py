@@ -97,9 +97,10 @@ def test_forward_and_backward_match_reference(device, dtype, dropout, bias, shap
 # With dropout both sizes run the blocks (panels of 16 columns on AVX-512); without it, 7 rows run whole GEMMs and
 # 150 rows fold the forward and dx.
 @pytest.mark.parametrize("rows", [7, 150])
-def test_ranks_across_panel_widths_match_reference(rank, dropout, rows):
+@pytest.mark.parametrize(("in_features", "out_features"), [(70, 50), (50, 70)])
+def test_ranks_across_panel_widths_match_reference(rank, dropout, rows, in_features, out_features):
     # On AVX-512 CPUs the float32 backward pads r to panels of 16 columns: one, exactly one, two and three panels.
-    x, weight, b, lora_A, lora_B = make_inputs((rows,), 70, 50, rank)
+    x, weight, b, lora_A, lora_B = make_inputs((rows,), in_features, out_features, rank)
     tol = TOLERANCES[torch.float32]
     assert_op_matches_reference(x, weight, b, lora_A, lora_B, 0.8, dropout, torch.tensor([5]), tol)
 
@@ -219,12 +220,15 @@ def test_every_cpu_capability_matches_reference(capability):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("rows", [3000, 7000])
-def test_inputs_spanning_many_blocks_and_threads_match_reference(dtype, dropout, rows):
-    # The CPU kernels process blocks of rows (2^17 elements; 2^16 in the float32 backward) spread over the threads:
-    # 3000 x 300 makes 7 or 14 blocks, the last one short. Without dropout, both sizes fold the forward and dx, and
-    # the float32 dA and dB run block by block only from 8 backward blocks per thread (7000 rows: 33 blocks on 2
-    # threads), as whole GEMMs below that (3000 rows).
-    x, weight, b, lora_A, lora_B = make_inputs((rows,), 300, 260, 4, dtype=dtype)
+# in > out: the float32 backward's pass over x carries xa and dA; in < out: its pass over dy carries g and dB (but with
+# dropout, where dx's LoRA part is masked, x's pass does).
+@pytest.mark.parametrize(("in_features", "out_features"), [(300, 260), (260, 300)])
+def test_inputs_spanning_many_blocks_and_threads_match_reference(dtype, dropout, rows, in_features, out_features):
+    # The CPU kernels process blocks of rows (2^17 elements; 2^16 in the float32 backward, in multiples of 8 rows)
+    # spread over the threads: 3000 x 300 makes 7 or 14 blocks, the last one short. Without dropout, both sizes fold
+    # the forward and dx, and the float32 dA and dB run block by block only from 8 backward blocks per thread (7000
+    # rows: 32 blocks of 216 rows, and a short one, on 2 threads), as whole GEMMs below that (3000 rows).
+    x, weight, b, lora_A, lora_B = make_inputs((rows,), in_features, out_features, 4, dtype=dtype)
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -305,8 +309,9 @@ def test_double_backward_matches_reference_on_adapters():
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 @pytest.mark.parametrize("rows", [4, 40])
-def test_backward_skips_grad_x_when_x_needs_none(dropout, rows):
-    x, weight, _, lora_A, lora_B = make_inputs((rows,), bias=False)
+@pytest.mark.parametrize(("in_features", "out_features"), [(24, 20), (20, 24)])
+def test_backward_skips_grad_x_when_x_needs_none(dropout, rows, in_features, out_features):
+    x, weight, _, lora_A, lora_B = make_inputs((rows,), in_features, out_features, bias=False)
     grad_y = torch.randn(rows, weight.shape[0])
     args = (grad_y, x, weight, lora_A, lora_B, 1.0, dropout, torch.tensor([3]))
     grad_x, grad_A, grad_B = torch.ops.d9d.lora_backward(*args, False)
