@@ -260,11 +260,11 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
       accumulate(acc, p, h);
     }
   };
-  // On the skinny kernels, three passes over a block instead of four: one of dy and x carries both of its products
-  // (g and dB on dy, or xa and dA on x), the other takes its two in turn. The carrier's second pass is the one saved,
-  // so the wider of the two carries. But with dropout and a LoRA part of dx, x goes second and carries: g A must exist
-  // before the pass that regenerates the mask of dropout(x), which masks g A too.
-  const bool dy_carries_both = out > in && !(dropout > 0.0 && lora_grad_x);
+  // Where the skinny kernels fuse (AVX512), three passes over a block instead of four: one of dy and x carries both
+  // of its products (g and dB on dy, or xa and dA on x), the other takes its two in turn. The carrier's second pass is
+  // the one saved, so the wider of the two carries. But with dropout and a LoRA part of dx, x goes second and
+  // carries: g A must exist before the pass that regenerates the mask of dropout(x), which masks g A too.
+  const bool dy_carries_both = skinny != nullptr && out > in && !(dropout > 0.0 && lora_grad_x);
   const int64_t block_elements = skinny != nullptr ? skinny->block_elements : kernels.block_elements;
   const int64_t step = skinny_block_rows(skinny, block_elements, rows, std::max(in, out));
   const at::Tensor dropped_buffers =

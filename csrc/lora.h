@@ -28,8 +28,8 @@ struct SkinnyKernels {
   int64_t panel_width;
   // Rows per block of the backward when these kernels run it: about this many elements of the widest operand.
   int64_t block_elements;
-  // Blocks of rows that these kernels take are multiples of this many rows (but for the input's last block), so
-  // that their register tiles have no leftover rows.
+  // Blocks of rows that these kernels take are multiples of this many rows where they hold that many (but for the
+  // input's last block), so that their register tiles have no leftover rows.
   int64_t block_row_multiple;
   // Whether the kernels handle tensors like x (device, dtype, CPU features); if not, ATen's GEMMs run instead.
   bool (*supports)(const at::Tensor& x);

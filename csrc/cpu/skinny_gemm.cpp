@@ -60,7 +60,7 @@ void skinny_accumulate(const at::Tensor& p, const at::Tensor& q, const at::Tenso
 void skinny_mm_accumulate(const at::Tensor& p, const at::Tensor& q, const at::Tensor& out, const at::Tensor& h,
                           const at::Tensor& acc) {
   const auto& kernels = cpu::vec_kernels();
-  if (kernels.panel_mm_accumulate == nullptr) {
+  if (kernels.panel_mm_accumulate == nullptr || p.size(1) == 0) {  // the fused pass writes out per column chunk
     skinny_mm(p, q, out);
     skinny_accumulate(p, h, acc);
     return;
@@ -68,7 +68,7 @@ void skinny_mm_accumulate(const at::Tensor& p, const at::Tensor& q, const at::Te
   check_operands("skinny_mm_accumulate", p, q, out);
   check_operands("skinny_mm_accumulate", p, h, acc);
   TORCH_CHECK(p.size(1) == q.size(0) && out.size(0) == p.size(0) && h.size(0) == p.size(0) &&
-                  acc.size(0) == p.size(1) && acc.is_contiguous(),
+                  h.size(1) == q.size(1) && acc.size(0) == p.size(1) && acc.is_contiguous(),
               "skinny_mm_accumulate: internal error, shapes ", p.sizes(), " ", q.sizes(), " ", out.sizes(), " ",
               h.sizes(), " ", acc.sizes());
   kernels.panel_mm_accumulate(p.const_data_ptr<float>(), p.stride(0), p.size(0), p.size(1), q.const_data_ptr<float>(),

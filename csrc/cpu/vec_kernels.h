@@ -11,8 +11,8 @@ namespace d9d::cpu {
 // NEON ones).
 constexpr int64_t kPanel = 16;
 
-// Blocks of rows handed to the kernels are multiples of this many rows (but for an input's last block): a whole
-// number of every build's register tiles, whose leftover rows run fewer accumulators.
+// Blocks of rows handed to the kernels are multiples of this many rows where they hold that many (but for an
+// input's last block): a whole number of every build's register tiles, whose leftover rows run fewer accumulators.
 constexpr int64_t kBlockRowMultiple = 8;
 
 struct VecKernels {

@@ -180,10 +180,8 @@ void panel_accumulate(const float* p, int64_t ldp, int64_t n, int64_t depth, con
 // Vectorized class in memory (such as the two in the loop below), storing them on every iteration.
 #if defined(CPU_CAPABILITY_AVX512)
 using RawVec = __m512;
-#elif defined(CPU_CAPABILITY_AVX2)
-using RawVec = __m256;
 #else
-using RawVec = Vec;
+using RawVec = Vec;  // unused: only the AVX512 build fuses
 #endif
 
 // For the R rows i starting at p and the columns k in [k0, k1): out[i, :kPanel] += sum_k p[i, k] q[k, :kPanel] (from

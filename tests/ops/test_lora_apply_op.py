@@ -191,6 +191,7 @@ def _capability_under(requested: str) -> str:
 # x86's plain DEFAULT build, the ATen fallback for the GEMMs.
 PER_CAPABILITY_TESTS = [
     "test_ranks_across_panel_widths_match_reference",
+    "test_dy_carrying_both_products_with_a_lora_dx_matches_reference",
     "test_inputs_spanning_many_blocks_and_threads_match_reference",
     "test_folded_weights_of_other_shapes_and_dtypes_in_turn_match_reference",
     "test_one_input_or_output_feature_with_any_strides",
@@ -233,6 +234,20 @@ def test_inputs_spanning_many_blocks_and_threads_match_reference(dtype, dropout,
     try:
         torch.set_num_threads(2)
         assert_op_matches_reference(x, weight, b, lora_A, lora_B, 0.5, dropout, torch.tensor([11]), TOLERANCES[dtype])
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_dy_carrying_both_products_with_a_lora_dx_matches_reference():
+    # 1000 x 1024 -> 2048 without dropout: too few rows to fold dx, enough for 32 backward blocks of 32 rows on 2
+    # threads. dy is the wider operand, so its pass carries g and dB while dx gets its LoRA part g A; r = 17 makes
+    # two panels.
+    x, weight, b, lora_A, lora_B = make_inputs((1000,), 1024, 2048, 17)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        tol = TOLERANCES[torch.float32]
+        assert_op_matches_reference(x, weight, b, lora_A, lora_B, 0.5, 0.0, torch.tensor([2]), tol)
     finally:
         torch.set_num_threads(previous)
 
