@@ -64,6 +64,16 @@ inline void tail_tiles(int64_t i, int64_t n, const Tile& tile) {
   }
 }
 
+// tile(rows, i) over rows [0, n): full tiles of R rows, then tail_tiles.
+template <int R, typename Tile>
+inline void row_tiles(int64_t n, const Tile& tile) {
+  int64_t i = 0;
+  for (; i + R <= n; i += R) {
+    tile(std::integral_constant<int, R>{}, i);
+  }
+  tail_tiles<R>(i, n, tile);
+}
+
 // out[i, :kPanel] = sum_k p[i, k] q[k, :kPanel] for the R rows i starting at p.
 template <int R>
 inline void rows_times_panel(const float* p, int64_t ldp, int64_t depth, const float* q, int64_t ldq, float* out,
@@ -132,11 +142,7 @@ void panel_mm(const float* p, int64_t ldp, int64_t n, int64_t depth, const float
     const auto tile = [&](auto rows, int64_t i) {
       rows_times_panel<decltype(rows)::value>(p + i * ldp, ldp, depth, q + c, rp, out + i * ldo + c, ldo);
     };
-    int64_t i = 0;
-    for (; i + kMmRows <= n; i += kMmRows) {
-      tile(std::integral_constant<int, kMmRows>{}, i);
-    }
-    tail_tiles<kMmRows>(i, n, tile);
+    row_tiles<kMmRows>(n, tile);
   }
 }
 
@@ -232,11 +238,7 @@ void panel_mm_accumulate(const float* p, int64_t ldp, int64_t n, int64_t depth, 
         rows_times_panel_and_back<decltype(rows)::value>(p + i * ldp, ldp, k0, k1, q + c, rp, out + i * ldo + c, ldo,
                                                          h + i * rp + c, rp, acc + c, rp);
       };
-      int64_t i = 0;
-      for (; i + kRows <= n; i += kRows) {
-        tile(std::integral_constant<int, kRows>{}, i);
-      }
-      tail_tiles<kRows>(i, n, tile);
+      row_tiles<kRows>(n, tile);
     }
   }
 }
