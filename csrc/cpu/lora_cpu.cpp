@@ -64,7 +64,7 @@ void dropout_backward_span(const scalar_t* x, scalar_t* out, scalar_t* grad, con
   }
 }
 
-// float32 overloads of the two, on the vectorized build of the running CPU.
+// float32 and bfloat16 overloads of the two, on the vectorized build of the running CPU.
 void dropout_span(const float* x, float* out, const uint16_t* draws, int64_t n, uint32_t threshold, float scale) {
   cpu::vec_kernels().dropout_span(x, out, draws, n, threshold, scale);
 }
@@ -72,6 +72,16 @@ void dropout_span(const float* x, float* out, const uint16_t* draws, int64_t n, 
 void dropout_backward_span(const float* x, float* out, float* grad, const uint16_t* draws, int64_t n,
                            uint32_t threshold, float scale) {
   cpu::vec_kernels().dropout_backward_span(x, out, grad, draws, n, threshold, scale);
+}
+
+void dropout_span(const c10::BFloat16* x, c10::BFloat16* out, const uint16_t* draws, int64_t n, uint32_t threshold,
+                  float scale) {
+  cpu::vec_kernels().dropout_span_bf16(x, out, draws, n, threshold, scale);
+}
+
+void dropout_backward_span(const c10::BFloat16* x, c10::BFloat16* out, c10::BFloat16* grad, const uint16_t* draws,
+                           int64_t n, uint32_t threshold, float scale) {
+  cpu::vec_kernels().dropout_backward_span_bf16(x, out, grad, draws, n, threshold, scale);
 }
 
 }  // namespace

@@ -3,6 +3,8 @@
 // DispatchStub does for its own kernels, so ATEN_CPU_CAPABILITY=default|avx2|avx512 selects ours too.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+
 #include <cstdint>
 
 namespace d9d::cpu {
@@ -41,6 +43,11 @@ struct VecKernels {
   // The same, and grad[c] *= keep[c] * scale, in one pass.
   void (*dropout_backward_span)(const float* x, float* out, float* grad, const uint16_t* draws, int64_t n,
                                 uint32_t threshold, float scale);
+  // The two in bfloat16, computed in float32 and rounded as c10::BFloat16 rounds.
+  void (*dropout_span_bf16)(const c10::BFloat16* x, c10::BFloat16* out, const uint16_t* draws, int64_t n,
+                            uint32_t threshold, float scale);
+  void (*dropout_backward_span_bf16)(const c10::BFloat16* x, c10::BFloat16* out, c10::BFloat16* grad,
+                                     const uint16_t* draws, int64_t n, uint32_t threshold, float scale);
 };
 
 // The build for the running CPU (and ATEN_CPU_CAPABILITY), chosen once per process.

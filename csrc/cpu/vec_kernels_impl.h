@@ -12,6 +12,8 @@
 #endif
 
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/bit_cast.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -480,20 +482,39 @@ void philox_batch(uint64_t seed, int64_t row, int64_t group0, int64_t count, uin
 }
 #endif
 
-// Plain loops over 16-bit draws, which the compiler vectorizes for this build.
-void dropout_span(const float* __restrict__ x, float* __restrict__ out, const uint16_t* __restrict__ draws, int64_t n,
-                  uint32_t threshold, float scale) {
-  for (int64_t c = 0; c < n; ++c) {
-    out[c] = x[c] * (draws[c] >= threshold ? scale : 0.0f);
+// bfloat16 to float32 and back exactly as c10::BFloat16 converts (round to nearest even, NaN to 0x7FC0), but on the
+// bits without a branch, so that the compiler vectorizes the loops below; float32 passes through.
+inline float widen(float value) { return value; }
+inline float widen(c10::BFloat16 value) { return c10::bit_cast<float>(static_cast<uint32_t>(value.x) << 16); }
+
+template <typename T>
+inline T narrow(float value) {
+  if constexpr (std::is_same_v<T, float>) {
+    return value;
+  } else {
+    const uint32_t bits = c10::bit_cast<uint32_t>(value);
+    const uint32_t rounded = (bits + ((bits >> 16) & 1) + 0x7FFF) >> 16;
+    const bool nan = (bits & 0x7FFFFFFF) > 0x7F800000;
+    return c10::BFloat16(static_cast<uint16_t>(nan ? 0x7FC0 : rounded), c10::BFloat16::from_bits());
   }
 }
 
-void dropout_backward_span(const float* __restrict__ x, float* __restrict__ out, float* __restrict__ grad,
+// Plain loops over 16-bit draws, which the compiler vectorizes for this build (in float32 arithmetic for bfloat16).
+template <typename T>
+void dropout_span(const T* __restrict__ x, T* __restrict__ out, const uint16_t* __restrict__ draws, int64_t n,
+                  uint32_t threshold, float scale) {
+  for (int64_t c = 0; c < n; ++c) {
+    out[c] = narrow<T>(widen(x[c]) * (draws[c] >= threshold ? scale : 0.0f));
+  }
+}
+
+template <typename T>
+void dropout_backward_span(const T* __restrict__ x, T* __restrict__ out, T* __restrict__ grad,
                            const uint16_t* __restrict__ draws, int64_t n, uint32_t threshold, float scale) {
   for (int64_t c = 0; c < n; ++c) {
     const float keep = draws[c] >= threshold ? scale : 0.0f;
-    out[c] = x[c] * keep;
-    grad[c] *= keep;
+    out[c] = narrow<T>(widen(x[c]) * keep);
+    grad[c] = narrow<T>(widen(grad[c]) * keep);
   }
 }
 
@@ -506,8 +527,10 @@ extern const VecKernels kVecKernels{D9D_STRINGIFY(CPU_CAPABILITY),
                                     fused_pass(),
                                     fold_rows,
                                     philox_batch,
-                                    dropout_span,
-                                    dropout_backward_span};
+                                    dropout_span<float>,
+                                    dropout_backward_span<float>,
+                                    dropout_span<c10::BFloat16>,
+                                    dropout_backward_span<c10::BFloat16>};
 
 }  // namespace CPU_CAPABILITY
 }  // namespace d9d::cpu

@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <algorithm>
+#include <cmath>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -191,6 +193,37 @@ TEST(VecKernels, EveryBuildMatchesAten) {
     EXPECT_EQ(grad, (std::vector<float>{0, 0, 2, 2, 0, 0}));
     build->dropout_span(x.data(), dropped.data(), draws.data(), 6, 100, 0.5f);
     EXPECT_EQ(dropped, (std::vector<float>{0, 1, 1.5, 2, 2.5, 0}));
+
+    // bfloat16: x * keep in float32, rounded as c10::BFloat16 rounds, for random values and for the cases that
+    // rounding treats apart (NaN, infinities, subnormals, the largest finite value, which rounds up to
+    // infinity when doubled). The lengths leave a tail after whole vectors.
+    const int64_t count = 203;
+    const at::Tensor values = torch::randn({count}).mul_(100);
+    std::vector<float> inputs(values.data_ptr<float>(), values.data_ptr<float>() + count);
+    const float specials[] = {std::nanf(""), INFINITY, -INFINITY, 1.00390625f, 1.01171875f, 1e-40f, -0.0f, 3.3895e38f};
+    std::copy(std::begin(specials), std::end(specials), inputs.begin());
+    std::vector<c10::BFloat16> x16(inputs.begin(), inputs.end()), out16(count), grad16(x16.rbegin(), x16.rend());
+    const std::vector<c10::BFloat16> grad16_before = grad16;
+    std::vector<uint16_t> draws16(count);
+    for (int64_t c = 0; c < count; ++c) {
+      draws16[c] = static_cast<uint16_t>((c * 7919) % 65536);
+    }
+    for (const float factor : {1.0f / 0.95f, 1.5f, 2.0f}) {  // 1.5: products of 9 significant bits, ties
+      build->dropout_backward_span_bf16(x16.data(), out16.data(), grad16.data(), draws16.data(), count, 30000, factor);
+      for (int64_t c = 0; c < count; ++c) {
+        const float keep = draws16[c] >= 30000 ? factor : 0.0f;
+        const c10::BFloat16 expected_out(static_cast<float>(x16[c]) * keep);
+        const c10::BFloat16 expected_grad(static_cast<float>(grad16_before[c]) * keep);
+        EXPECT_EQ(out16[c].x, expected_out.x) << c << ": " << static_cast<float>(x16[c]);
+        EXPECT_EQ(grad16[c].x, expected_grad.x) << c;
+      }
+      grad16 = grad16_before;
+      build->dropout_span_bf16(x16.data(), out16.data(), draws16.data(), count, 100, factor);
+      for (int64_t c = 0; c < count; ++c) {
+        const c10::BFloat16 expected(static_cast<float>(x16[c]) * (draws16[c] >= 100 ? factor : 0.0f));
+        EXPECT_EQ(out16[c].x, expected.x) << c << ": " << static_cast<float>(x16[c]);
+      }
+    }
   }
 }
 
