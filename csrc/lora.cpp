@@ -76,6 +76,11 @@ int64_t skinny_block_rows(const SkinnyKernels* skinny, int64_t elements, int64_t
   return block_rows(elements, rows, width, skinny != nullptr ? skinny->block_row_multiple : 1);
 }
 
+// Elements per block of the loops whose LoRA GEMMs are library calls (not the skinny kernels), for x's dtype.
+int64_t library_block_elements(const DeviceKernels& kernels, at::ScalarType dtype) {
+  return dtype == at::kBFloat16 || dtype == at::kHalf ? kernels.block_elements_16bit : kernels.block_elements;
+}
+
 // float32 accumulator for reduced-precision gradients summed over blocks.
 at::ScalarType accumulate_dtype(at::ScalarType dtype) {
   return (dtype == at::kBFloat16 || dtype == at::kHalf) ? at::kFloat : dtype;
@@ -167,7 +172,8 @@ void write_lora_term_blocks(const DeviceKernels& kernels, const at::Tensor& x2d,
   const int64_t out = y.size(1);
   const int64_t r = lora_A.size(0);
   const int64_t workers = kernels.max_workers();
-  const int64_t step = skinny_block_rows(skinny, kernels.block_elements, rows, std::max(in, out));
+  const int64_t step = skinny_block_rows(skinny, library_block_elements(kernels, x2d.scalar_type()), rows,
+                                         std::max(in, out));
   const int64_t rp = panel_columns(skinny, r);
   const at::Tensor At = skinny != nullptr ? as_panel(lora_A.t(), rp) : lora_A.t();
   // The bias rides along the expansion as an extra column of ones, y = [xa, 1] [s B, bias]^T.
@@ -265,7 +271,8 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
   // the one saved, so the wider of the two carries. But with dropout and a LoRA part of dx, x goes second and
   // carries: g A must exist before the pass that regenerates the mask of dropout(x), which masks g A too.
   const bool dy_carries_both = skinny != nullptr && out > in && !(dropout > 0.0 && lora_grad_x);
-  const int64_t block_elements = skinny != nullptr ? skinny->block_elements : kernels.block_elements;
+  const int64_t block_elements =
+      skinny != nullptr ? skinny->block_elements : library_block_elements(kernels, x2d.scalar_type());
   const int64_t step = skinny_block_rows(skinny, block_elements, rows, std::max(in, out));
   const at::Tensor dropped_buffers =
       dropout > 0.0 ? at::empty({workers, step, in}, x2d.options()) : at::empty({0}, x2d.options());
