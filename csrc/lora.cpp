@@ -76,9 +76,10 @@ int64_t skinny_block_rows(const SkinnyKernels* skinny, int64_t elements, int64_t
   return block_rows(elements, rows, width, skinny != nullptr ? skinny->block_row_multiple : 1);
 }
 
-// Elements per block of the loops whose LoRA GEMMs are library calls (not the skinny kernels), for x's dtype.
+// Elements per block for the library GEMMs of a block (ATen's, where the skinny kernels do not take x), by x's
+// dtype.
 int64_t library_block_elements(const DeviceKernels& kernels, at::ScalarType dtype) {
-  return dtype == at::kBFloat16 || dtype == at::kHalf ? kernels.block_elements_16bit : kernels.block_elements;
+  return dtype == at::kBFloat16 ? kernels.block_elements_bf16 : kernels.block_elements;
 }
 
 // float32 accumulator for reduced-precision gradients summed over blocks.

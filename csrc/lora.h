@@ -60,8 +60,9 @@ struct DeviceKernels {
   // dy and x to stay in cache between the LoRA GEMMs that read it, and for the dropped-out copy of x to exist for
   // one block only. The backward takes SkinnyKernels::block_elements instead when those kernels run it.
   int64_t block_elements;
-  // The same for bfloat16 and float16 inputs, whose library GEMMs cost more per call.
-  int64_t block_elements_16bit;
+  // The same for bfloat16 inputs, whose library GEMMs cost more per call (float16 keeps block_elements: its
+  // per-block partial sums of dA and dB are rounded to float16, whose range larger blocks would strain).
+  int64_t block_elements_bf16;
   // Runs body over the blocks [0, step), [step, 2 step), ... covering `rows`; blocks of different workers may run
   // concurrently, so each worker gets its own buffers and accumulators.
   void (*for_each_block)(int64_t rows, int64_t step, BlockBody body);

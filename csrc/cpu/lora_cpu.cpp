@@ -172,11 +172,11 @@ at::Tensor fold_scratch_cpu(const at::Tensor& weight) {
 }
 
 // Blocks of 512 KiB of float32: a block of x and one of dy fit a core's L2 cache together (the skinny kernels take
-// smaller ones; see skinny_gemm.cpp). bfloat16 and float16 blocks hold 4x the elements, 1 MiB: each oneDNN GEMM of a
-// block costs more per call than MKL's float32 one, and the larger blocks ran the bfloat16 LoRA step with dropout
-// 10-15% (forward) and 14-23% (backward) faster on the AVX-512 Xeon of BENCHMARKS.md; float32 did not change.
+// smaller ones; see skinny_gemm.cpp). bfloat16 blocks hold 4x the elements, 1 MiB: each of its library GEMMs (oneDNN
+// on AMX) costs more per call than MKL's float32 one, and the larger blocks ran the bfloat16 LoRA step with dropout
+// 9-18% (forward) and 15-27% (backward) faster on the AVX-512 Xeon of BENCHMARKS.md; float32 did not change.
 constexpr DeviceKernels kCpuKernels{dropout_rows_cpu,   dropout_rows_backward_cpu, mask_rows_cpu, 1 << 17,
-                                    1 << 19,            for_each_block_cpu,        max_workers_cpu,
+                                    /*bf16=*/1 << 19,   for_each_block_cpu,        max_workers_cpu,
                                     &kCpuSkinnyKernels, fold_scratch_cpu,          /*whole_products=*/true};
 
 at::Tensor lora_forward_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

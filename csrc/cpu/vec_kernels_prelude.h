@@ -10,6 +10,7 @@
 #include <c10/macros/Macros.h>
 #include <c10/util/BFloat16-math.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/bit_cast.h>
 #include <c10/util/Half.h>
 #include <c10/util/Load.h>
 #include <c10/util/TypeCast.h>

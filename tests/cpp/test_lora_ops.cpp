@@ -194,30 +194,32 @@ TEST(VecKernels, EveryBuildMatchesAten) {
     build->dropout_span(x.data(), dropped.data(), draws.data(), 6, 100, 0.5f);
     EXPECT_EQ(dropped, (std::vector<float>{0, 1, 1.5, 2, 2.5, 0}));
 
-    // bfloat16: x * keep in float32, rounded as c10::BFloat16 rounds, for random values and for the cases that
-    // rounding treats apart (NaN, infinities, subnormals, the largest finite value, which rounds up to
-    // infinity when doubled). The lengths leave a tail after whole vectors.
+    // bfloat16: x * keep in float32, rounded as c10::BFloat16 rounds. Random values (times 1.5 their products have
+    // up to 10 significant bits, so many round on a tie), and bit patterns that rounding treats apart, each once kept
+    // and once dropped: NaNs of either sign and other payloads, infinities, the largest finite value (times
+    // 1.00390625 a finite float32 that rounds up to infinity), a subnormal and -0. The length leaves a tail after
+    // whole vectors.
+    const std::vector<uint16_t> special_bits{0x7FC0, 0xFFC0, 0x7F81, 0xFF81, 0x7F80, 0xFF80, 0x7F7F, 0xFF7F, 0x0001,
+                                             0x8000};
+    const int64_t specials = static_cast<int64_t>(special_bits.size());
     const int64_t count = 203;
     const at::Tensor values = torch::randn({count}).mul_(100);
-    std::vector<float> inputs(values.data_ptr<float>(), values.data_ptr<float>() + count);
-    const float specials[] = {std::nanf(""), INFINITY, -INFINITY, 1.00390625f, 1.01171875f, 1e-40f, -0.0f, 3.3895e38f};
-    std::copy(std::begin(specials), std::end(specials), inputs.begin());
-    std::vector<c10::BFloat16> x16(inputs.begin(), inputs.end()), out16(count), grad16(x16.rbegin(), x16.rend());
-    const std::vector<c10::BFloat16> grad16_before = grad16;
+    std::vector<c10::BFloat16> x16(count), out16(count);
     std::vector<uint16_t> draws16(count);
     for (int64_t c = 0; c < count; ++c) {
-      draws16[c] = static_cast<uint16_t>((c * 7919) % 65536);
+      x16[c] = c < 2 * specials ? c10::BFloat16(special_bits[c % specials], c10::BFloat16::from_bits())
+                                : c10::BFloat16(values.data_ptr<float>()[c]);
+      draws16[c] = c < specials ? 65535 : c < 2 * specials ? 0 : static_cast<uint16_t>((c * 7919) % 65536);
     }
-    for (const float factor : {1.0f / 0.95f, 1.5f, 2.0f}) {  // 1.5: products of 9 significant bits, ties
+    for (const float factor : {1.0f / 0.95f, 1.5f, 2.0f, 1.00390625f}) {
+      SCOPED_TRACE(factor);
+      std::vector<c10::BFloat16> grad16 = x16;
       build->dropout_backward_span_bf16(x16.data(), out16.data(), grad16.data(), draws16.data(), count, 30000, factor);
       for (int64_t c = 0; c < count; ++c) {
-        const float keep = draws16[c] >= 30000 ? factor : 0.0f;
-        const c10::BFloat16 expected_out(static_cast<float>(x16[c]) * keep);
-        const c10::BFloat16 expected_grad(static_cast<float>(grad16_before[c]) * keep);
-        EXPECT_EQ(out16[c].x, expected_out.x) << c << ": " << static_cast<float>(x16[c]);
-        EXPECT_EQ(grad16[c].x, expected_grad.x) << c;
+        const c10::BFloat16 expected(static_cast<float>(x16[c]) * (draws16[c] >= 30000 ? factor : 0.0f));
+        EXPECT_EQ(out16[c].x, expected.x) << c << ": " << static_cast<float>(x16[c]);
+        EXPECT_EQ(grad16[c].x, expected.x) << c;
       }
-      grad16 = grad16_before;
       build->dropout_span_bf16(x16.data(), out16.data(), draws16.data(), count, 100, factor);
       for (int64_t c = 0; c < count; ++c) {
         const c10::BFloat16 expected(static_cast<float>(x16[c]) * (draws16[c] >= 100 ? factor : 0.0f));

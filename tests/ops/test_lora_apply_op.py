@@ -226,9 +226,9 @@ def test_every_cpu_capability_matches_reference(capability):
 @pytest.mark.parametrize(("in_features", "out_features"), [(300, 260), (260, 300)])
 def test_inputs_spanning_many_blocks_and_threads_match_reference(dtype, dropout, rows, in_features, out_features):
     # The CPU kernels process blocks of rows (2^17 elements; 2^16 in the float32 backward, in multiples of 8 rows;
-    # 2^19 in bfloat16) spread over the threads: 3000 x 300 makes 7 or 14 blocks in float32 and 2 in bfloat16 (7000
-    # rows: 5), the last one short. Without dropout, both sizes fold
-    # the forward and dx, and the float32 dA and dB run block by block only from 8 backward blocks per thread (7000
+    # 2^19 in bfloat16) spread over the threads: 3000 x 300 makes 7 or 14 blocks in float32, and 2 in bfloat16 with
+    # dropout (7000 rows: 5), the last one short. Without dropout, bfloat16 runs whole GEMMs; float32 folds the
+    # forward and dx at both sizes, and its dA and dB run block by block only from 8 backward blocks per thread (7000
     # rows: 32 blocks of 216 rows, and a short one, on 2 threads), as whole GEMMs below that (3000 rows).
     x, weight, b, lora_A, lora_B = make_inputs((rows,), in_features, out_features, 4, dtype=dtype)
     previous = torch.get_num_threads()
