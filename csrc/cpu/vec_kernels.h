@@ -1,6 +1,7 @@
-// The CPU's vectorized kernels (float32; the dropout passes also bfloat16), written once over at::vec::Vectorized (vec_kernels_impl.h) and compiled once
-// per CPU capability (capability/*.cpp). vec_kernels() picks the build for at::get_cpu_capability(), as ATen's
-// DispatchStub does for its own kernels, so ATEN_CPU_CAPABILITY=default|avx2|avx512 selects ours too.
+// The CPU's vectorized kernels (float32; the dropout passes also bfloat16), written once over at::vec::Vectorized
+// (vec_kernels_impl.h) and compiled once per CPU capability (capability/*.cpp). vec_kernels() picks the build for
+// at::get_cpu_capability(), as ATen's DispatchStub does for its own kernels, so ATEN_CPU_CAPABILITY=default|avx2|avx512
+// selects ours too.
 #pragma once
 
 #include <c10/util/BFloat16.h>
