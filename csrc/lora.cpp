@@ -103,39 +103,35 @@ bool folding_pays_off(at::ScalarType dtype, int64_t rows, int64_t in, int64_t ou
 
 // Whether the LoRA products run as one GEMM each over all rows rather than block by block (without dropout only,
 // which needs the blocks to regenerate the mask): where the device prefers whole GEMMs and either its skinny kernels
-// do not take x, or x has fewer than 8 of the skinny kernels' (backward) blocks per worker. The forward makes the
-// same choice, so that both passes take one path. With so few blocks the fixed costs per call and per block
-// outweigh the blocks' FMAs, and a library call per product, spread over all threads, runs faster. On the AVX-512
-// Xeon of BENCHMARKS.md (2 threads), 1024 x 1024 forward + backward ran 19% faster at 16 rows, 8% at 128 and 2% at
-// 512, and broke even at 8 blocks per worker.
+// do not take x (or not in this pass), or x has fewer than the kernels' min_blocks_per_worker (backward) blocks per
+// worker. With so few blocks the fixed costs per call and per block outweigh the blocks' work, and a library call
+// per product, spread over all threads, runs faster.
 bool products_in_whole_gemms(const DeviceKernels& kernels, const SkinnyKernels* skinny, double dropout,
-                             int64_t rows, int64_t in, int64_t out) {
-  constexpr int64_t kMinBlocksPerWorker = 8;
+                             int64_t rows, int64_t in, int64_t out, bool forward) {
   if (dropout != 0.0 || !kernels.whole_products) {
     return false;
   }
-  if (skinny == nullptr) {
+  if (skinny == nullptr || (forward && !skinny->forward_without_dropout)) {
     return true;
   }
   const int64_t step = skinny_block_rows(skinny, skinny->block_elements, rows, std::max(in, out));
-  return (rows + step - 1) / step < kMinBlocksPerWorker * kernels.max_workers();
-}
-
-// W + s B A in W's dtype, in the device's scratch: on the device's own kernel when it has one for this dtype, else
-// through the GEMM library.
-at::Tensor fold_adapters(const DeviceKernels& kernels, const at::Tensor& weight, const at::Tensor& lora_A,
-                         const at::Tensor& lora_B, double scale) {
-  at::Tensor folded = kernels.fold_scratch(weight);
-  if (kernels.skinny != nullptr && kernels.skinny->supports(weight)) {
-    kernels.skinny->fold(weight, lora_A, lora_B, scale, folded);
-    return folded;
-  }
-  return at::addmm_out(folded, weight, lora_B, lora_A, /*beta=*/1, /*alpha=*/scale);
+  return (rows + step - 1) / step < skinny->min_blocks_per_worker * kernels.max_workers();
 }
 
 // The device's skinny kernels if they take tensors like x, else nullptr (ATen's GEMMs run instead).
 const SkinnyKernels* skinny_kernels_for(const DeviceKernels& kernels, const at::Tensor& x) {
-  return kernels.skinny != nullptr && kernels.skinny->supports(x) ? kernels.skinny : nullptr;
+  return kernels.skinny_for != nullptr ? kernels.skinny_for(x) : nullptr;
+}
+
+at::Tensor fold_adapters(const DeviceKernels& kernels, const at::Tensor& weight, const at::Tensor& lora_A,
+                         const at::Tensor& lora_B, double scale) {
+  at::Tensor folded = kernels.fold_scratch(weight);
+  const SkinnyKernels* skinny = skinny_kernels_for(kernels, weight);
+  if (skinny != nullptr && skinny->fold != nullptr) {
+    skinny->fold(weight, lora_A, lora_B, scale, folded);
+    return folded;
+  }
+  return at::addmm_out(folded, weight, lora_B, lora_A, /*beta=*/1, /*alpha=*/scale);
 }
 
 // Columns of the panels that hold r columns: r rounded up to the skinny kernels' panel width (r for ATen's GEMMs).
@@ -228,6 +224,7 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
   // The LoRA products multiply blocks of rows by the panels A^T (in x r) and s B (out x r). The skinny kernels want
   // contiguous panels zero-padded to their width, and sum dA^T and dB in that layout; ATen's GEMMs run fastest on
   // the transposed views and sums (dA and dB^T), as MKL prefers the long side as the output's rows.
+  // The skinny kernels' sums are depth x rp, or rp x depth where they say so (ATen's: r x depth).
   const int64_t rp = panel_columns(skinny, r);
   const auto panel = [&](const at::Tensor& columns) { return skinny == nullptr ? columns : as_panel(columns, rp); };
   const at::Tensor At = panel(lora_A.t());
@@ -235,9 +232,12 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
   const int64_t workers = kernels.max_workers();
   const auto acc_options = x2d.options().dtype(accumulate_dtype(x2d.scalar_type()));
   const bool cast_acc = acc_options.dtype() != x2d.dtype();
+  const bool sums_by_rank = skinny == nullptr || skinny->transposed_sums;  // r (or rp) x depth
   const auto sums = [&](int64_t depth) {
-    return skinny != nullptr ? at::zeros({workers, depth, rp}, acc_options)
-                             : at::zeros({workers, r, depth}, acc_options);
+    if (skinny == nullptr) {
+      return at::zeros({workers, r, depth}, acc_options);
+    }
+    return sums_by_rank ? at::zeros({workers, rp, depth}, acc_options) : at::zeros({workers, depth, rp}, acc_options);
   };
   const at::Tensor grad_A_acc = sums(in);
   const at::Tensor grad_B_acc = sums(out);
@@ -250,7 +250,7 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
   };
   const auto accumulate = [skinny, cast_acc](at::Tensor acc, const at::Tensor& p, const at::Tensor& q) {
     if (skinny != nullptr) {
-      skinny->accumulate(p, q, acc);  // acc += p^T q
+      skinny->accumulate(p, q, acc);  // acc += p^T q (or its transpose)
     } else if (cast_acc) {
       acc.add_(at::mm(q.t(), p));  // acc^T += p^T q
     } else {
@@ -277,17 +277,21 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
   const int64_t step = skinny_block_rows(skinny, block_elements, rows, std::max(in, out));
   const at::Tensor dropped_buffers =
       dropout > 0.0 ? at::empty({workers, step, in}, x2d.options()) : at::empty({0}, x2d.options());
+  // In bfloat16 without dropout, dx's LoRA part g A is one library GEMM after the loop rather than one per block
+  // (oneDNN's calls cost more than MKL's, and there is no mask to apply to it per block): g is kept for all rows.
+  const bool dx_after_loop = lora_grad_x && dropout == 0.0 && x2d.scalar_type() == at::kBFloat16;
   const at::Tensor xa_buffers = at::empty({workers, step, rp}, x2d.options());
-  const at::Tensor g_buffers = at::empty({workers, step, rp}, x2d.options());
+  const at::Tensor g_buffers =
+      dx_after_loop ? at::empty({rows, rp}, x2d.options()) : at::empty({workers, step, rp}, x2d.options());
   kernels.for_each_block(rows, step, [&](int64_t row0, int64_t n, int64_t worker) {
     const at::Tensor gy_block = gy.narrow(0, row0, n);
     const at::Tensor x_block = x2d.narrow(0, row0, n);
     // g = s dy B is the gradient w.r.t. xa; dB = dy^T xa (times s, applied once at the end); dA^T = dropout(x)^T g.
-    const at::Tensor g_block = g_buffers[worker].narrow(0, 0, n);
+    const at::Tensor g_block = dx_after_loop ? g_buffers.narrow(0, row0, n) : g_buffers[worker].narrow(0, 0, n);
     const at::Tensor xa_block = xa_buffers[worker].narrow(0, 0, n);
     const at::Tensor grad_A_sums = grad_A_acc[worker];
     const at::Tensor grad_B_sums = grad_B_acc[worker];
-    at::Tensor dx_block = lora_grad_x ? grad_x.narrow(0, row0, n) : at::Tensor();
+    at::Tensor dx_block = lora_grad_x && !dx_after_loop ? grad_x.narrow(0, row0, n) : at::Tensor();
     at::Tensor source = x_block;
     if (dy_carries_both) {  // dx's LoRA part, if any, is not masked here
       if (dropout > 0.0) {
@@ -296,7 +300,7 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
       }
       product(xa_block, source, At);
       product_and_accumulate(g_block, gy_block, Bp, grad_B_sums, xa_block);
-      if (lora_grad_x) {
+      if (dx_block.defined()) {
         at::mm_out(dx_block, g_block.narrow(1, 0, r), lora_A);
       }
       accumulate(grad_A_sums, source, g_block);
@@ -304,7 +308,7 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
     }
     product(g_block, gy_block, Bp);
     // The LoRA part of dx, g A (masked below with dropout); the base GEMM accumulates onto it after the loop.
-    if (lora_grad_x) {
+    if (dx_block.defined()) {
       at::mm_out(dx_block, g_block.narrow(1, 0, r), lora_A);
     }
     if (dropout > 0.0) {
@@ -322,10 +326,14 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
   // The workers' sums are added up here, before the base GEMM evicts them.
   at::Tensor grad_A = grad_A_acc.sum(0);
   at::Tensor grad_B = grad_B_acc.sum(0);
-  if (skinny != nullptr) {
-    return {grad_A.narrow(1, 0, r).t(), grad_B.narrow(1, 0, r)};
+  if (dx_after_loop) {
+    at::Tensor dx = grad_x;
+    at::mm_out(dx, g_buffers.narrow(1, 0, r), lora_A);
   }
-  return {grad_A, grad_B.t()};
+  if (sums_by_rank) {
+    return {grad_A.narrow(0, 0, r), grad_B.narrow(0, 0, r).t()};
+  }
+  return {grad_A.narrow(1, 0, r).t(), grad_B.narrow(1, 0, r)};
 }
 
 }  // namespace
@@ -365,7 +373,7 @@ at::Tensor lora_forward(const DeviceKernels& kernels, const at::Tensor& x, const
   // The bias rides along the LoRA term, so it costs no pass of its own; with a row scale it is added after the
   // scaling.
   const bool bias_in_lora = has_bias && !f.defined();
-  if (products_in_whole_gemms(kernels, skinny, dropout, rows, in, out)) {
+  if (products_in_whole_gemms(kernels, skinny, dropout, rows, in, out, /*forward=*/true)) {
     const at::Tensor xa = at::mm(x2d, lora_A.t());  // N x r
     if (bias_in_lora) {
       at::addmm_out(y, *bias, xa, lora_B.t(), /*beta=*/1, /*alpha=*/scale);
@@ -420,7 +428,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels
   at::Tensor grad_x = need_grad_x ? at::empty({rows, in}, x2d.options()) : at::empty({0}, x.options());
   at::Tensor grad_A;
   at::Tensor grad_B;  // without its factor s (and f)
-  if (products_in_whole_gemms(kernels, skinny, dropout, rows, in, out)) {
+  if (products_in_whole_gemms(kernels, skinny, dropout, rows, in, out, /*forward=*/false)) {
     const at::Tensor g = at::mm(gy, Bs);  // N x r: the gradient w.r.t. xa = x A^T
     if (lora_grad_x) {
       at::mm_out(grad_x, g, lora_A);  // the LoRA part of dx; the base GEMM accumulates onto it below

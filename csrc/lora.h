@@ -24,6 +24,7 @@ using BlockBody = c10::function_ref<void(int64_t row0, int64_t n, int64_t worker
 // Faster GEMMs for the skinny products (xa = x A^T in both passes, the backward's other three) and for the fold
 // W + s B A. In the products one operand is a panel of rp columns (r rounded up to a multiple of panel_width, with
 // zero columns), and p is a block of rows of x or dy (row stride free, columns contiguous); q and acc are contiguous.
+// The sums of accumulate are in float32 for the 16-bit dtypes.
 struct SkinnyKernels {
   int64_t panel_width;
   // Rows per block of the backward when these kernels run it: about this many elements of the widest operand.
@@ -31,17 +32,22 @@ struct SkinnyKernels {
   // Blocks of rows that these kernels take are multiples of this many rows where they hold that many (but for the
   // input's last block), so that their register tiles have no leftover rows.
   int64_t block_row_multiple;
-  // Whether the kernels handle tensors like x (device, dtype, CPU features); if not, ATen's GEMMs run instead.
-  bool (*supports)(const at::Tensor& x);
+  // Without dropout, the products run on these kernels only where x has at least this many of their blocks per
+  // worker (else one library GEMM per product, over all threads), and in the forward only if
+  // forward_without_dropout.
+  int64_t min_blocks_per_worker;
+  bool forward_without_dropout;
+  // Whether accumulate's sums are rp x depth (acc += q^T p) rather than depth x rp (acc += p^T q).
+  bool transposed_sums;
   // out (n x rp) = p (n x depth) q (depth x rp); out's rows may be strided.
   void (*mm)(const at::Tensor& p, const at::Tensor& q, const at::Tensor& out);
-  // acc (depth x rp) += p^T q, for p (n x depth) and q (n x rp).
+  // acc (depth x rp) += p^T q, for p (n x depth) and q (n x rp); or acc (rp x depth) += q^T p (transposed_sums).
   void (*accumulate)(const at::Tensor& p, const at::Tensor& q, const at::Tensor& acc);
-  // out = p q and acc += p^T h, for h (n x rp): mm and accumulate on the same p, in one pass over it where the
-  // kernels can (p is then read once for both).
+  // out = p q and accumulate(p, h, acc), for h (n x rp): mm and accumulate on the same p, in one pass over it where
+  // the kernels can (p is then read once for both).
   void (*mm_accumulate)(const at::Tensor& p, const at::Tensor& q, const at::Tensor& out, const at::Tensor& h,
                         const at::Tensor& acc);
-  // out = weight + scale B A, for out of weight's shape (the fold; no panels involved).
+  // out = weight + scale B A, for out of weight's shape (the fold; no panels involved); nullptr: ATen's addmm.
   void (*fold)(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
                const at::Tensor& out);
 };
@@ -68,8 +74,9 @@ struct DeviceKernels {
   void (*for_each_block)(int64_t rows, int64_t step, BlockBody body);
   // Upper bound on the worker index + 1.
   int64_t (*max_workers)();
+  // The skinny kernels that take tensors like x (device, dtype, CPU features), or nullptr: ATen's GEMMs run instead.
   // Optional (nullptr: ATen's GEMMs everywhere).
-  const SkinnyKernels* skinny;
+  const SkinnyKernels* (*skinny_for)(const at::Tensor& x);
   // Scratch of weight's shape and dtype for the folded weight, used only until the op returns.
   at::Tensor (*fold_scratch)(const at::Tensor& weight);
   // Whether, without dropout, the LoRA products that the skinny kernels do not take run as one GEMM each over all

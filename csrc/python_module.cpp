@@ -2,6 +2,7 @@
 // Only setup.py compiles this file, so the other sources build without Python headers (see CMakeLists.txt).
 #include <Python.h>
 
+#include "cpu/amx_gemm.h"
 #include "cpu/vec_kernels.h"
 
 namespace {
@@ -12,9 +13,15 @@ PyObject* cpu_kernels_capability(PyObject* /*module*/, PyObject* /*unused*/) {
   return PyUnicode_FromString(d9d::cpu::vec_kernels().capability);
 }
 
+// Whether the bfloat16 skinny products run on d9d's AMX kernels in this process (else on ATen's GEMMs).
+PyObject* cpu_amx_bf16(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyBool_FromLong(d9d::amx_bf16_available() ? 1 : 0);
+}
+
 PyMethodDef methods[] = {
     {"cpu_kernels_capability", cpu_kernels_capability, METH_NOARGS,
      "The CPU capability whose build of the vectorized kernels the ops use."},
+    {"cpu_amx_bf16", cpu_amx_bf16, METH_NOARGS, "Whether the bfloat16 skinny products run on d9d's AMX kernels."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -40,10 +40,13 @@ def cpu_model(fallback: str | None = None) -> str:
 
 
 def cpu_capabilities() -> str:
-    """``capability <ATen's> (d9d kernels: <d9d's>)``: the CPU capability that ATen and d9d's own kernels run."""
-    from d9d.ops._registration import cpu_kernels_capability
+    """``capability <ATen's> (d9d kernels: <d9d's>, bfloat16 products: <AMX or ATen>)``: what runs on this CPU."""
+    from d9d.ops._registration import cpu_bfloat16_kernels, cpu_kernels_capability
 
-    return f"capability {torch.backends.cpu.get_cpu_capability()} (d9d kernels: {cpu_kernels_capability()})"
+    return (
+        f"capability {torch.backends.cpu.get_cpu_capability()} (d9d kernels: {cpu_kernels_capability()}, "
+        f"bfloat16 products: {cpu_bfloat16_kernels()})"
+    )
 
 
 def machine(device: torch.device) -> str:

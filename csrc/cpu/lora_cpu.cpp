@@ -177,7 +177,7 @@ at::Tensor fold_scratch_cpu(const at::Tensor& weight) {
 // 9-18% (forward) and 15-27% (backward) faster on the AVX-512 Xeon of BENCHMARKS.md; float32 did not change.
 constexpr DeviceKernels kCpuKernels{dropout_rows_cpu,   dropout_rows_backward_cpu, mask_rows_cpu, 1 << 17,
                                     /*bf16=*/1 << 19,   for_each_block_cpu,        max_workers_cpu,
-                                    &kCpuSkinnyKernels, fold_scratch_cpu,          /*whole_products=*/true};
+                                    cpu_skinny_kernels_for, fold_scratch_cpu,          /*whole_products=*/true};
 
 at::Tensor lora_forward_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout,

@@ -1,5 +1,5 @@
 // The CPU's SkinnyKernels (see ../lora.h): the float32 skinny GEMMs of the LoRA backward and the fold W + s B A, on
-// the vectorized kernels of the running CPU's capability (vec_kernels.h).
+// the vectorized kernels of the running CPU's capability (vec_kernels.h); bfloat16's are in amx_gemm.cpp.
 #include "skinny_gemm.h"
 
 #include <ATen/ATen.h>
@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "amx_gemm.h"
 #include "vec_kernels.h"
 
 namespace d9d {
@@ -22,11 +23,6 @@ bool vectorized_build() {
 #else
   return std::strcmp(cpu::vec_kernels().capability, "DEFAULT") != 0;
 #endif
-}
-
-bool skinny_supports(const at::Tensor& x) {
-  static const bool vectorized = vectorized_build();
-  return vectorized && x.device().is_cpu() && x.scalar_type() == at::kFloat;
 }
 
 // p's rows may be strided (a block of x or dy), and with one column (in or out == 1) so may its column; the
@@ -100,12 +96,35 @@ void fold(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& 
   });
 }
 
-}  // namespace
-
 // Blocks of 256 KiB of float32 for the backward's skinny products: a block of x and one of dy sit in a core's L2
 // with room to spare (on the AVX-512 Xeon of BENCHMARKS.md, 2^16 elements ran them about 5% faster than 2^17). The
-// ATen GEMMs elsewhere keep the larger blocks of lora_cpu.cpp, which need fewer library calls.
-const SkinnyKernels kCpuSkinnyKernels{cpu::kPanel,    1 << 16,           cpu::kBlockRowMultiple, skinny_supports,
-                                      skinny_mm,      skinny_accumulate, skinny_mm_accumulate,   fold};
+// ATen GEMMs elsewhere keep the larger blocks of lora_cpu.cpp, which need fewer library calls. Without dropout, MKL
+// wins below 8 blocks per worker: on that Xeon (2 threads), 1024 x 1024 forward + backward ran 19% faster on MKL at
+// 16 rows, 8% at 128 and 2% at 512, and broke even at 8 blocks per worker.
+const SkinnyKernels kFloatSkinnyKernels{
+    cpu::kPanel,       1 << 16,
+    cpu::kBlockRowMultiple,
+    /*min_blocks_per_worker=*/8,
+    /*forward_without_dropout=*/true,
+    /*transposed_sums=*/false,
+    skinny_mm,         skinny_accumulate,
+    skinny_mm_accumulate,
+    fold};
+
+}  // namespace
+
+const SkinnyKernels* cpu_skinny_kernels_for(const at::Tensor& x) {
+  static const bool vectorized = vectorized_build();
+  if (!x.device().is_cpu()) {
+    return nullptr;
+  }
+  if (x.scalar_type() == at::kFloat && vectorized) {
+    return &kFloatSkinnyKernels;
+  }
+  if (x.scalar_type() == at::kBFloat16 && amx_bf16_available()) {
+    return &kAmxSkinnyKernels;
+  }
+  return nullptr;
+}
 
 }  // namespace d9d

@@ -5,8 +5,9 @@
 
 namespace d9d {
 
-// float32 kernels on the vectorized build of the running CPU (AVX-512, AVX2, NEON); `supports` is false for other
-// dtypes and for x86's plain DEFAULT build, and the ops then use ATen's GEMMs.
-extern const SkinnyKernels kCpuSkinnyKernels;
+// The skinny kernels for CPU tensors like x, or nullptr (ATen's GEMMs run instead): for float32 the vectorized build
+// of the running CPU (AVX-512, AVX2, NEON; not x86's plain DEFAULT build), for bfloat16 AMX where it runs
+// (amx_gemm.h).
+const SkinnyKernels* cpu_skinny_kernels_for(const at::Tensor& x);
 
 }  // namespace d9d

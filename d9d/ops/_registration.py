@@ -13,7 +13,7 @@ except ImportError as error:
         "from the repository root."
     ) from error
 
-__all__ = ["cpu_kernels_capability", "draw_seed", "no_seed"]
+__all__ = ["cpu_bfloat16_kernels", "cpu_kernels_capability", "draw_seed", "no_seed"]
 
 
 def cpu_kernels_capability() -> str:
@@ -22,6 +22,12 @@ def cpu_kernels_capability() -> str:
     It follows ``torch.backends.cpu.get_cpu_capability()`` (and so ``ATEN_CPU_CAPABILITY``).
     """
     return d9d._C.cpu_kernels_capability()
+
+
+def cpu_bfloat16_kernels() -> str:
+    """What runs the bfloat16 LoRA products on the CPU here: "AMX" (d9d's kernels, on CPUs with AMX-BF16 under the
+    AVX512 capability) or "ATen" (oneDNN's GEMMs)."""
+    return "AMX" if d9d._C.cpu_amx_bf16() else "ATen"
 
 
 def draw_seed() -> torch.Tensor:

@@ -193,6 +193,7 @@ PER_CAPABILITY_TESTS = [
     "test_ranks_across_panel_widths_match_reference",
     "test_dy_carrying_both_products_with_a_lora_dx_matches_reference",
     "test_inputs_spanning_many_blocks_and_threads_match_reference",
+    "test_bfloat16_products_at_every_tile_edge_match_reference",
     "test_folded_weights_of_other_shapes_and_dtypes_in_turn_match_reference",
     "test_one_input_or_output_feature_with_any_strides",
     "test_same_seed_same_mask_whatever_the_thread_count",
@@ -216,6 +217,27 @@ def test_every_cpu_capability_matches_reference(capability):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in result.stdout
+
+
+# bfloat16 on AMX (d9d's kernels where cpu_bfloat16_kernels() is "AMX", else ATen's GEMMs, which the avx2 and default
+# runs of test_every_cpu_capability_matches_reference reach): the kernels take 32 rows and 32 columns at a time in
+# blocks of 2^18 elements, and r padded to 16. These shapes leave rows and columns over at every level (a block of
+# 1 row, 33 rows, widths that are not multiples of 32 or even 16, odd widths), with r of one, two and four tiles.
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+@pytest.mark.parametrize(
+    ("rows", "in_features", "out_features", "rank"),
+    [(1, 64, 32, 16), (33, 1000, 2816, 8), (2065, 1000, 136, 16), (600, 2816, 1024, 32), (257, 95, 1001, 64)],
+)
+def test_bfloat16_products_at_every_tile_edge_match_reference(dropout, rows, in_features, out_features, rank):
+    x, weight, b, lora_A, lora_B = make_inputs((rows,), in_features, out_features, rank, dtype=torch.bfloat16)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert_op_matches_reference(
+            x, weight, b, lora_A, lora_B, 0.5, dropout, torch.tensor([5]), TOLERANCES[torch.bfloat16]
+        )
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,0 +1,347 @@
+// The bfloat16 skinny products of the LoRA ops on Intel AMX (kAmxSkinnyKernels, see amx_gemm.h).
+//
+// oneDNN runs these N x r shapes on AMX too, but at a fraction of its rate on the base GEMMs: on the Xeon of
+// BENCHMARKS.md, 45 to 130 G multiply-adds/s against about 900 G, and the reductions over rows (dA, dB) slowest.
+// Here a block of rows meets its panel in the tile registers straight from memory or after one repacking in cache,
+// so the products run at about the speed of reading the block.
+//
+// One tdpbf16ps multiplies a 16 x 32 tile of bfloat16 by a 32 x 16 one, the second stored as pairs of rows
+// interleaved ("VNNI": row i holds (b[2i][j], b[2i+1][j]) for j < 16), into a 16 x 16 tile of float32 sums.
+//   mm:         out = p q: tiles of p's rows as they are, q (depth x rp, small) interleaved once per call.
+//   accumulate: acc^T += q^T p, with q^T (rp x n, small) as the first operand and p interleaved in cache, 32 rows
+//               by 16 columns at a time. The sums are rp x depth (SkinnyKernels::transposed_sums), so their tiles
+//               load and store as they are.
+#include "amx_gemm.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "vec_kernels.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__linux__)
+#define D9D_AMX 1
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace d9d {
+
+#ifdef D9D_AMX
+namespace {
+
+// Whether the CPU has AMX-TILE and AMX-BF16, the OS saves the tile state (XCR0 bits 17 and 18), and Linux lets this
+// process use it (arch_prctl ARCH_REQ_XCOMP_PERM; oneDNN asks the same, and asking twice is harmless).
+bool cpu_and_os_grant_amx() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (__get_cpuid(1, &eax, &ebx, &ecx, &edx) == 0 || (ecx & (1u << 27)) == 0) {  // OSXSAVE
+    return false;
+  }
+  if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) == 0 || (edx & (1u << 24)) == 0 || (edx & (1u << 22)) == 0) {
+    return false;  // AMX-TILE, AMX-BF16
+  }
+  uint32_t xcr0_low = 0, xcr0_high = 0;
+  __asm__ volatile("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
+  if (((xcr0_low >> 17) & 3u) != 3u) {
+    return false;
+  }
+  constexpr long kArchReqXcompPerm = 0x1023;
+  constexpr long kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
+}  // namespace
+
+bool amx_bf16_available() {
+  static const bool available =
+      std::strcmp(cpu::vec_kernels().capability, "AVX512") == 0 && cpu_and_os_grant_amx();
+  return available;
+}
+
+namespace {
+
+// The kernels below are compiled for AVX-512 and AMX and run only where amx_bf16_available().
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,amx-tile,amx-bf16"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,amx-tile,amx-bf16")
+#endif
+
+constexpr int64_t kTile = 16;   // rows of every tile, and float32 columns of a sums tile
+constexpr int64_t kDepth = 32;  // bfloat16 columns of a first-operand tile: the depth of one tdpbf16ps
+
+// Palette 1 with all eight tiles 16 rows of 64 bytes.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+};
+
+// Loads the configuration for this thread's tile work and releases the tiles at the end of the scope (an OpenMP
+// worker's tile state is its own; released, it costs nothing on a context switch).
+class Tiles {
+ public:
+  Tiles() {
+    static const TileConfig config;
+    _tile_loadconfig(&config);
+  }
+  ~Tiles() { _tile_release(); }
+  Tiles(const Tiles&) = delete;
+  Tiles& operator=(const Tiles&) = delete;
+};
+
+int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+// 16 float32 rounded to bfloat16 as c10::BFloat16 rounds: to nearest even, NaN to 0x7FC0.
+__m256i to_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0)));
+}
+
+// 16 bfloat16 of row a and 16 of row b, interleaved: (a[0], b[0], a[1], b[1], ...), one row of a second operand.
+__m512i interleave(__m256i a, __m256i b) {
+  alignas(64) static constexpr uint16_t kOrder[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+  return _mm512_permutexvar_epi16(_mm512_load_si512(kOrder), both);
+}
+
+// q (depth x rp) interleaved by pairs of rows into packed (depth_pad / 2 rows of rp pairs), zero below depth.
+void interleave_panel(const uint16_t* q, int64_t depth, int64_t rp, int64_t depth_pad, uint16_t* packed) {
+  const __m256i zero = _mm256_setzero_si256();
+  for (int64_t k = 0; k < depth_pad; k += 2) {
+    for (int64_t j = 0; j < rp; j += kTile) {
+      const __m256i a = k < depth ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + k * rp + j)) : zero;
+      const __m256i b = k + 1 < depth ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (k + 1) * rp + j))
+                                      : zero;
+      _mm512_storeu_si512(packed + k * rp + 2 * j, interleave(a, b));
+    }
+  }
+}
+
+// The first `rows` rows of a 32 x 32 float32 sums buffer, columns [0, cols), rounded to bfloat16 into out.
+void store_rows_bf16(const float* sums, int64_t rows, int64_t cols, uint16_t* out, int64_t ldo) {
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; j += kTile) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * ldo + j), to_bf16(_mm512_loadu_ps(sums + i * 32 + j)));
+    }
+  }
+}
+
+// out (n x rp, rows ldo apart) = p (n x depth, rows ldp apart) q (depth x rp, contiguous), rp % 16 == 0.
+// Tiles: sums 0-3 (two rows of tiles by up to two columns), p 4-5, q 6-7; 32 rows and 32 columns at a time.
+void amx_mm(const uint16_t* p, int64_t ldp, int64_t n, int64_t depth, const uint16_t* q, int64_t rp, uint16_t* out,
+            int64_t ldo) {
+  const int64_t depth_pad = round_up(std::max<int64_t>(depth, 1), kDepth);
+  thread_local std::vector<uint16_t> packed_q;
+  thread_local std::vector<uint16_t> padded_rows;
+  packed_q.resize(depth_pad * rp);
+  interleave_panel(q, depth, rp, depth_pad, packed_q.data());
+  const uint16_t* qv = packed_q.data();
+  alignas(64) float sums[32 * 32];
+  const Tiles tiles;
+  for (int64_t row0 = 0; row0 < n; row0 += 32) {
+    const int64_t m = std::min<int64_t>(32, n - row0);
+    const uint16_t* rows = p + row0 * ldp;
+    int64_t ld = ldp;
+    if (m < 32 || depth % kDepth != 0) {
+      // A tile reads 32 columns of 32 rows: copy a partial block into zeros rather than read past p.
+      padded_rows.assign(32 * depth_pad, 0);
+      for (int64_t i = 0; i < m; ++i) {
+        std::memcpy(padded_rows.data() + i * depth_pad, rows + i * ldp, depth * sizeof(uint16_t));
+      }
+      rows = padded_rows.data();
+      ld = depth_pad;
+    }
+    const int64_t p_stride = ld * 2;
+    const int64_t q_stride = rp * 4;
+    for (int64_t col0 = 0; col0 < rp; col0 += 32) {
+      const bool two = rp - col0 > kTile;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t k = 0; k < depth_pad; k += kDepth) {
+        _tile_loadd(4, rows + k, p_stride);
+        _tile_loadd(5, rows + kTile * ld + k, p_stride);
+        _tile_loadd(6, qv + k * rp + 2 * col0, q_stride);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 5, 6);
+        if (two) {
+          _tile_loadd(7, qv + k * rp + 2 * (col0 + kTile), q_stride);
+          _tile_dpbf16ps(2, 4, 7);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      _tile_stored(0, sums, 32 * 4);
+      _tile_stored(1, sums + kTile * 32, 32 * 4);
+      if (two) {
+        _tile_stored(2, sums + kTile, 32 * 4);
+        _tile_stored(3, sums + kTile * 32 + kTile, 32 * 4);
+      }
+      store_rows_bf16(sums, m, two ? 32 : kTile, out + row0 * ldo + col0, ldo);
+    }
+  }
+}
+
+// acc (rp x depth, float32, contiguous) += q^T p for p (n x depth, rows ldp apart) and q (n x rp, contiguous),
+// rp % 16 == 0. Tiles: sums 0-3 (up to two rows of tiles by two columns), q^T 4-5, p 6-7; 32 columns of p at a time,
+// over all rows, 32 rows per step.
+void amx_accumulate(const uint16_t* p, int64_t ldp, int64_t n, int64_t depth, const uint16_t* q, int64_t rp,
+                    float* acc) {
+  const int64_t n_pad = round_up(std::max<int64_t>(n, 1), kDepth);
+  thread_local std::vector<uint16_t> q_t;
+  q_t.assign(rp * n_pad, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j < rp; ++j) {
+      q_t[j * n_pad + i] = q[i * rp + j];
+    }
+  }
+  alignas(64) uint16_t packed[2][kTile * 32];  // two 16 x 32 tiles of p, interleaved
+  const Tiles tiles;
+  const int64_t acc_stride = depth * 4;
+  for (int64_t row_of_acc = 0; row_of_acc < rp; row_of_acc += 32) {
+    const bool two_rows = rp - row_of_acc > kTile;
+    const uint16_t* qt = q_t.data() + row_of_acc * n_pad;
+    float* sums = acc + row_of_acc * depth;
+    for (int64_t col0 = 0; col0 < depth; col0 += 32) {
+      const int64_t cols = std::min<int64_t>(32, depth - col0);
+      const bool two_cols = cols > kTile;
+      // The sums of a partial tile go through a buffer: a tile of acc would reach past its columns.
+      alignas(64) float partial[32 * 32];
+      float* target = cols == 32 ? sums + col0 : partial;
+      const int64_t target_stride = cols == 32 ? acc_stride : 32 * 4;
+      if (cols < 32) {
+        std::fill(partial, partial + 32 * 32, 0.0f);
+        for (int64_t i = 0; i < (two_rows ? 32 : kTile); ++i) {
+          std::memcpy(partial + i * 32, sums + i * depth + col0, cols * sizeof(float));
+        }
+      }
+      _tile_loadd(0, target, target_stride);
+      _tile_loadd(1, target + kTile, target_stride);
+      if (two_rows) {
+        _tile_loadd(2, target + kTile * (target_stride / 4), target_stride);
+        _tile_loadd(3, target + kTile * (target_stride / 4) + kTile, target_stride);
+      }
+      const __mmask16 low = cols >= kTile ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+      const __mmask16 high = cols >= 32 ? __mmask16(0xFFFF) : two_cols ? __mmask16((1u << (cols - kTile)) - 1) : 0;
+      for (int64_t row0 = 0; row0 < n; row0 += 32) {
+        for (int64_t pair = 0; pair < kTile; ++pair) {
+          const int64_t a_row = row0 + 2 * pair;
+          const uint16_t* a = p + a_row * ldp + col0;
+          const uint16_t* b = a + ldp;
+          const bool has_a = a_row < n;
+          const bool has_b = a_row + 1 < n;
+          const __m256i a0 = has_a ? _mm256_maskz_loadu_epi16(low, a) : _mm256_setzero_si256();
+          const __m256i b0 = has_b ? _mm256_maskz_loadu_epi16(low, b) : _mm256_setzero_si256();
+          const __m256i a1 = has_a ? _mm256_maskz_loadu_epi16(high, a + kTile) : _mm256_setzero_si256();
+          const __m256i b1 = has_b ? _mm256_maskz_loadu_epi16(high, b + kTile) : _mm256_setzero_si256();
+          _mm512_store_si512(packed[0] + pair * 32, interleave(a0, b0));
+          _mm512_store_si512(packed[1] + pair * 32, interleave(a1, b1));
+        }
+        _tile_loadd(4, qt + row0, n_pad * 2);
+        _tile_loadd(6, packed[0], 64);
+        _tile_loadd(7, packed[1], 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (two_rows) {
+          _tile_loadd(5, qt + kTile * n_pad + row0, n_pad * 2);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      _tile_stored(0, target, target_stride);
+      _tile_stored(1, target + kTile, target_stride);
+      if (two_rows) {
+        _tile_stored(2, target + kTile * (target_stride / 4), target_stride);
+        _tile_stored(3, target + kTile * (target_stride / 4) + kTile, target_stride);
+      }
+      if (cols < 32) {
+        for (int64_t i = 0; i < (two_rows ? 32 : kTile); ++i) {
+          std::memcpy(sums + i * depth + col0, partial + i * 32, cols * sizeof(float));
+        }
+      }
+    }
+  }
+}
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+// The operands as the LoRA ops pass them: p a block of rows (columns contiguous), q, out and acc panels of rp
+// columns. Checked in full; these are internal calls, so a failure is a bug.
+void check_operands(const char* what, const at::Tensor& p, const at::Tensor& q, int64_t rp) {
+  TORCH_CHECK(p.dim() == 2 && (p.size(1) <= 1 || p.stride(1) == 1) && p.scalar_type() == at::kBFloat16 &&
+                  q.is_contiguous() && q.scalar_type() == at::kBFloat16 && q.size(1) == rp && rp % kTile == 0,
+              what, ": internal error, unsupported operands ", p.sizes(), " ", q.sizes());
+}
+
+const uint16_t* bf16_data(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr()); }
+
+void mm(const at::Tensor& p, const at::Tensor& q, const at::Tensor& out) {
+  check_operands("amx mm", p, q, out.size(1));
+  TORCH_CHECK(p.size(1) == q.size(0) && out.dim() == 2 && out.size(0) == p.size(0) && out.stride(1) == 1 &&
+                  out.scalar_type() == at::kBFloat16,
+              "amx mm: internal error, shapes ", p.sizes(), " ", q.sizes(), " ", out.sizes());
+  amx_mm(bf16_data(p), p.stride(0), p.size(0), p.size(1), bf16_data(q), q.size(1),
+         reinterpret_cast<uint16_t*>(out.mutable_data_ptr()), out.stride(0));
+}
+
+void accumulate(const at::Tensor& p, const at::Tensor& q, const at::Tensor& acc) {
+  check_operands("amx accumulate", p, q, acc.size(0));
+  TORCH_CHECK(p.size(0) == q.size(0) && acc.dim() == 2 && acc.size(1) == p.size(1) && acc.is_contiguous() &&
+                  acc.scalar_type() == at::kFloat,
+              "amx accumulate: internal error, shapes ", p.sizes(), " ", q.sizes(), " ", acc.sizes());
+  amx_accumulate(bf16_data(p), p.stride(0), p.size(0), p.size(1), bf16_data(q), q.size(1),
+                 acc.mutable_data_ptr<float>());
+}
+
+// Both read p, which the block loop keeps in cache between the two.
+void mm_accumulate(const at::Tensor& p, const at::Tensor& q, const at::Tensor& out, const at::Tensor& h,
+                   const at::Tensor& acc) {
+  mm(p, q, out);
+  accumulate(p, h, acc);
+}
+
+}  // namespace
+
+// Blocks of 512 KiB of bfloat16: a block of x and one of dy together take half of a core's L2 (the Xeon of
+// BENCHMARKS.md has 2 MiB), and each call interleaves its panel once. Without dropout the backward takes these
+// kernels from one block per worker (1024 x 1024 on that Xeon, 2 threads: even with oneDNN at 128 rows, 7% faster at
+// 512); the forward's one product, xa, runs as fast in one oneDNN GEMM, and writing its LoRA term per block is slower.
+const SkinnyKernels kAmxSkinnyKernels{kTile,
+                                      1 << 18,
+                                      32,
+                                      /*min_blocks_per_worker=*/1,
+                                      /*forward_without_dropout=*/false,
+                                      /*transposed_sums=*/true,
+                                      mm,
+                                      accumulate,
+                                      mm_accumulate,
+                                      /*fold=*/nullptr};
+
+#else  // not x86-64 Linux with GCC or Clang
+
+bool amx_bf16_available() { return false; }
+
+const SkinnyKernels kAmxSkinnyKernels{16, 1 << 18, 32, 1, false, true, nullptr, nullptr, nullptr, nullptr};
+
+#endif
+
+}  // namespace d9d
