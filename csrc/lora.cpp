@@ -134,6 +134,23 @@ at::Tensor fold_adapters(const DeviceKernels& kernels, const at::Tensor& weight,
   return at::addmm_out(folded, weight, lora_B, lora_A, /*beta=*/1, /*alpha=*/scale);
 }
 
+// Whether the skinny kernels write a LoRA term (p q^T, p with `depth` columns) themselves; else ATen's GEMMs do.
+bool expands(const SkinnyKernels* skinny, int64_t depth) {
+  return skinny != nullptr && depth % 2 == 0 && depth <= skinny->expand_max_depth;
+}
+
+// out = scale p q^T + bias on the skinny kernels' expand (see expands), block by block over the workers.
+void expand_in_blocks(const DeviceKernels& kernels, const SkinnyKernels* skinny, const at::Tensor& p,
+                      const at::Tensor& q, double scale, const at::Tensor& bias, const at::Tensor& out) {
+  const at::Tensor packed = skinny->pack_expand(q, p.size(1));
+  const at::Tensor bias32 = bias.defined() ? bias.to(at::kFloat).contiguous() : bias;
+  const int64_t rows = p.size(0);
+  const int64_t step = skinny_block_rows(skinny, skinny->block_elements, rows, out.size(1));
+  kernels.for_each_block(rows, step, [&](int64_t row0, int64_t n, int64_t /*worker*/) {
+    skinny->expand(p.narrow(0, row0, n), packed, scale, bias32, out.narrow(0, row0, n));
+  });
+}
+
 // Columns of the panels that hold r columns: r rounded up to the skinny kernels' panel width (r for ATen's GEMMs).
 int64_t panel_columns(const SkinnyKernels* skinny, int64_t r) {
   return skinny == nullptr ? r : (r + skinny->panel_width - 1) / skinny->panel_width * skinny->panel_width;
@@ -173,8 +190,12 @@ void write_lora_term_blocks(const DeviceKernels& kernels, const at::Tensor& x2d,
                                          std::max(in, out));
   const int64_t rp = panel_columns(skinny, r);
   const at::Tensor At = skinny != nullptr ? as_panel(lora_A.t(), rp) : lora_A.t();
-  // The bias rides along the expansion as an extra column of ones, y = [xa, 1] [s B, bias]^T.
-  const bool bias_in_blocks = bias.defined();
+  // The skinny kernels' expand takes the bias and scale itself. For ATen's GEMMs the bias rides along the expansion
+  // as an extra column of ones, y = [xa, 1] [s B, bias]^T.
+  const bool expanded = expands(skinny, rp);
+  const at::Tensor packed_B = expanded ? skinny->pack_expand(lora_B, rp) : at::Tensor();
+  const at::Tensor bias32 = expanded && bias.defined() ? bias.to(at::kFloat).contiguous() : at::Tensor();
+  const bool bias_in_blocks = bias.defined() && !expanded;
   const at::Tensor B_rows =
       bias_in_blocks ? at::cat({as_panel(lora_B * scale, rp), bias.unsqueeze(1)}, 1) : as_panel(lora_B, rp);
   // Per-worker buffers: [xa, 1] of one block, and with dropout the block's dropped-out copy of x (the mask is
@@ -198,7 +219,9 @@ void write_lora_term_blocks(const DeviceKernels& kernels, const at::Tensor& x2d,
       at::mm_out(xa_block, source, At);
     }
     at::Tensor y_block = y.narrow(0, row0, n);
-    if (bias_in_blocks) {
+    if (expanded) {
+      skinny->expand(xa_block, packed_B, scale, bias32, y_block);
+    } else if (bias_in_blocks) {
       at::mm_out(y_block, xa_1, B_rows.t());
     } else {
       at::addmm_out(y_block, y_block, xa_1, B_rows.t(), /*beta=*/0, /*alpha=*/scale);  // ignores y's contents
@@ -277,12 +300,23 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
   const int64_t step = skinny_block_rows(skinny, block_elements, rows, std::max(in, out));
   const at::Tensor dropped_buffers =
       dropout > 0.0 ? at::empty({workers, step, in}, x2d.options()) : at::empty({0}, x2d.options());
-  // In bfloat16 without dropout, dx's LoRA part g A is one library GEMM after the loop rather than one per block
-  // (oneDNN's calls cost more than MKL's, and there is no mask to apply to it per block): g is kept for all rows.
-  const bool dx_after_loop = lora_grad_x && dropout == 0.0 && x2d.scalar_type() == at::kBFloat16;
+  // dx's LoRA part g A on the skinny kernels' expand where they have one. Else, in bfloat16 without dropout, it is
+  // one library GEMM after the loop rather than one per block (oneDNN's calls cost more than MKL's, and there is no
+  // mask to apply to it per block): g is then kept for all rows.
+  const at::Tensor packed_A =
+      lora_grad_x && expands(skinny, rp) ? skinny->pack_expand(lora_A.t().contiguous(), rp) : at::Tensor();
+  const bool dx_after_loop =
+      lora_grad_x && !packed_A.defined() && dropout == 0.0 && x2d.scalar_type() == at::kBFloat16;
   const at::Tensor xa_buffers = at::empty({workers, step, rp}, x2d.options());
   const at::Tensor g_buffers =
       dx_after_loop ? at::empty({rows, rp}, x2d.options()) : at::empty({workers, step, rp}, x2d.options());
+  const auto lora_part_of_dx = [&](at::Tensor dx_block, const at::Tensor& g_block) {
+    if (packed_A.defined()) {
+      skinny->expand(g_block, packed_A, 1.0, at::Tensor(), dx_block);
+    } else {
+      at::mm_out(dx_block, g_block.narrow(1, 0, r), lora_A);
+    }
+  };
   kernels.for_each_block(rows, step, [&](int64_t row0, int64_t n, int64_t worker) {
     const at::Tensor gy_block = gy.narrow(0, row0, n);
     const at::Tensor x_block = x2d.narrow(0, row0, n);
@@ -301,7 +335,7 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
       product(xa_block, source, At);
       product_and_accumulate(g_block, gy_block, Bp, grad_B_sums, xa_block);
       if (dx_block.defined()) {
-        at::mm_out(dx_block, g_block.narrow(1, 0, r), lora_A);
+        lora_part_of_dx(dx_block, g_block);
       }
       accumulate(grad_A_sums, source, g_block);
       return;
@@ -309,7 +343,7 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
     product(g_block, gy_block, Bp);
     // The LoRA part of dx, g A (masked below with dropout); the base GEMM accumulates onto it after the loop.
     if (dx_block.defined()) {
-      at::mm_out(dx_block, g_block.narrow(1, 0, r), lora_A);
+      lora_part_of_dx(dx_block, g_block);
     }
     if (dropout > 0.0) {
       // Regenerate the block's mask: dropout(x) feeds xa and dA, and the LoRA part of dx is masked in the same pass.
@@ -375,7 +409,9 @@ at::Tensor lora_forward(const DeviceKernels& kernels, const at::Tensor& x, const
   const bool bias_in_lora = has_bias && !f.defined();
   if (products_in_whole_gemms(kernels, skinny, dropout, rows, in, out, /*forward=*/true)) {
     const at::Tensor xa = at::mm(x2d, lora_A.t());  // N x r
-    if (bias_in_lora) {
+    if (expands(skinny, r)) {
+      expand_in_blocks(kernels, skinny, xa, lora_B, scale, bias_in_lora ? *bias : at::Tensor(), y);
+    } else if (bias_in_lora) {
       at::addmm_out(y, *bias, xa, lora_B.t(), /*beta=*/1, /*alpha=*/scale);
     } else {
       at::addmm_out(y, y, xa, lora_B.t(), /*beta=*/0, /*alpha=*/scale);  // ignores y's contents

@@ -47,6 +47,13 @@ struct SkinnyKernels {
   // the kernels can (p is then read once for both).
   void (*mm_accumulate)(const at::Tensor& p, const at::Tensor& q, const at::Tensor& out, const at::Tensor& h,
                         const at::Tensor& acc);
+  // out (n x width) = scale p q^T + bias, the LoRA term's shape (y from xa and s B, dx's part from g and A), for p
+  // (n x depth) with depth even and at most expand_max_depth, and q (width x r, r <= depth) packed once by
+  // pack_expand(q, depth); bias float32 (width) or undefined. expand_max_depth 0: ATen's GEMMs instead.
+  int64_t expand_max_depth;
+  at::Tensor (*pack_expand)(const at::Tensor& q, int64_t depth);
+  void (*expand)(const at::Tensor& p, const at::Tensor& packed, double scale, const at::Tensor& bias,
+                 const at::Tensor& out);
   // out = weight + scale B A, for out of weight's shape (the fold; no panels involved); nullptr: ATen's addmm.
   void (*fold)(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
                const at::Tensor& out);

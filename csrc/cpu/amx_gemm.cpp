@@ -2,8 +2,8 @@
 //
 // oneDNN runs these N x r shapes on AMX too, but at a fraction of its rate on the base GEMMs: on the Xeon of
 // BENCHMARKS.md, 45 to 130 G multiply-adds/s against about 900 G, and the reductions over rows (dA, dB) slowest.
-// Here a block of rows meets its panel in the tile registers straight from memory or after one repacking in cache,
-// so the products run at about the speed of reading the block.
+// Here a block of rows meets its panel in the tile registers straight from memory or after one repacking in cache.
+// The products' reductions, the slowest part, ran 1.5 to 2.1x faster (the backward without dx, 2048 rows, r = 16).
 //
 // One tdpbf16ps multiplies a 16 x 32 tile of bfloat16 by a 32 x 16 one, the second stored as pairs of rows
 // interleaved ("VNNI": row i holds (b[2i][j], b[2i+1][j]) for j < 16), into a 16 x 16 tile of float32 sums.
@@ -11,6 +11,8 @@
 //   accumulate: acc^T += q^T p, with q^T (rp x n, small) as the first operand and p interleaved in cache, 32 rows
 //               by 16 columns at a time. The sums are rp x depth (SkinnyKernels::transposed_sums), so their tiles
 //               load and store as they are.
+//   expand:     out = scale p q^T + bias, the LoRA term (y from xa, dx's part from g): p's rows (depth <= 32) as
+//               they are, q interleaved once per op; scale and bias applied in float32 before the one rounding.
 #include "amx_gemm.h"
 
 #include <ATen/ATen.h>
@@ -203,14 +205,23 @@ void amx_mm(const uint16_t* p, int64_t ldp, int64_t n, int64_t depth, const uint
 void amx_accumulate(const uint16_t* p, int64_t ldp, int64_t n, int64_t depth, const uint16_t* q, int64_t rp,
                     float* acc) {
   const int64_t n_pad = round_up(std::max<int64_t>(n, 1), kDepth);
+  // q^T, zero beyond n: columns j and j + 1 of 16 rows come in one 32-bit gather, and split into their halves.
   thread_local std::vector<uint16_t> q_t;
-  q_t.assign(rp * n_pad, 0);
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t j = 0; j < rp; ++j) {
-      q_t[j * n_pad + i] = q[i * rp + j];
+  q_t.resize(rp * n_pad);
+  const __m512i lanes = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(static_cast<int32_t>(rp * 2)));
+  for (int64_t i = 0; i < n_pad; i += kTile) {
+    const int64_t rows = std::clamp<int64_t>(n - i, 0, kTile);
+    const __mmask16 valid = rows == kTile ? __mmask16(0xFFFF) : __mmask16((1u << rows) - 1);
+    for (int64_t j = 0; j < rp; j += 2) {
+      const __m512i words = rows > 0 ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, lanes, q + i * rp + j, 1)
+                                     : _mm512_setzero_si512();
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q_t.data() + j * n_pad + i), _mm512_cvtepi32_epi16(words));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q_t.data() + (j + 1) * n_pad + i),
+                          _mm512_cvtepi32_epi16(_mm512_srli_epi32(words, 16)));
     }
   }
-  alignas(64) uint16_t packed[2][kTile * 32];  // two 16 x 32 tiles of p, interleaved
+  alignas(64) uint16_t packed[2][2][kTile * 32];  // two slots of two 16 x 32 tiles of p, interleaved
   const Tiles tiles;
   const int64_t acc_stride = depth * 4;
   for (int64_t row_of_acc = 0; row_of_acc < rp; row_of_acc += 32) {
@@ -238,7 +249,8 @@ void amx_accumulate(const uint16_t* p, int64_t ldp, int64_t n, int64_t depth, co
       }
       const __mmask16 low = cols >= kTile ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
       const __mmask16 high = cols >= 32 ? __mmask16(0xFFFF) : two_cols ? __mmask16((1u << (cols - kTile)) - 1) : 0;
-      for (int64_t row0 = 0; row0 < n; row0 += 32) {
+      // Rows [row0, row0 + 32) interleaved into packed[slot]: two tiles of 16 pairs of rows by 16 columns.
+      const auto pack = [&](int64_t row0, int slot) {
         for (int64_t pair = 0; pair < kTile; ++pair) {
           const int64_t a_row = row0 + 2 * pair;
           const uint16_t* a = p + a_row * ldp + col0;
@@ -249,12 +261,20 @@ void amx_accumulate(const uint16_t* p, int64_t ldp, int64_t n, int64_t depth, co
           const __m256i b0 = has_b ? _mm256_maskz_loadu_epi16(low, b) : _mm256_setzero_si256();
           const __m256i a1 = has_a ? _mm256_maskz_loadu_epi16(high, a + kTile) : _mm256_setzero_si256();
           const __m256i b1 = has_b ? _mm256_maskz_loadu_epi16(high, b + kTile) : _mm256_setzero_si256();
-          _mm512_store_si512(packed[0] + pair * 32, interleave(a0, b0));
-          _mm512_store_si512(packed[1] + pair * 32, interleave(a1, b1));
+          _mm512_store_si512(packed[slot][0] + pair * 32, interleave(a0, b0));
+          _mm512_store_si512(packed[slot][1] + pair * 32, interleave(a1, b1));
+        }
+      };
+      // A tile load waits for the stores to the memory it reads: the next rows are packed into the other slot
+      // before the tiles load this one.
+      pack(0, 0);
+      for (int64_t row0 = 0, slot = 0; row0 < n; row0 += 32, slot ^= 1) {
+        if (row0 + 32 < n) {
+          pack(row0 + 32, slot ^ 1);
         }
         _tile_loadd(4, qt + row0, n_pad * 2);
-        _tile_loadd(6, packed[0], 64);
-        _tile_loadd(7, packed[1], 64);
+        _tile_loadd(6, packed[slot][0], 64);
+        _tile_loadd(7, packed[slot][1], 64);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(1, 4, 7);
         if (two_rows) {
@@ -276,6 +296,81 @@ void amx_accumulate(const uint16_t* p, int64_t ldp, int64_t n, int64_t depth, co
       }
     }
   }
+}
+
+// The second operand of expand: q (width x r, rows ldq apart, r even) as tdpbf16ps takes it, depth / 2 rows of
+// width_pad pairs (q[j][2i], q[j][2i + 1]), zero beyond r and width. One 32-bit gather per 16 columns and pair.
+void interleave_rows(const uint16_t* q, int64_t ldq, int64_t width, int64_t r, int64_t depth, int64_t width_pad,
+                     uint32_t* packed) {
+  const __m512i lanes = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(static_cast<int32_t>(ldq * 2)));
+  for (int64_t pair = 0; pair < depth / 2; ++pair) {
+    const int64_t k = 2 * pair;
+    for (int64_t j = 0; j < width_pad; j += kTile) {
+      const int64_t cols = std::clamp<int64_t>(width - j, 0, kTile);
+      const __mmask16 valid = cols == kTile ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+      __m512i words = _mm512_setzero_si512();
+      if (k < r && cols > 0) {
+        words = _mm512_mask_i32gather_epi32(words, valid, lanes, q + j * ldq + k, 1);
+      }
+      _mm512_storeu_si512(packed + pair * width_pad + j, words);
+    }
+  }
+}
+
+// out (n x width, rows ldo apart) = scale p q^T + bias for p (n x depth, rows ldp apart; depth even, at most 32) and
+// q interleaved by interleave_rows (width_pad columns, a multiple of 32); bias float32 (width) or nullptr.
+// Tiles: sums 0-3 (32 rows by 32 columns), p 4-5 (16 rows of depth), q 6-7 (depth / 2 rows).
+void amx_expand(const uint16_t* p, int64_t ldp, int64_t n, int64_t depth, const uint32_t* packed, int64_t width,
+                int64_t width_pad, float scale, const float* bias, uint16_t* out, int64_t ldo) {
+  TileConfig config;
+  config.colsb[4] = config.colsb[5] = static_cast<uint16_t>(depth * 2);
+  config.rows[6] = config.rows[7] = static_cast<uint8_t>(depth / 2);
+  _tile_loadconfig(&config);
+  alignas(64) float sums[32 * 32];
+  alignas(64) uint16_t tail[32 * 32];
+  const __m512 scales = _mm512_set1_ps(scale);
+  for (int64_t row0 = 0; row0 < n; row0 += 32) {
+    const int64_t m = std::min<int64_t>(32, n - row0);
+    const uint16_t* rows = p + row0 * ldp;
+    int64_t ld = ldp;
+    if (m < 32) {  // a tile reads 32 rows: copy the last ones into zeros rather than read past p
+      std::fill(tail, tail + 32 * 32, uint16_t{0});
+      for (int64_t i = 0; i < m; ++i) {
+        std::memcpy(tail + i * 32, rows + i * ldp, depth * sizeof(uint16_t));
+      }
+      rows = tail;
+      ld = 32;
+    }
+    _tile_loadd(4, rows, ld * 2);
+    _tile_loadd(5, rows + kTile * ld, ld * 2);
+    for (int64_t col0 = 0; col0 < width; col0 += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      _tile_loadd(6, packed + col0, width_pad * 4);
+      _tile_loadd(7, packed + col0 + kTile, width_pad * 4);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 5, 6);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+      _tile_stored(0, sums, 32 * 4);
+      _tile_stored(1, sums + kTile * 32, 32 * 4);
+      _tile_stored(2, sums + kTile, 32 * 4);
+      _tile_stored(3, sums + kTile * 32 + kTile, 32 * 4);
+      for (int64_t half = 0; half < 32 && col0 + half < width; half += kTile) {
+        const int64_t cols = std::min<int64_t>(kTile, width - col0 - half);
+        const __mmask16 valid = cols == kTile ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+        const __m512 shift = bias != nullptr ? _mm512_maskz_loadu_ps(valid, bias + col0 + half) : _mm512_setzero_ps();
+        for (int64_t i = 0; i < m; ++i) {
+          const __m512 v = _mm512_fmadd_ps(_mm512_load_ps(sums + i * 32 + half), scales, shift);
+          _mm256_mask_storeu_epi16(out + (row0 + i) * ldo + col0 + half, valid, to_bf16(v));
+        }
+      }
+    }
+  }
+  _tile_release();
 }
 
 #if defined(__clang__)
@@ -312,6 +407,39 @@ void accumulate(const at::Tensor& p, const at::Tensor& q, const at::Tensor& acc)
                  acc.mutable_data_ptr<float>());
 }
 
+// The depths that expand takes: p's columns, even and at most one tile deep.
+constexpr int64_t kMaxExpandDepth = 32;
+
+at::Tensor pack_expand(const at::Tensor& q, int64_t depth) {
+  TORCH_CHECK(q.dim() == 2 && q.stride(1) == 1 && q.scalar_type() == at::kBFloat16 && q.size(1) <= depth &&
+                  depth % 2 == 0 && depth <= kMaxExpandDepth,
+              "amx pack_expand: internal error, unsupported operand ", q.sizes(), " for depth ", depth);
+  // Pairs of columns are gathered as 32-bit words: an odd r gets a zero column, so that none reads past q.
+  const at::Tensor even = q.size(1) % 2 != 0 ? at::constant_pad_nd(q, {0, 1}).contiguous() : q;
+  const int64_t width = even.size(0);
+  const int64_t width_pad = round_up(std::max<int64_t>(width, 1), 32);
+  at::Tensor packed = at::empty({depth / 2, width_pad}, even.options().dtype(at::kInt));
+  interleave_rows(bf16_data(even), even.stride(0), width, even.size(1), depth, width_pad,
+                  reinterpret_cast<uint32_t*>(packed.mutable_data_ptr<int32_t>()));
+  return packed;
+}
+
+void expand(const at::Tensor& p, const at::Tensor& packed, double scale, const at::Tensor& bias,
+            const at::Tensor& out) {
+  const int64_t depth = p.size(1);
+  TORCH_CHECK(p.dim() == 2 && p.stride(1) == 1 && p.scalar_type() == at::kBFloat16 && packed.dim() == 2 &&
+                  packed.size(0) * 2 == depth && out.dim() == 2 && out.stride(1) == 1 &&
+                  out.scalar_type() == at::kBFloat16 && out.size(0) == p.size(0) &&
+                  packed.size(1) >= out.size(1) && (!bias.defined() || (bias.scalar_type() == at::kFloat &&
+                                                                        bias.is_contiguous() &&
+                                                                        bias.numel() == out.size(1))),
+              "amx expand: internal error, unsupported operands ", p.sizes(), " ", packed.sizes(), " ", out.sizes());
+  amx_expand(bf16_data(p), p.stride(0), p.size(0), depth,
+             reinterpret_cast<const uint32_t*>(packed.const_data_ptr<int32_t>()), out.size(1), packed.size(1),
+             static_cast<float>(scale), bias.defined() ? bias.const_data_ptr<float>() : nullptr,
+             reinterpret_cast<uint16_t*>(out.mutable_data_ptr()), out.stride(0));
+}
+
 // Both read p, which the block loop keeps in cache between the two.
 void mm_accumulate(const at::Tensor& p, const at::Tensor& q, const at::Tensor& out, const at::Tensor& h,
                    const at::Tensor& acc) {
@@ -324,7 +452,8 @@ void mm_accumulate(const at::Tensor& p, const at::Tensor& q, const at::Tensor& o
 // Blocks of 512 KiB of bfloat16: a block of x and one of dy together take half of a core's L2 (the Xeon of
 // BENCHMARKS.md has 2 MiB), and each call interleaves its panel once. Without dropout the backward takes these
 // kernels from one block per worker (1024 x 1024 on that Xeon, 2 threads: even with oneDNN at 128 rows, 7% faster at
-// 512); the forward's one product, xa, runs as fast in one oneDNN GEMM, and writing its LoRA term per block is slower.
+// 512). The forward without dropout computes xa in one oneDNN GEMM, which runs it as fast, and writes its LoRA term
+// with expand.
 const SkinnyKernels kAmxSkinnyKernels{kTile,
                                       1 << 18,
                                       32,
@@ -334,13 +463,16 @@ const SkinnyKernels kAmxSkinnyKernels{kTile,
                                       mm,
                                       accumulate,
                                       mm_accumulate,
+                                      kMaxExpandDepth,
+                                      pack_expand,
+                                      expand,
                                       /*fold=*/nullptr};
 
 #else  // not x86-64 Linux with GCC or Clang
 
 bool amx_bf16_available() { return false; }
 
-const SkinnyKernels kAmxSkinnyKernels{16, 1 << 18, 32, 1, false, true, nullptr, nullptr, nullptr, nullptr};
+const SkinnyKernels kAmxSkinnyKernels{16, 1 << 18, 32, 1, false, true, nullptr, nullptr, nullptr, 0, nullptr, nullptr, nullptr};
 
 #endif
 

@@ -109,6 +109,9 @@ const SkinnyKernels kFloatSkinnyKernels{
     /*transposed_sums=*/false,
     skinny_mm,         skinny_accumulate,
     skinny_mm_accumulate,
+    /*expand_max_depth=*/0,
+    nullptr,
+    nullptr,
     fold};
 
 }  // namespace

@@ -222,11 +222,13 @@ def test_every_cpu_capability_matches_reference(capability):
 # bfloat16 on AMX (d9d's kernels where cpu_bfloat16_kernels() is "AMX", else ATen's GEMMs, which the avx2 and default
 # runs of test_every_cpu_capability_matches_reference reach): the kernels take 32 rows and 32 columns at a time in
 # blocks of 2^18 elements, and r padded to 16. These shapes leave rows and columns over at every level (a block of
-# 1 row, 33 rows, widths that are not multiples of 32 or even 16, odd widths), with r of one, two and four tiles.
+# 1 row, 33 rows, widths that are not multiples of 32 or even 16, odd widths), with r of one, two and four tiles,
+# and an odd r (the LoRA term's kernel pairs r's columns).
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 @pytest.mark.parametrize(
     ("rows", "in_features", "out_features", "rank"),
-    [(1, 64, 32, 16), (33, 1000, 2816, 8), (2065, 1000, 136, 16), (600, 2816, 1024, 32), (257, 95, 1001, 64)],
+    [(1, 64, 32, 16), (33, 1000, 2816, 8), (2065, 1000, 136, 16), (600, 2816, 1024, 32), (257, 95, 1001, 64),
+     (130, 40, 50, 5)],
 )
 def test_bfloat16_products_at_every_tile_edge_match_reference(dropout, rows, in_features, out_features, rank):
     x, weight, b, lora_A, lora_B = make_inputs((rows,), in_features, out_features, rank, dtype=torch.bfloat16)
