@@ -136,7 +136,8 @@ at::Tensor fold_adapters(const DeviceKernels& kernels, const at::Tensor& weight,
 
 // Whether the skinny kernels write a LoRA term (p q^T, p with `depth` columns) themselves; else ATen's GEMMs do.
 bool expands(const SkinnyKernels* skinny, int64_t depth) {
-  return skinny != nullptr && depth % 2 == 0 && depth <= skinny->expand_max_depth;
+  return skinny != nullptr && skinny->expand != nullptr && depth > 0 && depth % 2 == 0 &&
+         depth <= skinny->expand_max_depth;
 }
 
 // out = scale p q^T + bias on the skinny kernels' expand (see expands), block by block over the workers.
@@ -196,8 +197,9 @@ void write_lora_term_blocks(const DeviceKernels& kernels, const at::Tensor& x2d,
   const at::Tensor packed_B = expanded ? skinny->pack_expand(lora_B, rp) : at::Tensor();
   const at::Tensor bias32 = expanded && bias.defined() ? bias.to(at::kFloat).contiguous() : at::Tensor();
   const bool bias_in_blocks = bias.defined() && !expanded;
-  const at::Tensor B_rows =
-      bias_in_blocks ? at::cat({as_panel(lora_B * scale, rp), bias.unsqueeze(1)}, 1) : as_panel(lora_B, rp);
+  const at::Tensor B_rows = expanded         ? at::Tensor()
+                            : bias_in_blocks ? at::cat({as_panel(lora_B * scale, rp), bias.unsqueeze(1)}, 1)
+                                             : as_panel(lora_B, rp);
   // Per-worker buffers: [xa, 1] of one block, and with dropout the block's dropped-out copy of x (the mask is
   // regenerated in backward).
   const at::Tensor xa_buffers = bias_in_blocks ? at::ones({workers, step, rp + 1}, x2d.options())
@@ -290,23 +292,23 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
       accumulate(acc, p, h);
     }
   };
-  // Where the skinny kernels fuse (AVX512), three passes over a block instead of four: one of dy and x carries both
-  // of its products (g and dB on dy, or xa and dA on x), the other takes its two in turn. The carrier's second pass is
-  // the one saved, so the wider of the two carries. But with dropout and a LoRA part of dx, x goes second and
-  // carries: g A must exist before the pass that regenerates the mask of dropout(x), which masks g A too.
+  // Where the skinny kernels fuse (float32 on AVX512), three passes over a block instead of four: one of dy and x
+  // carries both of its products (g and dB on dy, or xa and dA on x), the other takes its two in turn. The carrier's
+  // second pass is the one saved, so the wider of the two carries. But with dropout and a LoRA part of dx, x goes
+  // second and carries: g A must exist before the pass that regenerates the mask of dropout(x), which masks g A too.
   const bool dy_carries_both = skinny != nullptr && out > in && !(dropout > 0.0 && lora_grad_x);
   const int64_t block_elements =
       skinny != nullptr ? skinny->block_elements : library_block_elements(kernels, x2d.scalar_type());
   const int64_t step = skinny_block_rows(skinny, block_elements, rows, std::max(in, out));
   const at::Tensor dropped_buffers =
       dropout > 0.0 ? at::empty({workers, step, in}, x2d.options()) : at::empty({0}, x2d.options());
-  // dx's LoRA part g A on the skinny kernels' expand where they have one. Else, in bfloat16 without dropout, it is
-  // one library GEMM after the loop rather than one per block (oneDNN's calls cost more than MKL's, and there is no
-  // mask to apply to it per block): g is then kept for all rows.
+  // dx's LoRA part g A on the skinny kernels' expand where they have one. Else, on a device that prefers whole
+  // library GEMMs (the CPU), in bfloat16 without dropout, it is one GEMM after the loop rather than one per block
+  // (oneDNN's calls cost more than MKL's, and there is no mask to apply to it per block): g is then kept for all rows.
   const at::Tensor packed_A =
-      lora_grad_x && expands(skinny, rp) ? skinny->pack_expand(lora_A.t().contiguous(), rp) : at::Tensor();
-  const bool dx_after_loop =
-      lora_grad_x && !packed_A.defined() && dropout == 0.0 && x2d.scalar_type() == at::kBFloat16;
+      lora_grad_x && expands(skinny, rp) ? skinny->pack_expand(lora_A.t(), rp) : at::Tensor();
+  const bool dx_after_loop = lora_grad_x && !packed_A.defined() && dropout == 0.0 && kernels.whole_products &&
+                             x2d.scalar_type() == at::kBFloat16;
   const at::Tensor xa_buffers = at::empty({workers, step, rp}, x2d.options());
   const at::Tensor g_buffers =
       dx_after_loop ? at::empty({rows, rp}, x2d.options()) : at::empty({workers, step, rp}, x2d.options());

@@ -27,7 +27,8 @@ using BlockBody = c10::function_ref<void(int64_t row0, int64_t n, int64_t worker
 // The sums of accumulate are in float32 for the 16-bit dtypes.
 struct SkinnyKernels {
   int64_t panel_width;
-  // Rows per block of the backward when these kernels run it: about this many elements of the widest operand.
+  // Rows per block of the backward when these kernels run it, and of expand_in_blocks's LoRA term: about this many
+  // elements of the widest operand.
   int64_t block_elements;
   // Blocks of rows that these kernels take are multiples of this many rows where they hold that many (but for the
   // input's last block), so that their register tiles have no leftover rows.

@@ -25,7 +25,9 @@
 
 #include "vec_kernels.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__linux__)
+// The AMX intrinsics and target need GCC 11 or Clang 12 (Clang also defines __GNUC__, as 4).
+#if defined(__x86_64__) && defined(__linux__) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
 #define D9D_AMX 1
 #include <cpuid.h>
 #include <immintrin.h>
@@ -407,15 +409,16 @@ void accumulate(const at::Tensor& p, const at::Tensor& q, const at::Tensor& acc)
                  acc.mutable_data_ptr<float>());
 }
 
-// The depths that expand takes: p's columns, even and at most one tile deep.
+// The depths that expand takes: p's columns, even, positive and at most one tile deep.
 constexpr int64_t kMaxExpandDepth = 32;
 
 at::Tensor pack_expand(const at::Tensor& q, int64_t depth) {
-  TORCH_CHECK(q.dim() == 2 && q.stride(1) == 1 && q.scalar_type() == at::kBFloat16 && q.size(1) <= depth &&
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kBFloat16 && q.size(1) <= depth && depth > 0 &&
                   depth % 2 == 0 && depth <= kMaxExpandDepth,
               "amx pack_expand: internal error, unsupported operand ", q.sizes(), " for depth ", depth);
-  // Pairs of columns are gathered as 32-bit words: an odd r gets a zero column, so that none reads past q.
-  const at::Tensor even = q.size(1) % 2 != 0 ? at::constant_pad_nd(q, {0, 1}).contiguous() : q;
+  // Pairs of columns are gathered as 32-bit words from contiguous rows: an odd r gets a zero column, so that none
+  // reads past q. (A view with one column may count as contiguous whatever its strides; padding copies it.)
+  const at::Tensor even = q.size(1) % 2 != 0 ? at::constant_pad_nd(q, {0, 1}).contiguous() : q.contiguous();
   const int64_t width = even.size(0);
   const int64_t width_pad = round_up(std::max<int64_t>(width, 1), 32);
   at::Tensor packed = at::empty({depth / 2, width_pad}, even.options().dtype(at::kInt));
@@ -453,7 +456,7 @@ void mm_accumulate(const at::Tensor& p, const at::Tensor& q, const at::Tensor& o
 // BENCHMARKS.md has 2 MiB), and each call interleaves its panel once. Without dropout the backward takes these
 // kernels from one block per worker (1024 x 1024 on that Xeon, 2 threads: even with oneDNN at 128 rows, 7% faster at
 // 512). The forward without dropout computes xa in one oneDNN GEMM, which runs it as fast, and writes its LoRA term
-// with expand.
+// with expand where r is even (r odd: oneDNN, as xa has no zero column to pair the last one with).
 const SkinnyKernels kAmxSkinnyKernels{kTile,
                                       1 << 18,
                                       32,
@@ -468,7 +471,7 @@ const SkinnyKernels kAmxSkinnyKernels{kTile,
                                       expand,
                                       /*fold=*/nullptr};
 
-#else  // not x86-64 Linux with GCC or Clang
+#else  // not x86-64 Linux with GCC 11 or Clang 12 and later
 
 bool amx_bf16_available() { return false; }
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from d9d.ops import lora_linear
-from d9d.ops._registration import draw_seed
+from d9d.ops._registration import cpu_bfloat16_kernels, cpu_kernels_capability, draw_seed
 from d9d.ops.lora import dropout_mask
 from tests.fixtures import DEVICES
 
@@ -194,6 +194,7 @@ PER_CAPABILITY_TESTS = [
     "test_dy_carrying_both_products_with_a_lora_dx_matches_reference",
     "test_inputs_spanning_many_blocks_and_threads_match_reference",
     "test_bfloat16_products_at_every_tile_edge_match_reference",
+    "test_bfloat16_kernels_are_amx_exactly_where_the_cpu_has_it",
     "test_folded_weights_of_other_shapes_and_dtypes_in_turn_match_reference",
     "test_one_input_or_output_feature_with_any_strides",
     "test_same_seed_same_mask_whatever_the_thread_count",
@@ -219,19 +220,32 @@ def test_every_cpu_capability_matches_reference(capability):
     assert " passed" in result.stdout
 
 
+def test_bfloat16_kernels_are_amx_exactly_where_the_cpu_has_it():
+    # The AMX kernels run under ATen's AVX512 capability on a Linux CPU with AMX-BF16 (whose kernel grants the tile
+    # state, as every kernel with AMX support does); everywhere else the bfloat16 products stay on ATen's GEMMs.
+    flags = set()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as info:
+            flags = {flag for line in info if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    expected = "AMX" if {"amx_tile", "amx_bf16"} <= flags and cpu_kernels_capability() == "AVX512" else "ATen"
+    assert cpu_bfloat16_kernels() == expected
+
+
 # bfloat16 on AMX (d9d's kernels where cpu_bfloat16_kernels() is "AMX", else ATen's GEMMs, which the avx2 and default
 # runs of test_every_cpu_capability_matches_reference reach): the kernels take 32 rows and 32 columns at a time in
 # blocks of 2^18 elements, and r padded to 16. These shapes leave rows and columns over at every level (a block of
-# 1 row, 33 rows, widths that are not multiples of 32 or even 16, odd widths), with r of one, two and four tiles,
-# and an odd r (the LoRA term's kernel pairs r's columns).
+# 1 row, 33 rows, widths that are not multiples of 32 or even 16, odd widths), with r of one, two, three and four
+# tiles, and odd r (1 and 5: the LoRA term's kernel pairs r's columns).
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 @pytest.mark.parametrize(
     ("rows", "in_features", "out_features", "rank"),
     [(1, 64, 32, 16), (33, 1000, 2816, 8), (2065, 1000, 136, 16), (600, 2816, 1024, 32), (257, 95, 1001, 64),
-     (130, 40, 50, 5)],
+     (130, 40, 50, 5), (300, 96, 95, 1), (300, 70, 66, 40)],
 )
 def test_bfloat16_products_at_every_tile_edge_match_reference(dropout, rows, in_features, out_features, rank):
     x, weight, b, lora_A, lora_B = make_inputs((rows,), in_features, out_features, rank, dtype=torch.bfloat16)
+    if rank == 40:  # and a lora_B whose columns are strided (a transposed parameter)
+        lora_B = lora_B.t().contiguous().t()
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
