@@ -105,6 +105,21 @@ def test_ranks_across_panel_widths_match_reference(rank, dropout, rows, in_featu
     assert_op_matches_reference(x, weight, b, lora_A, lora_B, 0.8, dropout, torch.tensor([5]), tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_rank_zero_is_the_base_linear(dtype, dropout):
+    # r = 0 panels are empty: no kernel may be handed them (4096 rows: the blocked paths in both dtypes).
+    x, weight, b, lora_A, lora_B = make_inputs((4096,), 64, 48, 0, dtype=dtype)
+    seed = torch.tensor([5])
+    y = torch.ops.d9d.lora_forward(x, weight, b, lora_A, lora_B, 0.8, dropout, seed)
+    assert_close_scaled(y, F.linear(x.double(), weight.double(), b.double()), TOLERANCES[dtype])
+    grad_y = torch.randn_like(y)
+    grad_x, grad_A, grad_B = torch.ops.d9d.lora_backward(grad_y, x, weight, lora_A, lora_B, 0.8, dropout, seed, True)
+    assert_close_scaled(grad_x, grad_y.double() @ weight.double(), TOLERANCES[dtype])
+    assert grad_A.shape == lora_A.shape
+    assert grad_B.shape == lora_B.shape
+
+
 def test_folded_weights_of_other_shapes_and_dtypes_in_turn_match_reference():
     # The CPU fold reuses one scratch per thread and dtype, grown to the largest weight: alternate sizes and dtypes.
     for in_features, out_features, dtype in ((40, 30, torch.float32), (12, 9, torch.float32), (40, 30, torch.float64),
