@@ -123,6 +123,8 @@ const SkinnyKernels* skinny_kernels_for(const DeviceKernels& kernels, const at::
   return kernels.skinny_for != nullptr ? kernels.skinny_for(x) : nullptr;
 }
 
+// W + s B A in W's dtype, in the device's scratch: on the device's own kernel when it has one for this dtype, else
+// through the GEMM library.
 at::Tensor fold_adapters(const DeviceKernels& kernels, const at::Tensor& weight, const at::Tensor& lora_A,
                          const at::Tensor& lora_B, double scale) {
   at::Tensor folded = kernels.fold_scratch(weight);
