@@ -110,7 +110,8 @@ int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1
 __m256i to_bf16(__m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  const __m512i increment = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, increment), 16);
   const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
   return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0)));
 }
@@ -216,8 +217,8 @@ void amx_accumulate(const uint16_t* p, int64_t ldp, int64_t n, int64_t depth, co
     const int64_t rows = std::clamp<int64_t>(n - i, 0, kTile);
     const __mmask16 valid = rows == kTile ? __mmask16(0xFFFF) : __mmask16((1u << rows) - 1);
     for (int64_t j = 0; j < rp; j += 2) {
-      const __m512i words = rows > 0 ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, lanes, q + i * rp + j, 1)
-                                     : _mm512_setzero_si512();
+      const __m512i zero = _mm512_setzero_si512();
+      const __m512i words = rows > 0 ? _mm512_mask_i32gather_epi32(zero, valid, lanes, q + i * rp + j, 1) : zero;
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(q_t.data() + j * n_pad + i), _mm512_cvtepi32_epi16(words));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(q_t.data() + (j + 1) * n_pad + i),
                           _mm512_cvtepi32_epi16(_mm512_srli_epi32(words, 16)));
@@ -475,7 +476,8 @@ const SkinnyKernels kAmxSkinnyKernels{kTile,
 
 bool amx_bf16_available() { return false; }
 
-const SkinnyKernels kAmxSkinnyKernels{16, 1 << 18, 32, 1, false, true, nullptr, nullptr, nullptr, 0, nullptr, nullptr, nullptr};
+const SkinnyKernels kAmxSkinnyKernels{16,      1 << 18, 32, 1, false, true, nullptr, nullptr, nullptr, 0,
+                                      nullptr, nullptr, nullptr};
 
 #endif
 
