@@ -106,6 +106,17 @@ class Tiles {
 
 int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 
+// The first `count` of 16 lanes (count clamped to [0, 16]).
+__mmask16 first_lanes(int64_t count) {
+  return count >= kTile ? __mmask16(0xFFFF) : count <= 0 ? __mmask16(0) : __mmask16((1u << count) - 1);
+}
+
+// Byte offsets of 16 rows `stride_bytes` apart, for a 32-bit gather of one word per row.
+__m512i row_offsets(int64_t stride_bytes) {
+  return _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                            _mm512_set1_epi32(static_cast<int32_t>(stride_bytes)));
+}
+
 // 16 float32 rounded to bfloat16 as c10::BFloat16 rounds: to nearest even, NaN to 0x7FC0.
 __m256i to_bf16(__m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
@@ -211,11 +222,10 @@ void amx_accumulate(const uint16_t* p, int64_t ldp, int64_t n, int64_t depth, co
   // q^T, zero beyond n: columns j and j + 1 of 16 rows come in one 32-bit gather, and split into their halves.
   thread_local std::vector<uint16_t> q_t;
   q_t.resize(rp * n_pad);
-  const __m512i lanes = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                           _mm512_set1_epi32(static_cast<int32_t>(rp * 2)));
+  const __m512i lanes = row_offsets(rp * 2);
   for (int64_t i = 0; i < n_pad; i += kTile) {
     const int64_t rows = std::clamp<int64_t>(n - i, 0, kTile);
-    const __mmask16 valid = rows == kTile ? __mmask16(0xFFFF) : __mmask16((1u << rows) - 1);
+    const __mmask16 valid = first_lanes(rows);
     for (int64_t j = 0; j < rp; j += 2) {
       const __m512i zero = _mm512_setzero_si512();
       const __m512i words = rows > 0 ? _mm512_mask_i32gather_epi32(zero, valid, lanes, q + i * rp + j, 1) : zero;
@@ -233,7 +243,6 @@ void amx_accumulate(const uint16_t* p, int64_t ldp, int64_t n, int64_t depth, co
     float* sums = acc + row_of_acc * depth;
     for (int64_t col0 = 0; col0 < depth; col0 += 32) {
       const int64_t cols = std::min<int64_t>(32, depth - col0);
-      const bool two_cols = cols > kTile;
       // The sums of a partial tile go through a buffer: a tile of acc would reach past its columns.
       alignas(64) float partial[32 * 32];
       float* target = cols == 32 ? sums + col0 : partial;
@@ -250,8 +259,8 @@ void amx_accumulate(const uint16_t* p, int64_t ldp, int64_t n, int64_t depth, co
         _tile_loadd(2, target + kTile * (target_stride / 4), target_stride);
         _tile_loadd(3, target + kTile * (target_stride / 4) + kTile, target_stride);
       }
-      const __mmask16 low = cols >= kTile ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
-      const __mmask16 high = cols >= 32 ? __mmask16(0xFFFF) : two_cols ? __mmask16((1u << (cols - kTile)) - 1) : 0;
+      const __mmask16 low = first_lanes(cols);
+      const __mmask16 high = first_lanes(cols - kTile);
       // Rows [row0, row0 + 32) interleaved into packed[slot]: two tiles of 16 pairs of rows by 16 columns.
       const auto pack = [&](int64_t row0, int slot) {
         for (int64_t pair = 0; pair < kTile; ++pair) {
@@ -305,13 +314,12 @@ void amx_accumulate(const uint16_t* p, int64_t ldp, int64_t n, int64_t depth, co
 // width_pad pairs (q[j][2i], q[j][2i + 1]), zero beyond r and width. One 32-bit gather per 16 columns and pair.
 void interleave_rows(const uint16_t* q, int64_t ldq, int64_t width, int64_t r, int64_t depth, int64_t width_pad,
                      uint32_t* packed) {
-  const __m512i lanes = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                           _mm512_set1_epi32(static_cast<int32_t>(ldq * 2)));
+  const __m512i lanes = row_offsets(ldq * 2);
   for (int64_t pair = 0; pair < depth / 2; ++pair) {
     const int64_t k = 2 * pair;
     for (int64_t j = 0; j < width_pad; j += kTile) {
       const int64_t cols = std::clamp<int64_t>(width - j, 0, kTile);
-      const __mmask16 valid = cols == kTile ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+      const __mmask16 valid = first_lanes(cols);
       __m512i words = _mm512_setzero_si512();
       if (k < r && cols > 0) {
         words = _mm512_mask_i32gather_epi32(words, valid, lanes, q + j * ldq + k, 1);
@@ -364,7 +372,7 @@ void amx_expand(const uint16_t* p, int64_t ldp, int64_t n, int64_t depth, const 
       _tile_stored(3, sums + kTile * 32 + kTile, 32 * 4);
       for (int64_t half = 0; half < 32 && col0 + half < width; half += kTile) {
         const int64_t cols = std::min<int64_t>(kTile, width - col0 - half);
-        const __mmask16 valid = cols == kTile ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+        const __mmask16 valid = first_lanes(cols);
         const __m512 shift = bias != nullptr ? _mm512_maskz_loadu_ps(valid, bias + col0 + half) : _mm512_setzero_ps();
         for (int64_t i = 0; i < m; ++i) {
           const __m512 v = _mm512_fmadd_ps(_mm512_load_ps(sums + i * 32 + half), scales, shift);
