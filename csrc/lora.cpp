@@ -218,7 +218,7 @@ void write_lora_term_blocks(const DeviceKernels& kernels, const at::Tensor& x2d,
     const at::Tensor xa_1 = xa_buffers[worker].narrow(0, 0, n);
     at::Tensor xa_block = xa_1.narrow(1, 0, rp);
     if (skinny != nullptr) {
-      skinny->mm(source, At, xa_block);
+      skinny->mm(source, At, xa_block, {});
     } else {
       at::mm_out(xa_block, source, At);
     }
@@ -268,16 +268,19 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
   };
   const at::Tensor grad_A_acc = sums(in);
   const at::Tensor grad_B_acc = sums(out);
-  const auto product = [skinny](at::Tensor result, const at::Tensor& p, const at::Tensor& q) {  // result = p q
+  // `ahead`: the rows that the next product reads first (see SkinnyKernels), which the skinny kernels may prefetch.
+  const auto product = [skinny](at::Tensor result, const at::Tensor& p, const at::Tensor& q,
+                                MemorySpan ahead) {  // result = p q
     if (skinny != nullptr) {
-      skinny->mm(p, q, result);
+      skinny->mm(p, q, result, ahead);
     } else {
       at::mm_out(result, p, q);
     }
   };
-  const auto accumulate = [skinny, cast_acc](at::Tensor acc, const at::Tensor& p, const at::Tensor& q) {
+  const auto accumulate = [skinny, cast_acc](at::Tensor acc, const at::Tensor& p, const at::Tensor& q,
+                                             MemorySpan ahead) {
     if (skinny != nullptr) {
-      skinny->accumulate(p, q, acc);  // acc += p^T q (or its transpose)
+      skinny->accumulate(p, q, acc, ahead);  // acc += p^T q (or its transpose)
     } else if (cast_acc) {
       acc.add_(at::mm(q.t(), p));  // acc^T += p^T q
     } else {
@@ -286,12 +289,12 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
   };
   // result = p q and acc += p^T h: the skinny kernels read p once for both.
   const auto product_and_accumulate = [&](at::Tensor result, const at::Tensor& p, const at::Tensor& q,
-                                          at::Tensor acc, const at::Tensor& h) {
+                                          at::Tensor acc, const at::Tensor& h, MemorySpan ahead) {
     if (skinny != nullptr) {
-      skinny->mm_accumulate(p, q, result, h, acc);
+      skinny->mm_accumulate(p, q, result, h, acc, ahead);
     } else {
-      product(result, p, q);
-      accumulate(acc, p, h);
+      product(result, p, q, ahead);
+      accumulate(acc, p, h, {});
     }
   };
   // Where the skinny kernels fuse (float32 on AVX512), three passes over a block instead of four: one of dy and x
@@ -321,45 +324,71 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
       at::mm_out(dx_block, g_block.narrow(1, 0, r), lora_A);
     }
   };
+  // Each worker's buffers and sums as views made once: a view costs about a microsecond, and a block of the skinny
+  // kernels some tens of them.
+  struct WorkerViews {
+    at::Tensor xa, g, dropped, grad_A_sums, grad_B_sums;
+  };
+  std::vector<WorkerViews> views;
+  views.reserve(workers);
+  for (int64_t w = 0; w < workers; ++w) {
+    views.push_back({xa_buffers[w], dx_after_loop ? at::Tensor() : g_buffers[w],
+                     dropout > 0.0 ? dropped_buffers[w] : at::Tensor(), grad_A_acc[w], grad_B_acc[w]});
+  }
+  const auto first_rows = [](const at::Tensor& buffer, int64_t n) {
+    return n == buffer.size(0) ? buffer : buffer.narrow(0, 0, n);
+  };
+  // Rows [row0, row0 + n) of a contiguous 2-D tensor as memory, for `ahead`.
+  const auto rows_span = [](const at::Tensor& t, int64_t row0, int64_t n) {
+    return MemorySpan{static_cast<const char*>(t.const_data_ptr()) + row0 * t.size(1) * t.element_size(),
+                      n * t.size(1) * t.element_size()};
+  };
   kernels.for_each_block(rows, step, [&](int64_t row0, int64_t n, int64_t worker) {
+    const WorkerViews& buffers = views[worker];
     const at::Tensor gy_block = gy.narrow(0, row0, n);
     const at::Tensor x_block = x2d.narrow(0, row0, n);
+    // The worker's next block on the CPU, whose for_each_block hands each worker consecutive blocks.
+    const int64_t next_n = std::min(step, rows - row0 - n);
+    const MemorySpan gy_next = rows_span(gy, row0 + n, next_n);
+    const MemorySpan x_next = rows_span(x2d, row0 + n, next_n);
     // g = s dy B is the gradient w.r.t. xa; dB = dy^T xa (times s, applied once at the end); dA^T = dropout(x)^T g.
-    const at::Tensor g_block = dx_after_loop ? g_buffers.narrow(0, row0, n) : g_buffers[worker].narrow(0, 0, n);
-    const at::Tensor xa_block = xa_buffers[worker].narrow(0, 0, n);
-    const at::Tensor grad_A_sums = grad_A_acc[worker];
-    const at::Tensor grad_B_sums = grad_B_acc[worker];
+    const at::Tensor g_block = dx_after_loop ? g_buffers.narrow(0, row0, n) : first_rows(buffers.g, n);
+    const at::Tensor xa_block = first_rows(buffers.xa, n);
+    const at::Tensor& grad_A_sums = buffers.grad_A_sums;
+    const at::Tensor& grad_B_sums = buffers.grad_B_sums;
     at::Tensor dx_block = lora_grad_x && !dx_after_loop ? grad_x.narrow(0, row0, n) : at::Tensor();
     at::Tensor source = x_block;
+    // The first pass over one of x and dy fetches the other's block, and the second pass the first one's next block:
+    // the next pass then finds its rows in cache.
     if (dy_carries_both) {  // dx's LoRA part, if any, is not masked here
       if (dropout > 0.0) {
-        source = dropped_buffers[worker].narrow(0, 0, n);
+        source = first_rows(buffers.dropped, n);
         kernels.dropout_rows(x_block, source, row0, spec);
       }
-      product(xa_block, source, At);
-      product_and_accumulate(g_block, gy_block, Bp, grad_B_sums, xa_block);
+      product(xa_block, source, At, rows_span(gy, row0, n));
+      product_and_accumulate(g_block, gy_block, Bp, grad_B_sums, xa_block, x_next);
       if (dx_block.defined()) {
         lora_part_of_dx(dx_block, g_block);
       }
-      accumulate(grad_A_sums, source, g_block);
+      accumulate(grad_A_sums, source, g_block, {});
       return;
     }
-    product(g_block, gy_block, Bp);
+    product(g_block, gy_block, Bp, rows_span(x2d, row0, n));
     // The LoRA part of dx, g A (masked below with dropout); the base GEMM accumulates onto it after the loop.
     if (dx_block.defined()) {
       lora_part_of_dx(dx_block, g_block);
     }
     if (dropout > 0.0) {
       // Regenerate the block's mask: dropout(x) feeds xa and dA, and the LoRA part of dx is masked in the same pass.
-      source = dropped_buffers[worker].narrow(0, 0, n);
+      source = first_rows(buffers.dropped, n);
       if (lora_grad_x) {
         kernels.dropout_rows_backward(x_block, source, dx_block, row0, spec);
       } else {
         kernels.dropout_rows(x_block, source, row0, spec);
       }
     }
-    product_and_accumulate(xa_block, source, At, grad_A_sums, g_block);
-    accumulate(grad_B_sums, gy_block, xa_block);
+    product_and_accumulate(xa_block, source, At, grad_A_sums, g_block, gy_next);
+    accumulate(grad_B_sums, gy_block, xa_block, {});
   });
   // The workers' sums are added up here, before the base GEMM evicts them.
   at::Tensor grad_A = grad_A_acc.sum(0);

@@ -21,6 +21,12 @@ struct DropoutSpec {
 // Work on rows [row0, row0 + n) of x, done by `worker` (< DeviceKernels::max_workers()).
 using BlockBody = c10::function_ref<void(int64_t row0, int64_t n, int64_t worker)>;
 
+// Bytes [data, data + bytes) of memory; empty by default.
+struct MemorySpan {
+  const void* data = nullptr;
+  int64_t bytes = 0;
+};
+
 // Faster GEMMs for the skinny products (xa = x A^T in both passes, the backward's other three) and for the fold
 // W + s B A. In the products one operand is a panel of rp columns (r rounded up to a multiple of panel_width, with
 // zero columns), and p is a block of rows of x or dy (row stride free, columns contiguous); q and acc are contiguous.
@@ -40,14 +46,17 @@ struct SkinnyKernels {
   bool forward_without_dropout;
   // Whether accumulate's sums are rp x depth (acc += q^T p) rather than depth x rp (acc += p^T q).
   bool transposed_sums;
+  // Each product also takes `ahead`: memory that the next product reads first (a block of x or dy), which the
+  // kernels may pull into cache while they compute, so that its fetch overlaps this product's arithmetic instead of
+  // stalling the next one.
   // out (n x rp) = p (n x depth) q (depth x rp); out's rows may be strided.
-  void (*mm)(const at::Tensor& p, const at::Tensor& q, const at::Tensor& out);
+  void (*mm)(const at::Tensor& p, const at::Tensor& q, const at::Tensor& out, MemorySpan ahead);
   // acc (depth x rp) += p^T q, for p (n x depth) and q (n x rp); or acc (rp x depth) += q^T p (transposed_sums).
-  void (*accumulate)(const at::Tensor& p, const at::Tensor& q, const at::Tensor& acc);
+  void (*accumulate)(const at::Tensor& p, const at::Tensor& q, const at::Tensor& acc, MemorySpan ahead);
   // out = p q and accumulate(p, h, acc), for h (n x rp): mm and accumulate on the same p, in one pass over it where
   // the kernels can (p is then read once for both).
   void (*mm_accumulate)(const at::Tensor& p, const at::Tensor& q, const at::Tensor& out, const at::Tensor& h,
-                        const at::Tensor& acc);
+                        const at::Tensor& acc, MemorySpan ahead);
   // out (n x width) = scale p q^T + bias, the LoRA term's shape (y from xa and s B, dx's part from g and A), for p
   // (n x depth) with depth even and at most expand_max_depth, and q (width x r, r <= depth) packed once by
   // pack_expand(q, depth); bias float32 (width) or undefined. expand_max_depth 0: ATen's GEMMs instead.

@@ -400,7 +400,7 @@ void check_operands(const char* what, const at::Tensor& p, const at::Tensor& q, 
 
 const uint16_t* bf16_data(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr()); }
 
-void mm(const at::Tensor& p, const at::Tensor& q, const at::Tensor& out) {
+void mm(const at::Tensor& p, const at::Tensor& q, const at::Tensor& out, MemorySpan /*ahead*/) {
   check_operands("amx mm", p, q, out.size(1));
   TORCH_CHECK(p.size(1) == q.size(0) && out.dim() == 2 && out.size(0) == p.size(0) && out.stride(1) == 1 &&
                   out.scalar_type() == at::kBFloat16,
@@ -409,7 +409,7 @@ void mm(const at::Tensor& p, const at::Tensor& q, const at::Tensor& out) {
          reinterpret_cast<uint16_t*>(out.mutable_data_ptr()), out.stride(0));
 }
 
-void accumulate(const at::Tensor& p, const at::Tensor& q, const at::Tensor& acc) {
+void accumulate(const at::Tensor& p, const at::Tensor& q, const at::Tensor& acc, MemorySpan /*ahead*/) {
   check_operands("amx accumulate", p, q, acc.size(0));
   TORCH_CHECK(p.size(0) == q.size(0) && acc.dim() == 2 && acc.size(1) == p.size(1) && acc.is_contiguous() &&
                   acc.scalar_type() == at::kFloat,
@@ -454,9 +454,9 @@ void expand(const at::Tensor& p, const at::Tensor& packed, double scale, const a
 
 // Both read p, which the block loop keeps in cache between the two.
 void mm_accumulate(const at::Tensor& p, const at::Tensor& q, const at::Tensor& out, const at::Tensor& h,
-                   const at::Tensor& acc) {
-  mm(p, q, out);
-  accumulate(p, h, acc);
+                   const at::Tensor& acc, MemorySpan ahead) {
+  mm(p, q, out, ahead);
+  accumulate(p, h, acc, {});
 }
 
 }  // namespace

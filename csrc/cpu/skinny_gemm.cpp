@@ -36,29 +36,37 @@ void check_operands(const char* what, const at::Tensor& p, const at::Tensor& q, 
               what, ": internal error, unsupported operands ", p.sizes(), " ", q.sizes(), " ", out.sizes());
 }
 
-void skinny_mm(const at::Tensor& p, const at::Tensor& q, const at::Tensor& out) {
+// `ahead` for the vectorized kernels.
+cpu::Prefetch prefetch_of(MemorySpan ahead) {
+  const char* begin = static_cast<const char*>(ahead.data);
+  return {begin, begin + ahead.bytes};
+}
+
+void skinny_mm(const at::Tensor& p, const at::Tensor& q, const at::Tensor& out, MemorySpan ahead) {
   check_operands("skinny_mm", p, q, out);
   TORCH_CHECK(p.size(1) == q.size(0) && out.size(0) == p.size(0), "skinny_mm: internal error, shapes ", p.sizes(),
               " ", q.sizes(), " ", out.sizes());
   cpu::vec_kernels().panel_mm(p.const_data_ptr<float>(), p.stride(0), p.size(0), p.size(1),
-                              q.const_data_ptr<float>(), q.size(1), out.mutable_data_ptr<float>(), out.stride(0));
+                              q.const_data_ptr<float>(), q.size(1), out.mutable_data_ptr<float>(), out.stride(0),
+                              prefetch_of(ahead));
 }
 
-void skinny_accumulate(const at::Tensor& p, const at::Tensor& q, const at::Tensor& acc) {
+void skinny_accumulate(const at::Tensor& p, const at::Tensor& q, const at::Tensor& acc, MemorySpan ahead) {
   check_operands("skinny_accumulate", p, q, acc);
   TORCH_CHECK(p.size(0) == q.size(0) && acc.size(0) == p.size(1) && acc.is_contiguous(),
               "skinny_accumulate: internal error, shapes ",
               p.sizes(), " ", q.sizes(), " ", acc.sizes());
   cpu::vec_kernels().panel_accumulate(p.const_data_ptr<float>(), p.stride(0), p.size(0), p.size(1),
-                                      q.const_data_ptr<float>(), q.size(1), acc.mutable_data_ptr<float>());
+                                      q.const_data_ptr<float>(), q.size(1), acc.mutable_data_ptr<float>(),
+                                      prefetch_of(ahead));
 }
 
 void skinny_mm_accumulate(const at::Tensor& p, const at::Tensor& q, const at::Tensor& out, const at::Tensor& h,
-                          const at::Tensor& acc) {
+                          const at::Tensor& acc, MemorySpan ahead) {
   const auto& kernels = cpu::vec_kernels();
   if (kernels.panel_mm_accumulate == nullptr || p.size(1) == 0) {  // the fused pass writes out per column chunk
-    skinny_mm(p, q, out);
-    skinny_accumulate(p, h, acc);
+    skinny_mm(p, q, out, ahead);
+    skinny_accumulate(p, h, acc, {});
     return;
   }
   check_operands("skinny_mm_accumulate", p, q, out);
@@ -69,7 +77,7 @@ void skinny_mm_accumulate(const at::Tensor& p, const at::Tensor& q, const at::Te
               h.sizes(), " ", acc.sizes());
   kernels.panel_mm_accumulate(p.const_data_ptr<float>(), p.stride(0), p.size(0), p.size(1), q.const_data_ptr<float>(),
                               q.size(1), out.mutable_data_ptr<float>(), out.stride(0), h.const_data_ptr<float>(),
-                              acc.mutable_data_ptr<float>());
+                              acc.mutable_data_ptr<float>(), prefetch_of(ahead));
 }
 
 // out = weight + scale B A, in parallel over blocks of rows. Each output element is written once, from one read of

@@ -18,20 +18,45 @@ constexpr int64_t kPanel = 16;
 // input's last block): a whole number of every build's register tiles, whose leftover rows run fewer accumulators.
 constexpr int64_t kBlockRowMultiple = 8;
 
+// Memory for a kernel to pull into the core's L2 cache while it computes, one cache line per step of its inner loop:
+// the rows that the next kernel reads first, so that their fetch from memory overlaps this kernel's FMAs instead of
+// stalling the next one. Empty (next == end): nothing.
+struct Prefetch {
+  const char* next = nullptr;
+  const char* end = nullptr;
+  int64_t period = 1;
+  int64_t countdown = 1;
+
+  // Spreads the lines evenly over about `steps` calls of step().
+  void pace(int64_t steps) {
+    const int64_t lines = (end - next + 63) / 64;
+    period = countdown = lines > 0 ? (steps > lines ? steps / lines : 1) : 1;
+  }
+  void step() {
+    if (--countdown == 0) {
+      countdown = period;
+      if (next < end) {
+        __builtin_prefetch(next, /*rw=*/0, /*locality=*/2);  // prefetcht1 on x86: into L2
+        next += 64;
+      }
+    }
+  }
+};
+
 struct VecKernels {
   // The capability this build was compiled for ("DEFAULT", "AVX2", "AVX512").
   const char* capability;
   // out (n x rp) = p (n x depth) q (depth x rp), for p's rows ldp apart, out's ldo apart, q contiguous,
   // rp % kPanel == 0.
   void (*panel_mm)(const float* p, int64_t ldp, int64_t n, int64_t depth, const float* q, int64_t rp, float* out,
-                   int64_t ldo);
+                   int64_t ldo, Prefetch ahead);
   // acc (depth x rp) += p^T q, for p (n x depth, rows ldp apart) and q (n x rp), q and acc contiguous.
   void (*panel_accumulate)(const float* p, int64_t ldp, int64_t n, int64_t depth, const float* q, int64_t rp,
-                           float* acc);
+                           float* acc, Prefetch ahead);
   // out = p q and acc += p^T h in one pass over p (h n x rp, contiguous), each element of p loaded once for both;
   // nullptr in builds with too few registers for that to pay, which run panel_mm and panel_accumulate instead.
   void (*panel_mm_accumulate)(const float* p, int64_t ldp, int64_t n, int64_t depth, const float* q, int64_t rp,
-                              float* out, int64_t ldo, const float* h, float* acc);
+                              float* out, int64_t ldo, const float* h, float* acc, Prefetch ahead);
   // Rows [begin, end) of out = weight + sB A, for weight and out (rows x in), sB (rows x r) and A (r x in), all
   // contiguous.
   void (*fold_rows)(const float* weight, const float* sB, const float* A, int64_t r, int64_t in, int64_t begin,

@@ -122,24 +122,35 @@ TEST(VecKernels, EveryBuildMatchesAten) {
   const int64_t n = 11, depth = 37, rp = 2 * d9d::cpu::kPanel;
   const at::Tensor p = torch::randn({n, depth + 5}).narrow(1, 0, depth);
   const at::Tensor q = torch::randn({depth, rp});
-  const at::Tensor q_rows = torch::randn({n, rp});
   const at::Tensor acc0 = torch::randn({depth, rp});
   const int64_t rows = 9, in = 37, r = 5;
   const at::Tensor weight = torch::randn({rows, in});
   const at::Tensor sB = torch::randn({rows, r});
   const at::Tensor A = torch::randn({r, in});
+  // Memory for the kernels to prefetch while they compute, which must leave their results alone.
+  const at::Tensor next_block = torch::randn({64, 1000});
+  const auto ahead = [&next_block]() {
+    const char* begin = static_cast<const char*>(next_block.const_data_ptr());
+    return d9d::cpu::Prefetch{begin, begin + next_block.nbytes()};
+  };
   for (const d9d::cpu::VecKernels* build : runnable_builds()) {
     SCOPED_TRACE(build->capability);
     // out's rows strided too (a block of [xa, 1] in the forward).
     at::Tensor out = torch::empty({n, rp + 3}).narrow(1, 0, rp);
     build->panel_mm(p.data_ptr<float>(), p.stride(0), n, depth, q.data_ptr<float>(), rp, out.data_ptr<float>(),
-                    out.stride(0));
+                    out.stride(0), ahead());
     EXPECT_TRUE(at::allclose(out, at::mm(p, q), 1e-4, 1e-4));
 
-    at::Tensor acc = acc0.clone();
-    build->panel_accumulate(p.data_ptr<float>(), p.stride(0), n, depth, q_rows.data_ptr<float>(), rp,
-                            acc.data_ptr<float>());
-    EXPECT_TRUE(at::allclose(acc, acc0 + at::mm(p.t(), q_rows), 1e-4, 1e-4));
+    // Rows in tiles of 32 and leftovers (11; 75 = 2 x 32 + 11).
+    for (const int64_t rows_p : {int64_t{11}, int64_t{75}}) {
+      SCOPED_TRACE(rows_p);
+      const at::Tensor pa = torch::randn({rows_p, depth + 5}).narrow(1, 0, depth);
+      const at::Tensor qa = torch::randn({rows_p, rp});
+      at::Tensor acc = acc0.clone();
+      build->panel_accumulate(pa.data_ptr<float>(), pa.stride(0), rows_p, depth, qa.data_ptr<float>(), rp,
+                              acc.data_ptr<float>(), ahead());
+      EXPECT_TRUE(at::allclose(acc, acc0 + at::mm(pa.t(), qa), 1e-4, 1e-4));
+    }
 
     // The fused pass, where the build has one: rows in full tiles and leftovers (11 = 8 + 2 + 1, 7 = 4 + 2 + 1), and
     // columns in one chunk and in several (300 > 256).
@@ -158,7 +169,7 @@ TEST(VecKernels, EveryBuildMatchesAten) {
           at::Tensor sums = sums0.clone();
           build->panel_mm_accumulate(pp.data_ptr<float>(), pp.stride(0), rows_p, depth_p, qp.data_ptr<float>(), rp,
                                      product.data_ptr<float>(), product.stride(0), h.data_ptr<float>(),
-                                     sums.data_ptr<float>());
+                                     sums.data_ptr<float>(), ahead());
           EXPECT_TRUE(at::allclose(product, at::mm(pp, qp), 1e-4, 1e-4));
           EXPECT_TRUE(at::allclose(sums, sums0 + at::mm(pp.t(), h), 1e-4, 1e-4));
         }
