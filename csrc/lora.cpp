@@ -154,6 +154,18 @@ void expand_in_blocks(const DeviceKernels& kernels, const SkinnyKernels* skinny,
   });
 }
 
+// Rows [row0, row0 + n) of a contiguous 2-D tensor, as memory for the skinny kernels to prefetch.
+MemorySpan row_span(const at::Tensor& t2d, int64_t row0, int64_t n) {
+  const int64_t row_bytes = t2d.size(1) * t2d.element_size();
+  return {static_cast<const char*>(t2d.const_data_ptr()) + row0 * row_bytes, n * row_bytes};
+}
+
+// The block of `step` rows after rows [row0, row0 + n) (shorter at the end, empty past it): on the CPU, whose
+// for_each_block hands each worker consecutive blocks, the worker's next block.
+MemorySpan next_rows(const at::Tensor& t2d, int64_t row0, int64_t n, int64_t step) {
+  return row_span(t2d, row0 + n, std::min(step, t2d.size(0) - row0 - n));
+}
+
 // Columns of the panels that hold r columns: r rounded up to the skinny kernels' panel width (r for ATen's GEMMs).
 int64_t panel_columns(const SkinnyKernels* skinny, int64_t r) {
   return skinny == nullptr ? r : (r + skinny->panel_width - 1) / skinny->panel_width * skinny->panel_width;
@@ -218,7 +230,8 @@ void write_lora_term_blocks(const DeviceKernels& kernels, const at::Tensor& x2d,
     const at::Tensor xa_1 = xa_buffers[worker].narrow(0, 0, n);
     at::Tensor xa_block = xa_1.narrow(1, 0, rp);
     if (skinny != nullptr) {
-      skinny->mm(source, At, xa_block, {});
+      // Fetches the worker's next block of x, which the next dropout pass reads first.
+      skinny->mm(source, At, xa_block, next_rows(x2d, row0, n, step));
     } else {
       at::mm_out(xa_block, source, At);
     }
@@ -338,19 +351,10 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
   const auto first_rows = [](const at::Tensor& buffer, int64_t n) {
     return n == buffer.size(0) ? buffer : buffer.narrow(0, 0, n);
   };
-  // Rows [row0, row0 + n) of a contiguous 2-D tensor as memory, for `ahead`.
-  const auto rows_span = [](const at::Tensor& t, int64_t row0, int64_t n) {
-    return MemorySpan{static_cast<const char*>(t.const_data_ptr()) + row0 * t.size(1) * t.element_size(),
-                      n * t.size(1) * t.element_size()};
-  };
   kernels.for_each_block(rows, step, [&](int64_t row0, int64_t n, int64_t worker) {
     const WorkerViews& buffers = views[worker];
     const at::Tensor gy_block = gy.narrow(0, row0, n);
     const at::Tensor x_block = x2d.narrow(0, row0, n);
-    // The worker's next block on the CPU, whose for_each_block hands each worker consecutive blocks.
-    const int64_t next_n = std::min(step, rows - row0 - n);
-    const MemorySpan gy_next = rows_span(gy, row0 + n, next_n);
-    const MemorySpan x_next = rows_span(x2d, row0 + n, next_n);
     // g = s dy B is the gradient w.r.t. xa; dB = dy^T xa (times s, applied once at the end); dA^T = dropout(x)^T g.
     const at::Tensor g_block = dx_after_loop ? g_buffers.narrow(0, row0, n) : first_rows(buffers.g, n);
     const at::Tensor xa_block = first_rows(buffers.xa, n);
@@ -365,15 +369,15 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
         source = first_rows(buffers.dropped, n);
         kernels.dropout_rows(x_block, source, row0, spec);
       }
-      product(xa_block, source, At, rows_span(gy, row0, n));
-      product_and_accumulate(g_block, gy_block, Bp, grad_B_sums, xa_block, x_next);
+      product(xa_block, source, At, row_span(gy, row0, n));
+      product_and_accumulate(g_block, gy_block, Bp, grad_B_sums, xa_block, next_rows(x2d, row0, n, step));
       if (dx_block.defined()) {
         lora_part_of_dx(dx_block, g_block);
       }
       accumulate(grad_A_sums, source, g_block, {});
       return;
     }
-    product(g_block, gy_block, Bp, rows_span(x2d, row0, n));
+    product(g_block, gy_block, Bp, row_span(x2d, row0, n));
     // The LoRA part of dx, g A (masked below with dropout); the base GEMM accumulates onto it after the loop.
     if (dx_block.defined()) {
       lora_part_of_dx(dx_block, g_block);
@@ -387,7 +391,7 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
         kernels.dropout_rows(x_block, source, row0, spec);
       }
     }
-    product_and_accumulate(xa_block, source, At, grad_A_sums, g_block, gy_next);
+    product_and_accumulate(xa_block, source, At, grad_A_sums, g_block, next_rows(gy, row0, n, step));
     accumulate(grad_B_sums, gy_block, xa_block, {});
   });
   // The workers' sums are added up here, before the base GEMM evicts them.

@@ -400,6 +400,7 @@ void check_operands(const char* what, const at::Tensor& p, const at::Tensor& q, 
 
 const uint16_t* bf16_data(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr()); }
 
+// `ahead` is not used: prefetching the next block slowed these kernels down (by 5 to 10% in the backward without dx).
 void mm(const at::Tensor& p, const at::Tensor& q, const at::Tensor& out, MemorySpan /*ahead*/) {
   check_operands("amx mm", p, q, out.size(1));
   TORCH_CHECK(p.size(1) == q.size(0) && out.dim() == 2 && out.size(0) == p.size(0) && out.stride(1) == 1 &&

@@ -18,19 +18,19 @@ constexpr int64_t kPanel = 16;
 // input's last block): a whole number of every build's register tiles, whose leftover rows run fewer accumulators.
 constexpr int64_t kBlockRowMultiple = 8;
 
-// Memory for a kernel to pull into the core's L2 cache while it computes, one cache line per step of its inner loop:
-// the rows that the next kernel reads first, so that their fetch from memory overlaps this kernel's FMAs instead of
-// stalling the next one. Empty (next == end): nothing.
+// Memory for a kernel to pull into the core's L2 cache while it computes, one cache line per `period` steps of its
+// inner loop: the rows that the next kernel reads first, so that their fetch from memory overlaps this kernel's
+// arithmetic instead of stalling the next one. Empty (next == end): nothing.
 struct Prefetch {
   const char* next = nullptr;
   const char* end = nullptr;
   int64_t period = 1;
   int64_t countdown = 1;
 
-  // Spreads the lines evenly over about `steps` calls of step().
+  // Spreads the lines evenly over about `steps` calls of step() (one line per step where there are more lines).
   void pace(int64_t steps) {
     const int64_t lines = (end - next + 63) / 64;
-    period = countdown = lines > 0 ? (steps > lines ? steps / lines : 1) : 1;
+    period = countdown = lines > 0 && steps > lines ? steps / lines : 1;
   }
   void step() {
     if (--countdown == 0) {
