@@ -156,12 +156,14 @@ void expand_in_blocks(const DeviceKernels& kernels, const SkinnyKernels* skinny,
 
 // Rows [row0, row0 + n) of a contiguous 2-D tensor, as memory for the skinny kernels to prefetch.
 MemorySpan row_span(const at::Tensor& t2d, int64_t row0, int64_t n) {
+  TORCH_INTERNAL_ASSERT_DEBUG_ONLY(t2d.dim() == 2 && t2d.is_contiguous());
   const int64_t row_bytes = t2d.size(1) * t2d.element_size();
   return {static_cast<const char*>(t2d.const_data_ptr()) + row0 * row_bytes, n * row_bytes};
 }
 
-// The block of `step` rows after rows [row0, row0 + n) (shorter at the end, empty past it): on the CPU, whose
-// for_each_block hands each worker consecutive blocks, the worker's next block.
+// The block of `step` rows after rows [row0, row0 + n) (shorter at the end, empty past it): the worker's next block
+// where for_each_block hands each worker consecutive blocks (the CPU's does; after a worker's last block, another
+// worker's first one, fetched for nothing).
 MemorySpan next_rows(const at::Tensor& t2d, int64_t row0, int64_t n, int64_t step) {
   return row_span(t2d, row0 + n, std::min(step, t2d.size(0) - row0 - n));
 }
@@ -230,7 +232,7 @@ void write_lora_term_blocks(const DeviceKernels& kernels, const at::Tensor& x2d,
     const at::Tensor xa_1 = xa_buffers[worker].narrow(0, 0, n);
     at::Tensor xa_block = xa_1.narrow(1, 0, rp);
     if (skinny != nullptr) {
-      // Fetches the worker's next block of x, which the next dropout pass reads first.
+      // Fetches the worker's next block of x, which its next block reads first (the dropout pass, or this product).
       skinny->mm(source, At, xa_block, next_rows(x2d, row0, n, step));
     } else {
       at::mm_out(xa_block, source, At);
@@ -338,7 +340,7 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
     }
   };
   // Each worker's buffers and sums as views made once: a view costs about a microsecond, and a block of the skinny
-  // kernels some tens of them.
+  // kernels some tens of microseconds.
   struct WorkerViews {
     at::Tensor xa, g, dropped, grad_A_sums, grad_B_sums;
   };
@@ -352,21 +354,21 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
     return n == buffer.size(0) ? buffer : buffer.narrow(0, 0, n);
   };
   kernels.for_each_block(rows, step, [&](int64_t row0, int64_t n, int64_t worker) {
-    const WorkerViews& buffers = views[worker];
+    const WorkerViews& own = views[worker];
     const at::Tensor gy_block = gy.narrow(0, row0, n);
     const at::Tensor x_block = x2d.narrow(0, row0, n);
     // g = s dy B is the gradient w.r.t. xa; dB = dy^T xa (times s, applied once at the end); dA^T = dropout(x)^T g.
-    const at::Tensor g_block = dx_after_loop ? g_buffers.narrow(0, row0, n) : first_rows(buffers.g, n);
-    const at::Tensor xa_block = first_rows(buffers.xa, n);
-    const at::Tensor& grad_A_sums = buffers.grad_A_sums;
-    const at::Tensor& grad_B_sums = buffers.grad_B_sums;
+    const at::Tensor g_block = dx_after_loop ? g_buffers.narrow(0, row0, n) : first_rows(own.g, n);
+    const at::Tensor xa_block = first_rows(own.xa, n);
+    const at::Tensor& grad_A_sums = own.grad_A_sums;
+    const at::Tensor& grad_B_sums = own.grad_B_sums;
     at::Tensor dx_block = lora_grad_x && !dx_after_loop ? grad_x.narrow(0, row0, n) : at::Tensor();
     at::Tensor source = x_block;
-    // The first pass over one of x and dy fetches the other's block, and the second pass the first one's next block:
-    // the next pass then finds its rows in cache.
+    // The first pass over one of x and dy fetches the other's block, which the second pass reads; the second pass
+    // fetches the first one's next block, which this worker's next block starts with.
     if (dy_carries_both) {  // dx's LoRA part, if any, is not masked here
       if (dropout > 0.0) {
-        source = first_rows(buffers.dropped, n);
+        source = first_rows(own.dropped, n);
         kernels.dropout_rows(x_block, source, row0, spec);
       }
       product(xa_block, source, At, row_span(gy, row0, n));
@@ -384,7 +386,7 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
     }
     if (dropout > 0.0) {
       // Regenerate the block's mask: dropout(x) feeds xa and dA, and the LoRA part of dx is masked in the same pass.
-      source = first_rows(buffers.dropped, n);
+      source = first_rows(own.dropped, n);
       if (lora_grad_x) {
         kernels.dropout_rows_backward(x_block, source, dx_block, row0, spec);
       } else {

@@ -46,9 +46,9 @@ struct SkinnyKernels {
   bool forward_without_dropout;
   // Whether accumulate's sums are rp x depth (acc += q^T p) rather than depth x rp (acc += p^T q).
   bool transposed_sums;
-  // Each product also takes `ahead`: memory that the next product reads first (a block of x or dy), which the
-  // kernels may pull into cache while they compute, so that its fetch overlaps this product's arithmetic instead of
-  // stalling the next one.
+  // Each product also takes `ahead`: memory that a later product of the same worker reads (the other operand's block,
+  // or the worker's next block of x or dy), which the kernels may pull into cache while they compute, so that its
+  // fetch overlaps this product's arithmetic instead of stalling that one.
   // out (n x rp) = p (n x depth) q (depth x rp); out's rows may be strided.
   void (*mm)(const at::Tensor& p, const at::Tensor& q, const at::Tensor& out, MemorySpan ahead);
   // acc (depth x rp) += p^T q, for p (n x depth) and q (n x rp); or acc (rp x depth) += q^T p (transposed_sums).
@@ -87,7 +87,8 @@ struct DeviceKernels {
   // per-block partial sums of dA and dB are rounded to float16, whose range larger blocks would strain).
   int64_t block_elements_bf16;
   // Runs body over the blocks [0, step), [step, 2 step), ... covering `rows`; blocks of different workers may run
-  // concurrently, so each worker gets its own buffers and accumulators.
+  // concurrently, so each worker gets its own buffers and accumulators. Each worker should take consecutive blocks
+  // in order (the CPU's does): the loops prefetch a worker's next block as the one after its current block.
   void (*for_each_block)(int64_t rows, int64_t step, BlockBody body);
   // Upper bound on the worker index + 1.
   int64_t (*max_workers)();

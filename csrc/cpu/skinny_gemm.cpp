@@ -65,8 +65,8 @@ void skinny_mm_accumulate(const at::Tensor& p, const at::Tensor& q, const at::Te
                           const at::Tensor& acc, MemorySpan ahead) {
   const auto& kernels = cpu::vec_kernels();
   if (kernels.panel_mm_accumulate == nullptr || p.size(1) == 0) {  // the fused pass writes out per column chunk
-    skinny_mm(p, q, out, ahead);
-    skinny_accumulate(p, h, acc, {});
+    skinny_mm(p, q, out, {});
+    skinny_accumulate(p, h, acc, ahead);  // the pass nearer to the rows' reader
     return;
   }
   check_operands("skinny_mm_accumulate", p, q, out);

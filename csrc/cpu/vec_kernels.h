@@ -19,15 +19,16 @@ constexpr int64_t kPanel = 16;
 constexpr int64_t kBlockRowMultiple = 8;
 
 // Memory for a kernel to pull into the core's L2 cache while it computes, one cache line per `period` steps of its
-// inner loop: the rows that the next kernel reads first, so that their fetch from memory overlaps this kernel's
-// arithmetic instead of stalling the next one. Empty (next == end): nothing.
+// inner loop: rows that a later kernel reads, so that their fetch from memory overlaps this kernel's arithmetic
+// instead of stalling that one. Empty (next == end): nothing.
 struct Prefetch {
   const char* next = nullptr;
   const char* end = nullptr;
   int64_t period = 1;
   int64_t countdown = 1;
 
-  // Spreads the lines evenly over about `steps` calls of step() (one line per step where there are more lines).
+  // Spreads the lines over about `steps` calls of step(). A kernel with fewer steps than lines fetches only its
+  // first `steps` lines (one per step); the ones that it does not reach come from memory as before.
   void pace(int64_t steps) {
     const int64_t lines = (end - next + 63) / 64;
     period = countdown = lines > 0 && steps > lines ? steps / lines : 1;
@@ -37,7 +38,7 @@ struct Prefetch {
       countdown = period;
       if (next < end) {
         __builtin_prefetch(next, /*rw=*/0, /*locality=*/2);  // prefetcht1 on x86: into L2
-        next += 64;
+        next = end - next > 64 ? next + 64 : end;
       }
     }
   }

@@ -127,29 +127,41 @@ TEST(VecKernels, EveryBuildMatchesAten) {
   const at::Tensor weight = torch::randn({rows, in});
   const at::Tensor sB = torch::randn({rows, r});
   const at::Tensor A = torch::randn({r, in});
-  // Memory for the kernels to prefetch while they compute, which must leave their results alone.
+  // Memory for the kernels to prefetch while they compute: more lines than the kernels have steps (some left
+  // unfetched), fewer lines (spread out), a part of a line, and none. Their results must not change.
   const at::Tensor next_block = torch::randn({64, 1000});
-  const auto ahead = [&next_block]() {
-    const char* begin = static_cast<const char*>(next_block.const_data_ptr());
-    return d9d::cpu::Prefetch{begin, begin + next_block.nbytes()};
-  };
+  const char* next_begin = static_cast<const char*>(next_block.const_data_ptr());
+  const std::vector<d9d::cpu::Prefetch> prefetches{{next_begin, next_begin + next_block.nbytes()},
+                                                   {next_begin, next_begin + 1000},
+                                                   {next_begin, next_begin + 40},
+                                                   {}};
   for (const d9d::cpu::VecKernels* build : runnable_builds()) {
     SCOPED_TRACE(build->capability);
     // out's rows strided too (a block of [xa, 1] in the forward).
-    at::Tensor out = torch::empty({n, rp + 3}).narrow(1, 0, rp);
-    build->panel_mm(p.data_ptr<float>(), p.stride(0), n, depth, q.data_ptr<float>(), rp, out.data_ptr<float>(),
-                    out.stride(0), ahead());
-    EXPECT_TRUE(at::allclose(out, at::mm(p, q), 1e-4, 1e-4));
+    std::vector<at::Tensor> outs;
+    for (const d9d::cpu::Prefetch& ahead : prefetches) {
+      at::Tensor out = torch::empty({n, rp + 3}).narrow(1, 0, rp);
+      build->panel_mm(p.data_ptr<float>(), p.stride(0), n, depth, q.data_ptr<float>(), rp, out.data_ptr<float>(),
+                      out.stride(0), ahead);
+      EXPECT_TRUE(at::allclose(out, at::mm(p, q), 1e-4, 1e-4));
+      outs.push_back(out);
+      EXPECT_TRUE(at::equal(out, outs.front()));
+    }
 
-    // Rows in tiles of 32 and leftovers (11; 75 = 2 x 32 + 11).
-    for (const int64_t rows_p : {int64_t{11}, int64_t{75}}) {
+    // Rows in tiles of 32 and leftovers (11; 64; 75 = 2 x 32 + 11), and none.
+    for (const int64_t rows_p : {int64_t{11}, int64_t{64}, int64_t{75}, int64_t{0}}) {
       SCOPED_TRACE(rows_p);
       const at::Tensor pa = torch::randn({rows_p, depth + 5}).narrow(1, 0, depth);
       const at::Tensor qa = torch::randn({rows_p, rp});
-      at::Tensor acc = acc0.clone();
-      build->panel_accumulate(pa.data_ptr<float>(), pa.stride(0), rows_p, depth, qa.data_ptr<float>(), rp,
-                              acc.data_ptr<float>(), ahead());
-      EXPECT_TRUE(at::allclose(acc, acc0 + at::mm(pa.t(), qa), 1e-4, 1e-4));
+      std::vector<at::Tensor> sums;
+      for (const d9d::cpu::Prefetch& ahead : prefetches) {
+        at::Tensor acc = acc0.clone();
+        build->panel_accumulate(pa.data_ptr<float>(), pa.stride(0), rows_p, depth, qa.data_ptr<float>(), rp,
+                                acc.data_ptr<float>(), ahead);
+        EXPECT_TRUE(at::allclose(acc, acc0 + at::mm(pa.t(), qa), 1e-4, 1e-4));
+        sums.push_back(acc);
+        EXPECT_TRUE(at::equal(acc, sums.front()));
+      }
     }
 
     // The fused pass, where the build has one: rows in full tiles and leftovers (11 = 8 + 2 + 1, 7 = 4 + 2 + 1), and
@@ -169,7 +181,7 @@ TEST(VecKernels, EveryBuildMatchesAten) {
           at::Tensor sums = sums0.clone();
           build->panel_mm_accumulate(pp.data_ptr<float>(), pp.stride(0), rows_p, depth_p, qp.data_ptr<float>(), rp,
                                      product.data_ptr<float>(), product.stride(0), h.data_ptr<float>(),
-                                     sums.data_ptr<float>(), ahead());
+                                     sums.data_ptr<float>(), prefetches.front());
           EXPECT_TRUE(at::allclose(product, at::mm(pp, qp), 1e-4, 1e-4));
           EXPECT_TRUE(at::allclose(sums, sums0 + at::mm(pp.t(), h), 1e-4, 1e-4));
         }
