@@ -283,7 +283,8 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
   };
   const at::Tensor grad_A_acc = sums(in);
   const at::Tensor grad_B_acc = sums(out);
-  // `ahead`: the rows that the next product reads first (see SkinnyKernels), which the skinny kernels may prefetch.
+  // `ahead`: rows that a later product of this worker reads (see SkinnyKernels), which the skinny kernels may
+  // prefetch; ATen's GEMMs do not take it.
   const auto product = [skinny](at::Tensor result, const at::Tensor& p, const at::Tensor& q,
                                 MemorySpan ahead) {  // result = p q
     if (skinny != nullptr) {
