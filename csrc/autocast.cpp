@@ -1,6 +1,7 @@
-// Autocast for the apply op, as ATen does for linear: under torch.autocast, x, weight, bias and the adapters are
-// cast to the autocast dtype of the device (bfloat16 on the CPU by default; float16 or bfloat16 on CUDA) and the op
-// runs in it. float64 stays as it is, again as for linear.
+// Autocast for the apply op, as ATen does for linear: under torch.autocast, x, weight and bias are cast to the
+// autocast dtype of the device (bfloat16 on the CPU by default; float16 or bfloat16 on CUDA) and the op runs in it.
+// float64 stays as it is, again as for linear. float32 adapters are passed as they are (the op takes them on 16-bit
+// x); adapters of other dtypes are cast like the rest.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -23,9 +24,17 @@ at::Tensor lora_forward_autocast(const at::Tensor& x, const at::Tensor& weight, 
                                                const at::Tensor&, const at::Tensor&, double, double,
                                                const at::Tensor&)>();
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(device);
-  return op.call(at::autocast::cached_cast(dtype, x, device), at::autocast::cached_cast(dtype, weight, device),
-                 at::autocast::cached_cast(dtype, bias, device), at::autocast::cached_cast(dtype, lora_A, device),
-                 at::autocast::cached_cast(dtype, lora_B, device), scale, dropout, seed);
+  const at::Tensor x_cast = at::autocast::cached_cast(dtype, x, device);
+  // float32 adapters stay float32 on 16-bit x: the op rounds them for its products and returns their gradients
+  // unrounded, which a cast here would round to 16 bits.
+  const auto adapter = [&](const at::Tensor& t) {
+    const bool keep = t.scalar_type() == at::kFloat &&
+                      (x_cast.scalar_type() == at::kBFloat16 || x_cast.scalar_type() == at::kHalf);
+    return keep ? t : at::autocast::cached_cast(dtype, t, device);
+  };
+  return op.call(x_cast, at::autocast::cached_cast(dtype, weight, device),
+                 at::autocast::cached_cast(dtype, bias, device), adapter(lora_A), adapter(lora_B), scale, dropout,
+                 seed);
 }
 
 }  // namespace

@@ -47,9 +47,17 @@ void check_same(const char* op, const char* name, const at::Tensor& t, const at:
               t.scalar_type(), " (cast the adapters to the compute dtype first)");
 }
 
-// Checks x, weight, A and B of an apply op and returns (in, out, r).
+// Whether adapters of dtype `adapter` may meet activations of dtype `x` without a cast by the caller: float32 adapters
+// on 16-bit activations (as PEFT keeps them), else only x's own dtype.
+bool float32_adapters_on(at::ScalarType adapter, at::ScalarType x) {
+  return adapter == at::kFloat && (x == at::kBFloat16 || x == at::kHalf);
+}
+
+// Checks x, weight, A and B of an apply op and returns (in, out, r). With `float32_adapters`, A and B may also be
+// float32 on 16-bit x (both alike).
 std::tuple<int64_t, int64_t, int64_t> check_apply(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                                                  const at::Tensor& lora_A, const at::Tensor& lora_B) {
+                                                  const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                  bool float32_adapters = false) {
   TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension (..., in), got ", x.sizes());
   TORCH_CHECK(is_supported_dtype(x.scalar_type()), op, ": x must be float32, bfloat16, float16 or float64, got ",
               x.scalar_type());
@@ -59,8 +67,16 @@ std::tuple<int64_t, int64_t, int64_t> check_apply(const char* op, const at::Tens
   const int64_t out = weight.size(0);
   const int64_t r = check_adapters(op, lora_A, lora_B, in, out, "x.size(-1)");
   check_same(op, "weight", weight, x);
-  check_same(op, "lora_A", lora_A, x);
-  check_same(op, "lora_B", lora_B, x);
+  if (float32_adapters && float32_adapters_on(lora_A.scalar_type(), x.scalar_type())) {
+    TORCH_CHECK(lora_B.scalar_type() == lora_A.scalar_type(), op, ": lora_B must have lora_A's dtype ",
+                lora_A.scalar_type(), ", got ", lora_B.scalar_type());
+    TORCH_CHECK(lora_A.device() == x.device() && lora_B.device() == x.device(), op,
+                ": lora_A and lora_B must be on x's device ", x.device(), ", got ", lora_A.device(), " and ",
+                lora_B.device());
+  } else {
+    check_same(op, "lora_A", lora_A, x);
+    check_same(op, "lora_B", lora_B, x);
+  }
   return {in, out, r};
 }
 
@@ -413,10 +429,13 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
 }  // namespace
 
 at::Tensor lora_forward(const DeviceKernels& kernels, const at::Tensor& x, const at::Tensor& weight,
-                        const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                        const std::optional<at::Tensor>& bias, const at::Tensor& given_A, const at::Tensor& given_B,
                         double scale, double dropout, const at::Tensor& seed, const at::Tensor& row_scale) {
   constexpr const char* op = "lora_forward";
-  const auto [in, out, r] = check_apply(op, x, weight, lora_A, lora_B);
+  const auto [in, out, r] = check_apply(op, x, weight, given_A, given_B, /*float32_adapters=*/true);
+  // float32 adapters on 16-bit x compute in x's dtype, as if the caller had cast them.
+  const at::Tensor lora_A = given_A.to(x.scalar_type());
+  const at::Tensor lora_B = given_B.to(x.scalar_type());
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor f = row_scale_column(op, row_scale, x, out);
   if (has_bias) {
@@ -473,11 +492,16 @@ at::Tensor lora_forward(const DeviceKernels& kernels, const at::Tensor& x, const
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels& kernels, const at::Tensor& grad_y,
                                                              const at::Tensor& x, const at::Tensor& weight,
-                                                             const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                             const at::Tensor& given_A, const at::Tensor& given_B,
                                                              double scale, double dropout, const at::Tensor& seed,
                                                              bool need_grad_x, const at::Tensor& row_scale) {
   constexpr const char* op = "lora_backward";
-  const auto [in, out, r] = check_apply(op, x, weight, lora_A, lora_B);
+  const auto [in, out, r] = check_apply(op, x, weight, given_A, given_B, /*float32_adapters=*/true);
+  // As in lora_forward, the products run in x's dtype; dA and dB come back in the adapters' dtype, so float32 adapters
+  // get the float32 sums unrounded.
+  const at::Tensor lora_A = given_A.to(x.scalar_type());
+  const at::Tensor lora_B = given_B.to(x.scalar_type());
+  const at::ScalarType grad_dtype = given_A.scalar_type();
   TORCH_CHECK(grad_y.dim() == x.dim() && grad_y.sizes().slice(0, x.dim() - 1) == x.sizes().slice(0, x.dim() - 1) &&
                   grad_y.size(-1) == out,
               op, ": grad_y must be x's shape with the last dim out == ", out, ", got ", grad_y.sizes(), " for x ",
@@ -515,12 +539,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels
     std::tie(grad_A, grad_B) = lora_products_in_blocks(kernels, gy, x2d, lora_A, Bs, dropout, spec, skinny,
                                                        lora_grad_x ? grad_x : at::Tensor());
   }
-  grad_A = grad_A.to(x2d.scalar_type()).contiguous();
+  grad_A = grad_A.to(grad_dtype).contiguous();
   // s and f multiply dB in float32 for the 16-bit dtypes: f * s rounded to 16 bits would bias whole rows of dB.
   const at::ScalarType acc_dtype = accumulate_dtype(x2d.scalar_type());
   grad_B = grad_B.to(acc_dtype).mul(f_in_weights ? f.to(acc_dtype) * scale
                                                  : at::scalar_tensor(scale, grad_B.options().dtype(acc_dtype)));
-  grad_B = grad_B.to(x2d.scalar_type()).contiguous();
+  grad_B = grad_B.to(grad_dtype).contiguous();
   if (fold) {
     const at::Tensor folded = fold_adapters(kernels, weight, lora_A, lora_B, scale);
     if (f_in_weights) {

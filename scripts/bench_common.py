@@ -9,6 +9,7 @@ module as ``bench_common`` from any working directory. It loads d9d's compiled e
 import os
 import platform
 import random
+import shlex
 import statistics
 import sys
 import time
@@ -49,13 +50,38 @@ def cpu_capabilities() -> str:
     )
 
 
+def memory_allocator() -> str:
+    """The C allocator behind this process's CPU tensors: a caching one loaded with ``LD_PRELOAD`` (``tcmalloc``,
+    ``jemalloc`` or ``mimalloc``), else ``system malloc``.
+
+    PyTorch has no caching allocator of its own on the CPU, and glibc's malloc maps every tensor above 32 MiB (and
+    often smaller ones) anew, so each one costs its page faults again; tcmalloc keeps the pages. Steps that keep more
+    memory alive (such as LoRA's, which saves each projection's input) fault more.
+    """
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "system malloc"
+    return next((name for name in ("tcmalloc", "jemalloc", "mimalloc") if f"lib{name}" in maps), "system malloc")
+
+
+def minor_page_faults() -> int:
+    """Page faults of this process so far that the kernel served without I/O (0 where the OS does not count them)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def machine(device: torch.device) -> str:
-    """The device, and on the CPU its model and the capability that ATen and d9d's kernels run, with any pinning."""
+    """The device, and on the CPU its model, the capability that ATen and d9d's kernels run (with any pinning) and the
+    memory allocator."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}"
     pins = [f"{name}={os.environ[name]}" for name in CAPABILITY_PINS if name in os.environ]
     pinned = f", pinned with {' '.join(pins)}" if pins else ""
-    return f"{cpu_model()}, {cpu_capabilities()}{pinned}"
+    return f"{cpu_model()}, {cpu_capabilities()}{pinned}, {memory_allocator()}"
 
 
 def time_interleaved(
@@ -165,8 +191,10 @@ def mib(n: int, *, digits: int = 1, smallest: str = "B") -> str:
 
 
 def command_line(script: str) -> str:
-    """The command that ran this process, as ``python <script> <arguments>``, for the "Measured with" line."""
-    return "python " + " ".join([script, *sys.argv[1:]])
+    """The command that ran this process, as ``[LD_PRELOAD=...] python <script> <arguments>`` (quoted for a shell),
+    for the "Measured with" line."""
+    preload = [f"LD_PRELOAD={shlex.quote(os.environ['LD_PRELOAD'])}"] if os.environ.get("LD_PRELOAD") else []
+    return " ".join([*preload, "python", script, *map(shlex.quote, sys.argv[1:])])
 
 
 def write_section(path: Path, heading: str, command: str, body: str, *, new_first: bool = False) -> None:

@@ -8,7 +8,15 @@ adapter weights. Each step is forward (causal LM loss) + backward. The variants
   d9d:     d9d's LoRA (the fused ops), at each dropout rate,
 run interleaved, every variant once per repeat in a shuffled order; ratios are the median over repeats of the
 ratio within the same repeat, with the smallest and largest ratio as the spread. The bytes that autograd saves for
-backward (``saved_tensors_hooks``, parameters excluded) are counted on one extra step.
+backward (``saved_tensors_hooks``, parameters excluded) are counted on one extra step, and the page faults of each
+timed step too.
+
+On the CPU the memory allocator matters as much as the kernels. With glibc's malloc, every large tensor comes as
+fresh pages on every step, and their page faults took a tenth of a step and most of the run-to-run noise here;
+tcmalloc keeps its pages, so a step faults almost never. The table names the allocator, and ``--write`` keeps a
+section per allocator (Debian's libtcmalloc-minimal4 has it):
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python scripts/bench_e2e.py
 
     python scripts/bench_e2e.py                               # fp32 and bf16, 2 threads, 5 repeats
     python scripts/bench_e2e.py --dtypes float32 --repeats 3  # cheaper
@@ -27,7 +35,9 @@ from bench_common import (
     command_line,
     cpu_capabilities,
     cpu_model,
+    memory_allocator,
     mib,
+    minor_page_faults,
     paired_ratios,
     time_interleaved,
     write_section,
@@ -106,14 +116,17 @@ class Step:
         self.model = model.train()
         self.input_ids = input_ids
         self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.page_faults: list[int] = []  # per call
 
     def loss(self) -> torch.Tensor:
         return self.model(input_ids=self.input_ids, labels=self.input_ids).loss
 
     def __call__(self) -> None:
+        before = minor_page_faults()
         self.loss().backward()
         for p in self.trainable:
             p.grad = None
+        self.page_faults.append(minor_page_faults() - before)
 
     def saved_bytes(self) -> int:
         with SavedBytes(exclude=self.model.parameters()) as saved:
@@ -161,12 +174,16 @@ def run(args: argparse.Namespace, dtype_name: str) -> str:
     def fmt(r: tuple[float, float, float]) -> str:
         return f"{r[0]:.3f}x ({r[1]:.2f} to {r[2]:.2f})"
 
+    def faults(name: str) -> str:
+        """Median page faults of the timed steps (4 KiB each on x86-64 Linux)."""
+        return f"{statistics.median(steps[name].page_faults[-args.repeats:]):,.0f}"
+
     frozen_tps = args.tokens / statistics.median(times["frozen"])
     lines = [
         f"### {dtype_name}",
         "",
         f"{args.device}, {dtype_name}, {cpu_model() if args.device == 'cpu' else torch.cuda.get_device_name()}, "
-        f"{cpu_capabilities()}, "
+        f"{cpu_capabilities()}, {memory_allocator()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}. LlamaForCausalLM: hidden {args.hidden}, "
         f"{args.layers} layers, intermediate {args.intermediate}, {args.heads} heads, vocab {args.vocab}; "
         f"{args.tokens} tokens per step ({args.tokens // args.seq} x {args.seq}); LoRA r = {args.rank}, alpha = "
@@ -175,9 +192,11 @@ def run(args: argparse.Namespace, dtype_name: str) -> str:
         f"ratios (smallest to largest in parentheses). PEFT and d9d eval-mode logits differ by at most "
         f"{difference:.1e} of their largest magnitude (same weights).",
         "",
-        "| dropout | variant | tokens/s | speed vs PEFT | speed vs frozen | saved for backward |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
-        f"| - | frozen (no adapters) | {frozen_tps:.0f} | - | 1 | {mib(saved['frozen'], digits=0, smallest='MiB')} |",
+        "| dropout | variant | tokens/s | speed vs PEFT | speed vs frozen | saved for backward "
+        "| page faults per step |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        f"| - | frozen (no adapters) | {frozen_tps:.0f} | - | 1 | {mib(saved['frozen'], digits=0, smallest='MiB')} | "
+        f"{faults('frozen')} |",
     ]
     verdicts = []
     for p in dropouts:
@@ -187,7 +206,7 @@ def run(args: argparse.Namespace, dtype_name: str) -> str:
             vs_peft = fmt(ratio(name, f"peft {p:g}")) if variant == "d9d" else "1"
             lines.append(
                 f"| {p:g} | {variant} | {tps:.0f} | {vs_peft} | {fmt(ratio(name, 'frozen'))} | "
-                f"{mib(saved[name], digits=0, smallest='MiB')} |"
+                f"{mib(saved[name], digits=0, smallest='MiB')} | {faults(name)} |"
             )
         target = 1.3 if p > 0 else 1.1
         vs_peft, vs_frozen = ratio(f"d9d {p:g}", f"peft {p:g}")[0], ratio(f"d9d {p:g}", "frozen")[0]
@@ -226,7 +245,11 @@ def main() -> None:
         print(tables[-1] + "\n", flush=True)  # each table as soon as it is measured
     body = "\n\n".join(tables)
     if args.write:
-        heading = "## Whole model (CPU)" if args.device == "cpu" else "## Whole model (GPU)"
+        allocator = memory_allocator()
+        if args.device != "cpu":
+            heading = "## Whole model (GPU)"
+        else:
+            heading = "## Whole model (CPU)" if allocator == "system malloc" else f"## Whole model (CPU, {allocator})"
         write_section(args.write, heading, command_line("scripts/bench_e2e.py"), body)
 
 

@@ -136,6 +136,8 @@ def _differentiable_lora_backward(
     seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``lora_backward``'s (grad_x, grad_A, grad_B) in ATen ops, with the op's own dropout mask."""
+    # float32 adapters on 16-bit x: the products run in x's dtype, as in the op; the casts' backward returns float32.
+    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     keep_scale = None
     if ctx.dropout > 0:
         keep_scale = torch.ops.d9d.dropout_mask(x, ctx.dropout, seed).to(x.dtype) / (1 - ctx.dropout)

@@ -30,8 +30,10 @@ def lora_linear(
         weight: Base weight ``(out, in)`` in ``x``'s dtype; meant to be frozen (its gradient, if asked for, is an
             extra GEMM).
         bias: Base bias ``(out,)`` in ``x``'s dtype, or ``None``.
-        lora_A: Down projection ``(r, in)``; cast to ``x``'s dtype here, so gradients reach float32 adapters.
-        lora_B: Up projection ``(out, r)``; cast like ``lora_A``.
+        lora_A: Down projection ``(r, in)``, in ``x``'s dtype or any other. float32 adapters on bfloat16 or float16
+            ``x`` compute in ``x``'s dtype and get float32 gradients from float32 sums; other dtypes are cast to
+            ``x``'s here.
+        lora_B: Up projection ``(out, r)``, as ``lora_A``.
         scale: Multiplier of the LoRA term (``alpha / r`` or ``alpha / sqrt(r)``).
         dropout: Dropout probability on the LoRA branch's input, in ``[0, 1)``.
         training: Whether dropout is active.
@@ -42,9 +44,11 @@ def lora_linear(
     Returns:
         The output, of shape ``(..., out)``.
     """
-    if lora_A.dtype != x.dtype:
+    # float32 adapters on 16-bit x go in as they are: the op rounds them for its products and returns their
+    # gradients in float32, unrounded. Other dtypes are cast here, and autograd casts their gradients back.
+    float32_on_16_bit = x.dtype in (torch.bfloat16, torch.float16) and lora_A.dtype == lora_B.dtype == torch.float32
+    if not float32_on_16_bit:
         lora_A = lora_A.to(x.dtype)
-    if lora_B.dtype != x.dtype:
         lora_B = lora_B.to(x.dtype)
     p = float(dropout) if training and dropout > 0 else 0.0
     seed = draw_seed() if p > 0 else no_seed()

@@ -279,6 +279,13 @@ def test_fused_op_names_a_factor_of_the_wrong_size():
         torch.ops.d9d.dora_forward(x, weight, None, lora_A, lora_B, torch.rand(19), 0.5)
 
 
+def test_fused_op_wants_adapters_in_x_dtype():
+    # Unlike the LoRA op, DoRA's takes no float32 adapters on 16-bit x: dora_linear casts them first.
+    x, weight, lora_A, lora_B, factor = fused_inputs(4, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match=r"dora_forward: lora_A must have x's dtype BFloat16"):
+        torch.ops.d9d.dora_forward(x.detach().bfloat16(), weight.bfloat16(), None, lora_A, lora_B, factor, 0.5)
+
+
 @pytest.mark.parametrize("op", ["dora_weight_norm", "dora_merge_"])
 def test_one_kernel_serves_cpu_and_cuda(op):
     """The norm ops are written once over ATen (CompositeExplicitAutograd): CUDA gets the same kernel as the CPU."""

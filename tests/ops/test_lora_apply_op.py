@@ -323,6 +323,49 @@ def test_float32_adapters_on_bfloat16_activations_get_float32_grads(device):
     assert_close_scaled(lora_B.grad, B64.grad, TOLERANCES[torch.bfloat16])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+@pytest.mark.parametrize("rows", [3, 64, 700])  # one GEMM per product, or blocks, by dtype, dropout and CPU
+def test_float32_adapters_get_the_float32_sums_unrounded(dtype, dropout, rows):
+    # float32 adapters go into the op as they are. It computes as if they had been cast to x's dtype first (the
+    # forward bit for bit), but returns dA and dB in float32: the same sums, not rounded to 16 bits.
+    x, weight, b, lora_A, lora_B = make_inputs((rows,), 40, 36, 4)
+    x16, weight16, b16 = x.to(dtype), weight.to(dtype), b.to(dtype)
+    seed = torch.tensor([5])
+    grad_y = torch.randn(rows, 36).to(dtype)
+    y = torch.ops.d9d.lora_forward(x16, weight16, b16, lora_A, lora_B, 1.5, dropout, seed)
+    y_cast = torch.ops.d9d.lora_forward(x16, weight16, b16, lora_A.to(dtype), lora_B.to(dtype), 1.5, dropout, seed)
+    assert torch.equal(y, y_cast)
+    dx, dA, dB = torch.ops.d9d.lora_backward(grad_y, x16, weight16, lora_A, lora_B, 1.5, dropout, seed, True)
+    bwd_cast = (grad_y, x16, weight16, lora_A.to(dtype), lora_B.to(dtype), 1.5, dropout, seed, True)
+    dx_cast, dA_cast, dB_cast = torch.ops.d9d.lora_backward(*bwd_cast)
+    assert (dA.dtype, dB.dtype, dx.dtype) == (torch.float32, torch.float32, dtype)
+    assert torch.equal(dx, dx_cast)
+    assert torch.equal(dA.to(dtype), dA_cast)
+    assert torch.equal(dB.to(dtype), dB_cast)
+    # dB is scaled in float32 and no longer rounded after (dA is where the op sums in float32 over blocks; a single
+    # library GEMM in x's dtype rounds it, which depends on the CPU's kernels and the shape).
+    assert not torch.equal(dB, dB_cast.float())
+    keep = dropout_mask(x16, dropout, seed) if dropout > 0 else None
+    A64, B64 = (t.to(dtype).double().requires_grad_() for t in (lora_A, lora_B))
+    reference(x16, weight16, b16, A64, B64, 1.5, keep, dropout).backward(grad_y.double())
+    assert_close_scaled(dA, A64.grad, TOLERANCES[dtype])
+    assert_close_scaled(dB, B64.grad, TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_float32_adapters_on_bfloat16(device):
+    x, weight, b, lora_A, lora_B = make_inputs((70,), 8, 6, 2, device=device)
+    x16, weight16, b16 = x.bfloat16().requires_grad_(), weight.bfloat16(), b.bfloat16()
+    seed = torch.tensor([7])
+    for dropout in (0.0, 0.3):
+        args = (x16, weight16, b16, lora_A.requires_grad_(), lora_B.requires_grad_(), 1.3, dropout, seed)
+        torch.library.opcheck(torch.ops.d9d.lora_forward.default, args)
+        grad_y = torch.randn(70, 6, device=device).bfloat16()
+        bwd = (grad_y, x16.detach(), weight16, lora_A.detach(), lora_B.detach(), 1.3, dropout, seed, True)
+        torch.library.opcheck(torch.ops.d9d.lora_backward.default, bwd)
+
+
 def test_eval_mode_and_zero_dropout_use_no_mask():
     x, weight, b, lora_A, lora_B = make_inputs((2, 3))
     want = reference(x, weight, b, lora_A, lora_B, 0.5, None, 0.0)
@@ -484,6 +527,11 @@ BAD_FORWARD = [
     ({"bias": torch.randn(5)}, r"lora_forward: bias must be 1D of size out"),
     ({"weight": torch.randn(6, 8, dtype=torch.float64)}, r"lora_forward: weight must have x's dtype"),
     ({"lora_B": torch.randn(6, 2).half()}, r"lora_forward: lora_B must have x's dtype"),
+    ({"x": torch.randn(3, 8).double()}, r"lora_forward: weight must have x's dtype"),
+    ({"x": torch.randn(3, 8).double(), "weight": torch.randn(6, 8).double(), "bias": None},
+     r"lora_forward: lora_A must have x's dtype"),  # float32 adapters: on 16-bit x only
+    ({"x": torch.randn(3, 8).bfloat16(), "weight": torch.randn(6, 8).bfloat16(), "bias": None,
+      "lora_B": torch.randn(6, 2).bfloat16()}, r"lora_forward: lora_B must have lora_A's dtype Float"),
     ({"x": torch.randn(3, 8).int()}, r"lora_forward: x must be float32, bfloat16, float16 or float64"),
     ({"dropout": 1.0}, r"lora_forward: dropout must be in \[0, 1\)"),
     ({"dropout": -0.1}, r"lora_forward: dropout must be in \[0, 1\)"),
