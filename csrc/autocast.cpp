@@ -17,7 +17,8 @@ template <c10::DeviceType device>
 at::Tensor lora_forward_autocast(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                  const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout,
                                  const at::Tensor& seed) {
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(device));
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(
+      at::autocast::get_autocast_dispatch_key_from_device_type(device));
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("d9d::lora_forward", "")
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
@@ -25,13 +26,11 @@ at::Tensor lora_forward_autocast(const at::Tensor& x, const at::Tensor& weight, 
                                                const at::Tensor&)>();
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(device);
   const at::Tensor x_cast = at::autocast::cached_cast(dtype, x, device);
-  // float32 adapters stay float32 on 16-bit x: the op rounds them for its products and returns their gradients
-  // unrounded, which a cast here would round to 16 bits.
-  const auto adapter = [&](const at::Tensor& t) {
-    const bool keep = t.scalar_type() == at::kFloat &&
-                      (x_cast.scalar_type() == at::kBFloat16 || x_cast.scalar_type() == at::kHalf);
-    return keep ? t : at::autocast::cached_cast(dtype, t, device);
-  };
+  // A float32 pair of adapters stays float32 on 16-bit x (the op takes it): the op rounds them for its products and
+  // returns their gradients in float32, which a cast here would round to 16 bits first.
+  const bool keep = lora_A.scalar_type() == at::kFloat && lora_B.scalar_type() == at::kFloat &&
+                    (x_cast.scalar_type() == at::kBFloat16 || x_cast.scalar_type() == at::kHalf);
+  const auto adapter = [&](const at::Tensor& t) { return keep ? t : at::autocast::cached_cast(dtype, t, device); };
   return op.call(x_cast, at::autocast::cached_cast(dtype, weight, device),
                  at::autocast::cached_cast(dtype, bias, device), adapter(lora_A), adapter(lora_B), scale, dropout,
                  seed);

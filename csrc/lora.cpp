@@ -44,11 +44,12 @@ namespace {
 void check_same(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
   TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), ", got ", t.device());
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ", x.scalar_type(), ", got ",
-              t.scalar_type(), " (cast the adapters to the compute dtype first)");
+              t.scalar_type(), " (cast it to x's dtype first; lora_forward also takes a float32 pair of adapters on ",
+              "16-bit x)");
 }
 
-// Whether adapters of dtype `adapter` may meet activations of dtype `x` without a cast by the caller: float32 adapters
-// on 16-bit activations (as PEFT keeps them), else only x's own dtype.
+// Whether adapters of dtype `adapter` may meet activations of dtype `x` though the dtypes differ: float32 adapters on
+// 16-bit activations (as PEFT keeps them). Any other pair must match.
 bool float32_adapters_on(at::ScalarType adapter, at::ScalarType x) {
   return adapter == at::kFloat && (x == at::kBFloat16 || x == at::kHalf);
 }

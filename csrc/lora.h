@@ -108,7 +108,7 @@ struct DeviceKernels {
 // y = x W^T + bias + scale * dropout(x) A^T B^T. The backward needs only x and the seed. With a row scale f (out,),
 // y = f * (x W^T + scale * dropout(x) A^T B^T) + bias over the last dim, with f folded into the weights. A and B have
 // x's dtype, or are float32 on 16-bit x: they are then rounded to x's dtype for the products, and lora_backward
-// returns their gradients in float32, unrounded.
+// returns their gradients in float32, its float32 sums over blocks not rounded to 16 bits.
 at::Tensor lora_forward(const DeviceKernels& kernels, const at::Tensor& x, const at::Tensor& weight,
                         const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
                         double scale, double dropout, const at::Tensor& seed, const at::Tensor& row_scale = {});

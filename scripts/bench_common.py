@@ -191,10 +191,11 @@ def mib(n: int, *, digits: int = 1, smallest: str = "B") -> str:
 
 
 def command_line(script: str) -> str:
-    """The command that ran this process, as ``[LD_PRELOAD=...] python <script> <arguments>`` (quoted for a shell),
-    for the "Measured with" line."""
-    preload = [f"LD_PRELOAD={shlex.quote(os.environ['LD_PRELOAD'])}"] if os.environ.get("LD_PRELOAD") else []
-    return " ".join([*preload, "python", script, *map(shlex.quote, sys.argv[1:])])
+    """The command that ran this process, as ``[LD_PRELOAD=... and the capability pins] python <script> <arguments>``
+    (quoted for a shell), for the "Measured with" line."""
+    env = [name for name in ("LD_PRELOAD", *CAPABILITY_PINS) if os.environ.get(name)]
+    settings = [f"{name}={shlex.quote(os.environ[name])}" for name in env]
+    return " ".join([*settings, "python", script, *map(shlex.quote, sys.argv[1:])])
 
 
 def write_section(path: Path, heading: str, command: str, body: str, *, new_first: bool = False) -> None:

@@ -12,9 +12,10 @@ the bytes that merging allocates (fused ``lora_merge_`` vs ``W += s * (B @ A)``)
     python scripts/bench_lora.py --write BENCHMARKS.md              # also replace the table in that file
     python scripts/bench_lora.py --device cuda --dtype bfloat16 --tokens 32768 --features 8192
 
-The table header names the CPU and the capability that ATen and d9d's kernels run (``ATEN_CPU_CAPABILITY`` picks a
-lower one); ``--write`` keeps one section per device and capability. To emulate an AVX2-only CPU on an AVX-512 one,
-pin MKL and oneDNN too, so that the base GEMMs do not keep using AVX-512:
+The table header names the CPU, the capability that ATen and d9d's kernels run (``ATEN_CPU_CAPABILITY`` picks a
+lower one) and the memory allocator (a preloaded tcmalloc spares the unfused form's extra tensors their page faults;
+see bench_e2e.py); ``--write`` keeps one section per device, capability and allocator. To emulate an AVX2-only CPU
+on an AVX-512 one, pin MKL and oneDNN too, so that the base GEMMs do not keep using AVX-512:
 
     ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 python scripts/bench_lora.py
 """
@@ -31,6 +32,7 @@ from bench_common import (
     command_line,
     cpu_memory_events,
     machine,
+    memory_allocator,
     mib,
     overhead_quartiles,
     paired_overhead,
@@ -207,7 +209,11 @@ def main() -> None:
     table = report(args)
     print(table)
     if args.write:
-        where = f"CPU, {torch.backends.cpu.get_cpu_capability()}" if args.device == "cpu" else "GPU"
+        where = "GPU"
+        if args.device == "cpu":
+            allocator = memory_allocator()
+            where = f"CPU, {torch.backends.cpu.get_cpu_capability()}"
+            where += "" if allocator == "system malloc" else f", {allocator}"
         heading = args.section or f"## LoRA ops ({where})"
         write_section(args.write, heading, command_line("scripts/bench_lora.py"), table, new_first=True)
 

@@ -31,8 +31,8 @@ def lora_linear(
             extra GEMM).
         bias: Base bias ``(out,)`` in ``x``'s dtype, or ``None``.
         lora_A: Down projection ``(r, in)``, in ``x``'s dtype or any other. float32 adapters on bfloat16 or float16
-            ``x`` compute in ``x``'s dtype and get float32 gradients from float32 sums; other dtypes are cast to
-            ``x``'s here.
+            ``x`` go into the op as they are: it computes in ``x``'s dtype and returns float32 gradients, without
+            rounding its float32 sums to 16 bits (see the README). Other dtypes are cast to ``x``'s here.
         lora_B: Up projection ``(out, r)``, as ``lora_A``.
         scale: Multiplier of the LoRA term (``alpha / r`` or ``alpha / sqrt(r)``).
         dropout: Dropout probability on the LoRA branch's input, in ``[0, 1)``.

@@ -353,6 +353,26 @@ def test_float32_adapters_get_the_float32_sums_unrounded(dtype, dropout, rows):
     assert_close_scaled(dB, B64.grad, TOLERANCES[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float32_adapters_get_da_summed_over_blocks_in_float32(dtype):
+    # With dropout the backward runs block by block on every CPU (several blocks per worker at these shapes): dA is
+    # their float32 sum, finer than the 16-bit grid that the old cast rounded it to.
+    x, weight, _, lora_A, lora_B = make_inputs((2048,), 1024, 1024, 8, bias=False)
+    x16, weight16 = x.to(dtype), weight.to(dtype)
+    grad_y = torch.randn(2048, 1024).to(dtype)
+    seed = torch.tensor([3])
+    _, dA, _ = torch.ops.d9d.lora_backward(grad_y, x16, weight16, lora_A, lora_B, 0.5, 0.25, seed, False)
+    _, dA_cast, _ = torch.ops.d9d.lora_backward(
+        grad_y, x16, weight16, lora_A.to(dtype), lora_B.to(dtype), 0.5, 0.25, seed, False
+    )
+    assert torch.equal(dA.to(dtype), dA_cast)
+    assert not torch.equal(dA, dA_cast.float())
+    A64 = lora_A.to(dtype).double().requires_grad_()
+    keep = dropout_mask(x16, 0.25, seed)
+    reference(x16, weight16, None, A64, lora_B.to(dtype).double(), 0.5, keep, 0.25).backward(grad_y.double())
+    assert_close_scaled(dA, A64.grad, TOLERANCES[dtype])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_float32_adapters_on_bfloat16(device):
     x, weight, b, lora_A, lora_B = make_inputs((70,), 8, 6, 2, device=device)

@@ -84,3 +84,38 @@ def test_autocast_kernels_are_registered_for_cpu_and_cuda():
     # Registered in C++ for both keys, so a CPU-only build carries the CUDA one too.
     for key in ("AutocastCPU", "AutocastCUDA"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key("d9d::lora_forward", key), key
+
+
+def test_float32_adapters_pass_through_autocast_uncast():
+    # A float32 pair goes into the op as it is, so dA and dB are the op's float32 results, bit for bit the same as
+    # a direct call in bfloat16 with float32 adapters (a cast under autocast would round them to bfloat16 first).
+    torch.manual_seed(0)
+    x = torch.randn(2048, 64)
+    weight = torch.randn(48, 64) / 8
+    lora_A = (torch.randn(4, 64) / 8).requires_grad_()
+    lora_B = torch.randn(48, 4).requires_grad_()
+    seed = torch.tensor([9])
+    grad_y = torch.randn(2048, 48).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.ops.d9d.lora_forward(x, weight, None, lora_A, lora_B, 0.5, 0.25, seed)
+    y.backward(grad_y)
+    want = torch.ops.d9d.lora_forward(x.bfloat16(), weight.bfloat16(), None, lora_A, lora_B, 0.5, 0.25, seed)
+    _, dA, dB = torch.ops.d9d.lora_backward(
+        grad_y, x.bfloat16(), weight.bfloat16(), lora_A.detach(), lora_B.detach(), 0.5, 0.25, seed, False
+    )
+    assert torch.equal(y, want)
+    assert torch.equal(lora_A.grad, dA)
+    assert torch.equal(lora_B.grad, dB)
+    assert not torch.equal(lora_B.grad, lora_B.grad.bfloat16().float())  # not on the bfloat16 grid
+
+
+def test_mixed_adapters_are_cast_under_autocast():
+    # Only a float32 pair passes uncast; a float32 A with a bfloat16 B is cast like nn.Linear's inputs.
+    x, weight = torch.randn(5, 8), torch.randn(6, 8)
+    lora_A, lora_B = torch.randn(2, 8), torch.randn(6, 2).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.ops.d9d.lora_forward(x, weight, None, lora_A, lora_B, 1.0, 0.0, torch.tensor([0]))
+    want = torch.ops.d9d.lora_forward(
+        x.bfloat16(), weight.bfloat16(), None, lora_A.bfloat16(), lora_B, 1.0, 0.0, torch.tensor([0])
+    )
+    assert torch.equal(y, want)
