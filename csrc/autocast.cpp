@@ -10,6 +10,8 @@
 
 #include <optional>
 
+#include "lora.h"
+
 namespace d9d {
 namespace {
 
@@ -28,8 +30,8 @@ at::Tensor lora_forward_autocast(const at::Tensor& x, const at::Tensor& weight, 
   const at::Tensor x_cast = at::autocast::cached_cast(dtype, x, device);
   // A float32 pair of adapters stays float32 on 16-bit x (the op takes it): the op rounds them for its products and
   // returns their gradients in float32, which a cast here would round to 16 bits first.
-  const bool keep = lora_A.scalar_type() == at::kFloat && lora_B.scalar_type() == at::kFloat &&
-                    (x_cast.scalar_type() == at::kBFloat16 || x_cast.scalar_type() == at::kHalf);
+  const bool keep = lora_B.scalar_type() == lora_A.scalar_type() &&
+                    float32_adapters_on(lora_A.scalar_type(), x_cast.scalar_type());
   const auto adapter = [&](const at::Tensor& t) { return keep ? t : at::autocast::cached_cast(dtype, t, device); };
   return op.call(x_cast, at::autocast::cached_cast(dtype, weight, device),
                  at::autocast::cached_cast(dtype, bias, device), adapter(lora_A), adapter(lora_B), scale, dropout,

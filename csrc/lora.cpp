@@ -39,6 +39,10 @@ int64_t check_adapters(const char* op, const at::Tensor& lora_A, const at::Tenso
   return r;
 }
 
+bool float32_adapters_on(at::ScalarType adapter, at::ScalarType x) {
+  return adapter == at::kFloat && (x == at::kBFloat16 || x == at::kHalf);
+}
+
 namespace {
 
 void check_same(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
@@ -46,12 +50,6 @@ void check_same(const char* op, const char* name, const at::Tensor& t, const at:
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ", x.scalar_type(), ", got ",
               t.scalar_type(), " (cast it to x's dtype first; lora_forward also takes a float32 pair of adapters on ",
               "16-bit x)");
-}
-
-// Whether adapters of dtype `adapter` may meet activations of dtype `x` though the dtypes differ: float32 adapters on
-// 16-bit activations (as PEFT keeps them). Any other pair must match.
-bool float32_adapters_on(at::ScalarType adapter, at::ScalarType x) {
-  return adapter == at::kFloat && (x == at::kBFloat16 || x == at::kHalf);
 }
 
 // Checks x, weight, A and B of an apply op and returns (in, out, r). With `float32_adapters`, A and B may also be

@@ -139,6 +139,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_backward(
 // Whether the ops take tensors of this dtype: float32, bfloat16, float16, and float64 (for gradcheck).
 bool is_supported_dtype(at::ScalarType dtype);
 
+// Whether a pair of adapters, both of dtype `adapter`, may meet activations of dtype `x` though the dtypes differ:
+// float32 adapters on 16-bit activations (as PEFT keeps them), which the LoRA apply ops take uncast.
+bool float32_adapters_on(at::ScalarType adapter, at::ScalarType x);
+
 // Checks that lora_A is r x in and lora_B is out x r, naming `op` and where in came from (`in_from`); returns r.
 int64_t check_adapters(const char* op, const at::Tensor& lora_A, const at::Tensor& lora_B, int64_t in, int64_t out,
                        const char* in_from);

@@ -65,6 +65,13 @@ def memory_allocator() -> str:
     return next((name for name in ("tcmalloc", "jemalloc", "mimalloc") if f"lib{name}" in maps), "system malloc")
 
 
+def allocator_tag() -> str:
+    """``", <allocator>"`` for a caching allocator, ``""`` for the system's: the suffix of a CPU section's heading in
+    BENCHMARKS.md, so that ``--write`` keeps one section per allocator."""
+    allocator = memory_allocator()
+    return "" if allocator == "system malloc" else f", {allocator}"
+
+
 def minor_page_faults() -> int:
     """Page faults of this process so far that the kernel served without I/O (0 where the OS does not count them)."""
     try:

@@ -12,9 +12,9 @@ backward (``saved_tensors_hooks``, parameters excluded) are counted on one extra
 timed step too.
 
 On the CPU the memory allocator matters as much as the kernels. With glibc's malloc, every large tensor comes as
-fresh pages on every step, and their page faults took a tenth of a step and most of the run-to-run noise here;
-tcmalloc keeps its pages, so a step faults almost never. The table names the allocator, and ``--write`` keeps a
-section per allocator (Debian's libtcmalloc-minimal4 has it):
+fresh pages on every step, and their page faults took an eighth to a quarter of a step and most of the run-to-run
+noise here; tcmalloc keeps its pages, so a step faults almost never. The table names the allocator, and ``--write``
+keeps a section per allocator (Debian's libtcmalloc-minimal4 has it):
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python scripts/bench_e2e.py
 
@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from bench_common import (
     SavedBytes,
+    allocator_tag,
     command_line,
     cpu_capabilities,
     cpu_model,
@@ -245,11 +246,7 @@ def main() -> None:
         print(tables[-1] + "\n", flush=True)  # each table as soon as it is measured
     body = "\n\n".join(tables)
     if args.write:
-        allocator = memory_allocator()
-        if args.device != "cpu":
-            heading = "## Whole model (GPU)"
-        else:
-            heading = "## Whole model (CPU)" if allocator == "system malloc" else f"## Whole model (CPU, {allocator})"
+        heading = f"## Whole model (CPU{allocator_tag()})" if args.device == "cpu" else "## Whole model (GPU)"
         write_section(args.write, heading, command_line("scripts/bench_e2e.py"), body)
 
 

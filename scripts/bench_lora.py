@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 from bench_common import (
     SavedBytes,
+    allocator_tag,
     command_line,
     cpu_memory_events,
     machine,
-    memory_allocator,
     mib,
     overhead_quartiles,
     paired_overhead,
@@ -209,11 +209,7 @@ def main() -> None:
     table = report(args)
     print(table)
     if args.write:
-        where = "GPU"
-        if args.device == "cpu":
-            allocator = memory_allocator()
-            where = f"CPU, {torch.backends.cpu.get_cpu_capability()}"
-            where += "" if allocator == "system malloc" else f", {allocator}"
+        where = f"CPU, {torch.backends.cpu.get_cpu_capability()}{allocator_tag()}" if args.device == "cpu" else "GPU"
         heading = args.section or f"## LoRA ops ({where})"
         write_section(args.write, heading, command_line("scripts/bench_lora.py"), table, new_first=True)
 
