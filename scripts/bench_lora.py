@@ -5,6 +5,8 @@ For each dropout rate it times forward + backward (W frozen, x requires grad) of
   unfused: ``base(x) + s * lora_B(lora_A(dropout(x)))`` with nn.Linear modules,
   fused:   ``d9d.ops.lora_linear``,
 interleaving the variants so that machine noise hits them alike, and reports the median and the overhead over base.
+In the same repeats it times the fused step's own work alone (the fold of ``W + s B A`` and the backward's LoRA
+products): what that work costs on this machine, however little else the fused op adds.
 It also counts the bytes that autograd saves for backward (hooks on saved tensors, excluding x and parameters) and
 the bytes that merging allocates (fused ``lora_merge_`` vs ``W += s * (B @ A)``).
 
@@ -62,6 +64,7 @@ class Setup:
         self.lora_A = nn.Linear(args.features, args.rank, bias=False, **kwargs)
         self.lora_B = nn.Linear(args.rank, args.out_features, bias=False, **kwargs)
         nn.init.normal_(self.lora_B.weight, std=0.02)
+        self.scratch = self.base.weight.detach().clone()  # what the fold part writes
 
     def forward(self, variant: str, dropout: float) -> torch.Tensor:
         """One forward of ``variant`` (base, unfused or fused) in training mode."""
@@ -87,6 +90,24 @@ class Setup:
         self.x.grad = None
         self.lora_A.weight.grad = None
         self.lora_B.weight.grad = None
+
+    def folds(self) -> bool:
+        """Whether the fused step folds ``W + s B A`` (twice, without dropout): in float32 and float64 with rows *
+        (in + out) >= 2 in out, the rule of ``folding_pays_off`` in csrc/lora.cpp. 16-bit dtypes never fold."""
+        rows, out, in_ = self.x.numel() // self.x.shape[-1], *self.base.weight.shape
+        return self.dtype in (torch.float32, torch.float64) and rows * (in_ + out) >= 2 * in_ * out
+
+    def part(self, name: str, dropout: float) -> None:
+        """One part of the fused step on its own: ``fold`` (``lora_merge_`` on a copy of W: the reads, writes and
+        multiply-adds of the op's fold) or ``products`` (the backward's LoRA products, and with dropout their mask,
+        without dx's GEMM)."""
+        with torch.no_grad():
+            if name == "fold":
+                lora_merge_(self.scratch, self.lora_A.weight, self.lora_B.weight, self.scale)
+                return
+            seed = torch.zeros((), dtype=torch.int64)
+            weights = (self.base.weight, self.lora_A.weight, self.lora_B.weight)
+            torch.ops.d9d.lora_backward(self.grad_y, self.x, *weights, self.scale, dropout, seed, False)
 
     def saved_bytes(self, variant: str, dropout: float) -> int:
         """Bytes of the distinct tensors autograd saves for backward, excluding x and the parameters."""
@@ -124,6 +145,41 @@ def merge_bytes(setup: Setup) -> tuple[int, int]:
     return fused, allocated_bytes(unfused, setup.device)
 
 
+def parts_table(
+    times: dict[tuple[str, float], list[float]], parts: list[tuple[str, float]], base: list[float]
+) -> list[str]:
+    """The fused step's parts, each timed alone, against the base step, and what they add up to per dropout: how
+    much of the fused overhead is the work itself (the fold runs in the forward and the backward)."""
+    names = {
+        "fold": "fold `W + s B A` (`lora_merge_` on a copy of W; twice per step without dropout)",
+        "products": "backward's LoRA products",
+    }
+    lines = [
+        "| part of the fused step, timed alone | dropout | median (ms) | share of the base step |",
+        "| --- | --- | ---: | ---: |",
+    ]
+    share = {part: paired_overhead(times[part], base) + 1 for part in parts}
+    for name, p in parts:
+        detail = " and mask" if name == "products" and p > 0 else ""
+        lines.append(
+            f"| {names[name]}{detail} | {p:g} | {statistics.median(times[(name, p)]) * 1e3:.2f} | "
+            f"{100 * share[(name, p)]:.1f}% |"
+        )
+    sums = []
+    for p in sorted({p for _, p in parts}):
+        folds = 2 * share[("fold", 0.0)] if p == 0 and ("fold", 0.0) in share else 0.0
+        what = "two folds and the products" if folds else "the products" + (" and their mask" if p > 0 else "")
+        sums.append(f"dropout {p:g}: {what}, {100 * (folds + share[('products', p)]):.1f}%")
+    # Without a fold the forward writes a LoRA term onto y, which has no op of its own to time.
+    untimed = "with dropout, the forward's LoRA term" if ("fold", 0.0) in share else "the forward's LoRA term"
+    lines += [
+        "",
+        f"The fused step's own work, timed alone, as a share of the base step ({untimed} is not timed alone): "
+        f"{'; '.join(sums)}.",
+    ]
+    return lines
+
+
 def report(args: argparse.Namespace) -> str:
     """Runs every measurement and returns the markdown table."""
     torch.set_num_threads(args.threads) if args.threads else None
@@ -131,6 +187,9 @@ def report(args: argparse.Namespace) -> str:
     dropouts = [0.0, args.dropout]
     cases = [("base", 0.0)] + [(variant, p) for p in dropouts for variant in ("unfused", "fused")]
     steps = {case: functools.partial(setup.step, *case) for case in cases}
+    # The fused step's own work, timed alone in the same repeats: what the base step does not do.
+    parts = ([("fold", 0.0)] if setup.folds() else []) + [("products", p) for p in dropouts]
+    steps |= {part: functools.partial(setup.part, *part) for part in parts}
     times = time_interleaved(steps, args.repeats, args.warmup, device=setup.device)
     base = times[("base", 0.0)]
     x_bytes = setup.x.numel() * setup.x.element_size()
@@ -173,6 +232,7 @@ def report(args: argparse.Namespace) -> str:
             for p, t in zip(dropouts, targets, strict=True)
         ]
         lines.append(f"Targets for the fused overhead: {'; '.join(verdicts)}.")
+    lines += ["", *parts_table(times, parts, base)]
     fused, unfused = merge_bytes(setup)
     weight_bytes = setup.base.weight.numel() * setup.base.weight.element_size()
     lines += [
