@@ -64,7 +64,8 @@ class Setup:
         self.lora_A = nn.Linear(args.features, args.rank, bias=False, **kwargs)
         self.lora_B = nn.Linear(args.rank, args.out_features, bias=False, **kwargs)
         nn.init.normal_(self.lora_B.weight, std=0.02)
-        self.scratch = self.base.weight.detach().clone()  # what the fold part writes
+        self.scratch = self.base.weight.detach().clone()  # what the fold part merges into (it drifts by s B A a call)
+        self.seed = torch.zeros((), dtype=torch.int64)  # the parts' dropout seed (CPU, as the op wants)
 
     def forward(self, variant: str, dropout: float) -> torch.Tensor:
         """One forward of ``variant`` (base, unfused or fused) in training mode."""
@@ -91,23 +92,26 @@ class Setup:
         self.lora_A.weight.grad = None
         self.lora_B.weight.grad = None
 
-    def folds(self) -> bool:
+    def fused_step_folds(self) -> bool:
         """Whether the fused step folds ``W + s B A`` (twice, without dropout): in float32 and float64 with rows *
         (in + out) >= 2 in out, the rule of ``folding_pays_off`` in csrc/lora.cpp. 16-bit dtypes never fold."""
         rows, out, in_ = self.x.numel() // self.x.shape[-1], *self.base.weight.shape
         return self.dtype in (torch.float32, torch.float64) and rows * (in_ + out) >= 2 * in_ * out
 
     def part(self, name: str, dropout: float) -> None:
-        """One part of the fused step on its own: ``fold`` (``lora_merge_`` on a copy of W: the reads, writes and
-        multiply-adds of the op's fold) or ``products`` (the backward's LoRA products, and with dropout their mask,
-        without dx's GEMM)."""
+        """One part of the fused step on its own: ``fold`` or ``products`` (the backward's LoRA products, and with
+        dropout their mask; without dx, so neither its GEMM nor its LoRA part).
+
+        The op's fold has no op of its own, so ``fold`` times ``lora_merge_`` on a copy of W: the same multiply-adds
+        and a read and a write of W's size, in place, where the op's fold writes a separate scratch (and ATen's
+        out-of-place addmm took twice as long, copying W first). So it likely costs a little less than the op's fold.
+        """
         with torch.no_grad():
             if name == "fold":
                 lora_merge_(self.scratch, self.lora_A.weight, self.lora_B.weight, self.scale)
                 return
-            seed = torch.zeros((), dtype=torch.int64)
             weights = (self.base.weight, self.lora_A.weight, self.lora_B.weight)
-            torch.ops.d9d.lora_backward(self.grad_y, self.x, *weights, self.scale, dropout, seed, False)
+            torch.ops.d9d.lora_backward(self.grad_y, self.x, *weights, self.scale, dropout, self.seed, False)
 
     def saved_bytes(self, variant: str, dropout: float) -> int:
         """Bytes of the distinct tensors autograd saves for backward, excluding x and the parameters."""
@@ -151,13 +155,14 @@ def parts_table(
     """The fused step's parts, each timed alone, against the base step, and what they add up to per dropout: how
     much of the fused overhead is the work itself (the fold runs in the forward and the backward)."""
     names = {
-        "fold": "fold `W + s B A` (`lora_merge_` on a copy of W; twice per step without dropout)",
+        "fold": "fold `W + s B A` (as `lora_merge_` in place on a copy of W; twice per step without dropout)",
         "products": "backward's LoRA products",
     }
     lines = [
         "| part of the fused step, timed alone | dropout | median (ms) | share of the base step |",
         "| --- | --- | ---: | ---: |",
     ]
+    # Median over repeats of part time / base time; the sums below add these medians, an estimate.
     share = {part: paired_overhead(times[part], base) + 1 for part in parts}
     for name, p in parts:
         detail = " and mask" if name == "products" and p > 0 else ""
@@ -167,14 +172,15 @@ def parts_table(
         )
     sums = []
     for p in sorted({p for _, p in parts}):
-        folds = 2 * share[("fold", 0.0)] if p == 0 and ("fold", 0.0) in share else 0.0
-        what = "two folds and the products" if folds else "the products" + (" and their mask" if p > 0 else "")
-        sums.append(f"dropout {p:g}: {what}, {100 * (folds + share[('products', p)]):.1f}%")
-    # Without a fold the forward writes a LoRA term onto y, which has no op of its own to time.
-    untimed = "with dropout, the forward's LoRA term" if ("fold", 0.0) in share else "the forward's LoRA term"
+        fold_share = 2 * share[("fold", 0.0)] if p == 0 and ("fold", 0.0) in share else 0.0
+        what = "two folds and the products" if fold_share else "the products" + (" and their mask" if p > 0 else "")
+        sums.append(f"dropout {p:g}: {what}, about {100 * (fold_share + share[('products', p)]):.1f}%")
+    # Where the step does not fold, the forward writes a LoRA term onto y and the backward one onto dx; neither has
+    # an op of its own to time.
+    untimed = ("with dropout, " if ("fold", 0.0) in share else "") + "the LoRA terms of y and dx are not timed alone"
     lines += [
         "",
-        f"The fused step's own work, timed alone, as a share of the base step ({untimed} is not timed alone): "
+        f"The fused step's own work, timed alone, as a share of the base step ({untimed}): "
         f"{'; '.join(sums)}.",
     ]
     return lines
@@ -188,7 +194,7 @@ def report(args: argparse.Namespace) -> str:
     cases = [("base", 0.0)] + [(variant, p) for p in dropouts for variant in ("unfused", "fused")]
     steps = {case: functools.partial(setup.step, *case) for case in cases}
     # The fused step's own work, timed alone in the same repeats: what the base step does not do.
-    parts = ([("fold", 0.0)] if setup.folds() else []) + [("products", p) for p in dropouts]
+    parts = ([("fold", 0.0)] if setup.fused_step_folds() else []) + [("products", p) for p in sorted(set(dropouts))]
     steps |= {part: functools.partial(setup.part, *part) for part in parts}
     times = time_interleaved(steps, args.repeats, args.warmup, device=setup.device)
     base = times[("base", 0.0)]
