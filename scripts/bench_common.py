@@ -9,6 +9,7 @@ module as ``bench_common`` from any working directory. It loads d9d's compiled e
 import os
 import platform
 import random
+import re
 import shlex
 import statistics
 import sys
@@ -38,6 +39,15 @@ def cpu_model(fallback: str | None = None) -> str:
     if fallback is not None:
         return fallback
     return platform.processor() or "unknown CPU"
+
+
+def cpu_family(model: str | None = None) -> str:
+    """A short name of the CPU for a section heading: its model name without trademarks, "Processor", "CPU", core
+    counts and clock (``"Intel(R) Xeon(R) Processor"`` -> ``"Intel Xeon"``), so that each CPU keeps its own section."""
+    name = cpu_model() if model is None else model
+    name = re.sub(r"\((R|TM|tm|r)\)", "", name)
+    name = re.sub(r"@.*$|\b\d+-Core\b|\bProcessor\b|\bCPU\b", "", name)
+    return " ".join(name.split()) or "unknown CPU"
 
 
 def cpu_capabilities() -> str:
@@ -70,6 +80,12 @@ def allocator_tag() -> str:
     BENCHMARKS.md, so that ``--write`` keeps one section per allocator."""
     allocator = memory_allocator()
     return "" if allocator == "system malloc" else f", {allocator}"
+
+
+def cpu_section(what: str, *parts: str) -> str:
+    """The BENCHMARKS.md heading of a CPU section: ``## <what> (CPU, <cpu family>[, <part>...][, <allocator>])``, one
+    per CPU, capability and allocator, so that a run on another machine adds its own section."""
+    return f"## {what} ({', '.join(['CPU', cpu_family(), *parts])}{allocator_tag()})"
 
 
 def minor_page_faults() -> int:

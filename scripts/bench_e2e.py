@@ -14,7 +14,7 @@ timed step too.
 On the CPU the memory allocator matters as much as the kernels. With glibc's malloc, every large tensor comes as
 fresh pages on every step, and their page faults took an eighth to a quarter of a step and most of the run-to-run
 noise here; tcmalloc keeps its pages, so a step faults almost never. The table names the allocator, and ``--write``
-keeps a section per allocator (Debian's libtcmalloc-minimal4 has it):
+keeps a section per CPU and allocator (Debian's libtcmalloc-minimal4 has it):
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python scripts/bench_e2e.py
 
@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 from bench_common import (
     SavedBytes,
-    allocator_tag,
     command_line,
     cpu_capabilities,
     cpu_model,
+    cpu_section,
     memory_allocator,
     mib,
     minor_page_faults,
@@ -246,7 +246,7 @@ def main() -> None:
         print(tables[-1] + "\n", flush=True)  # each table as soon as it is measured
     body = "\n\n".join(tables)
     if args.write:
-        heading = f"## Whole model (CPU{allocator_tag()})" if args.device == "cpu" else "## Whole model (GPU)"
+        heading = cpu_section("Whole model") if args.device == "cpu" else "## Whole model (GPU)"
         write_section(args.write, heading, command_line("scripts/bench_e2e.py"), body)
 
 

@@ -16,8 +16,8 @@ the bytes that merging allocates (fused ``lora_merge_`` vs ``W += s * (B @ A)``)
 
 The table header names the CPU, the capability that ATen and d9d's kernels run (``ATEN_CPU_CAPABILITY`` picks a
 lower one) and the memory allocator (a preloaded tcmalloc spares the unfused form's extra tensors their page faults;
-see bench_e2e.py); ``--write`` keeps one section per device, capability and allocator. To emulate an AVX2-only CPU
-on an AVX-512 one, pin MKL and oneDNN too, so that the base GEMMs do not keep using AVX-512:
+see bench_e2e.py); ``--write`` keeps one section per device, CPU, capability and allocator. To emulate an AVX2-only
+CPU on an AVX-512 one, pin MKL and oneDNN too, so that the base GEMMs do not keep using AVX-512:
 
     ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 python scripts/bench_lora.py
 """
@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 from bench_common import (
     SavedBytes,
-    allocator_tag,
     command_line,
     cpu_memory_events,
+    cpu_section,
     machine,
     mib,
     overhead_quartiles,
@@ -269,14 +269,16 @@ def main() -> None:
     )
     parser.add_argument("--write", type=Path, help="markdown file whose section gets the table (e.g. BENCHMARKS.md)")
     parser.add_argument(
-        "--section", default=None, help="section heading (default: ## LoRA ops (CPU, <capability>) or (GPU))"
+        "--section",
+        default=None,
+        help="section heading (default: ## LoRA ops (CPU, <cpu>, <capability>[, <allocator>]) or (GPU))",
     )
     args = parser.parse_args()
     table = report(args)
     print(table)
     if args.write:
-        where = f"CPU, {torch.backends.cpu.get_cpu_capability()}{allocator_tag()}" if args.device == "cpu" else "GPU"
-        heading = args.section or f"## LoRA ops ({where})"
+        cpu_heading = cpu_section("LoRA ops", torch.backends.cpu.get_cpu_capability())
+        heading = args.section or (cpu_heading if args.device == "cpu" else "## LoRA ops (GPU)")
         write_section(args.write, heading, command_line("scripts/bench_lora.py"), table, new_first=True)
 
 

@@ -89,13 +89,15 @@ def test_autocast_kernels_are_registered_for_cpu_and_cuda():
 def test_float32_adapters_pass_through_autocast_uncast():
     # A float32 pair goes into the op as it is, so dA and dB are the op's float32 results, bit for bit the same as
     # a direct call in bfloat16 with float32 adapters (a cast under autocast would round them to bfloat16 first).
+    # Three blocks of rows: with dropout the op sums each block's products over blocks in float32, whether AMX or
+    # ATen's 16-bit GEMMs take the products (ATen's blocks hold 2^19 bfloat16 elements, 8192 rows of 64 here).
     torch.manual_seed(0)
-    x = torch.randn(2048, 64)
+    x = torch.randn(3 * 8192, 64)
     weight = torch.randn(48, 64) / 8
     lora_A = (torch.randn(4, 64) / 8).requires_grad_()
     lora_B = torch.randn(48, 4).requires_grad_()
     seed = torch.tensor([9])
-    grad_y = torch.randn(2048, 48).bfloat16()
+    grad_y = torch.randn(3 * 8192, 48).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = torch.ops.d9d.lora_forward(x, weight, None, lora_A, lora_B, 0.5, 0.25, seed)
     y.backward(grad_y)
