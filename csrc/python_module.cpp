@@ -2,7 +2,9 @@
 // Only setup.py compiles this file, so the other sources build without Python headers (see CMakeLists.txt).
 #include <Python.h>
 
-#include "cpu/amx_gemm.h"
+#include <c10/util/Exception.h>
+
+#include "cpu/skinny_gemm.h"
 #include "cpu/vec_kernels.h"
 
 namespace {
@@ -13,15 +15,21 @@ PyObject* cpu_kernels_capability(PyObject* /*module*/, PyObject* /*unused*/) {
   return PyUnicode_FromString(d9d::cpu::vec_kernels().capability);
 }
 
-// Whether the bfloat16 skinny products run on d9d's AMX kernels in this process (else on ATen's GEMMs).
-PyObject* cpu_amx_bf16(PyObject* /*module*/, PyObject* /*unused*/) {
-  return PyBool_FromLong(d9d::amx_bf16_available() ? 1 : 0);
+// What runs the bfloat16 skinny products in this process: "AMX", "AVX512_BF16" (d9d's kernels) or "ATen".
+PyObject* cpu_bf16_kernels(PyObject* /*module*/, PyObject* /*unused*/) {
+  try {
+    return PyUnicode_FromString(d9d::cpu_bf16_kernels());
+  } catch (const c10::Error& error) {  // a bad D9D_CPU_BF16_KERNELS
+    PyErr_SetString(PyExc_RuntimeError, error.what_without_backtrace());
+    return nullptr;
+  }
 }
 
 PyMethodDef methods[] = {
     {"cpu_kernels_capability", cpu_kernels_capability, METH_NOARGS,
      "The CPU capability whose build of the vectorized kernels the ops use."},
-    {"cpu_amx_bf16", cpu_amx_bf16, METH_NOARGS, "Whether the bfloat16 skinny products run on d9d's AMX kernels."},
+    {"cpu_bf16_kernels", cpu_bf16_kernels, METH_NOARGS,
+     "What runs the bfloat16 skinny products: AMX, AVX512_BF16 (d9d's kernels) or ATen."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -1,5 +1,6 @@
 // The CPU's SkinnyKernels (see ../lora.h): the float32 skinny GEMMs of the LoRA backward and the fold W + s B A, on
-// the vectorized kernels of the running CPU's capability (vec_kernels.h); bfloat16's are in amx_gemm.cpp.
+// the vectorized kernels of the running CPU's capability (vec_kernels.h); bfloat16's are in amx_gemm.cpp and
+// avx512_bf16_gemm.cpp.
 #include "skinny_gemm.h"
 
 #include <ATen/ATen.h>
@@ -7,9 +8,12 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "amx_gemm.h"
+#include "avx512_bf16_gemm.h"
 #include "vec_kernels.h"
 
 namespace d9d {
@@ -122,7 +126,31 @@ const SkinnyKernels kFloatSkinnyKernels{
     nullptr,
     fold};
 
+// The bfloat16 kernels that run here (see cpu_bf16_kernels), or nullptr for ATen's GEMMs.
+const SkinnyKernels* bf16_kernels() {
+  static const SkinnyKernels* const kernels = [] {
+    const char* cap = std::getenv("D9D_CPU_BF16_KERNELS");
+    const std::string most = cap != nullptr && *cap != '\0' ? cap : "amx";
+    TORCH_CHECK(most == "amx" || most == "avx512_bf16" || most == "aten",
+                "D9D_CPU_BF16_KERNELS must be amx, avx512_bf16 or aten (the most that the bfloat16 products may use), "
+                "got '", most, "'");
+    if (most == "amx" && amx_bf16_available()) {
+      return &kAmxSkinnyKernels;
+    }
+    if (most != "aten" && avx512_bf16_available()) {
+      return &kAvx512Bf16SkinnyKernels;
+    }
+    return static_cast<const SkinnyKernels*>(nullptr);
+  }();
+  return kernels;
+}
+
 }  // namespace
+
+const char* cpu_bf16_kernels() {
+  const SkinnyKernels* kernels = bf16_kernels();
+  return kernels == &kAmxSkinnyKernels ? "AMX" : kernels == &kAvx512Bf16SkinnyKernels ? "AVX512_BF16" : "ATen";
+}
 
 const SkinnyKernels* cpu_skinny_kernels_for(const at::Tensor& x) {
   static const bool vectorized = vectorized_build();
@@ -132,8 +160,8 @@ const SkinnyKernels* cpu_skinny_kernels_for(const at::Tensor& x) {
   if (x.scalar_type() == at::kFloat && vectorized) {
     return &kFloatSkinnyKernels;
   }
-  if (x.scalar_type() == at::kBFloat16 && amx_bf16_available()) {
-    return &kAmxSkinnyKernels;
+  if (x.scalar_type() == at::kBFloat16) {
+    return bf16_kernels();
   }
   return nullptr;
 }

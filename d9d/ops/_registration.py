@@ -26,8 +26,13 @@ def cpu_kernels_capability() -> str:
 
 def cpu_bfloat16_kernels() -> str:
     """What runs the bfloat16 LoRA products on the CPU here: "AMX" (d9d's kernels, on CPUs with AMX-BF16 under the
-    AVX512 capability) or "ATen" (oneDNN's GEMMs)."""
-    return "AMX" if d9d._C.cpu_amx_bf16() else "ATen"
+    AVX512 capability), "AVX512_BF16" (d9d's kernels, on CPUs with AVX512_BF16 but no AMX, under the AVX512
+    capability) or "ATen" (oneDNN's GEMMs).
+
+    The environment variable ``D9D_CPU_BF16_KERNELS`` (``amx``, ``avx512_bf16`` or ``aten``) caps the choice, as
+    ``ONEDNN_MAX_CPU_ISA`` caps oneDNN's; it is read once per process.
+    """
+    return d9d._C.cpu_bf16_kernels()
 
 
 def draw_seed() -> torch.Tensor:

@@ -209,7 +209,7 @@ PER_CAPABILITY_TESTS = [
     "test_dy_carrying_both_products_with_a_lora_dx_matches_reference",
     "test_inputs_spanning_many_blocks_and_threads_match_reference",
     "test_bfloat16_products_at_every_tile_edge_match_reference",
-    "test_bfloat16_kernels_are_amx_exactly_where_the_cpu_has_it",
+    "test_bfloat16_kernels_are_the_best_that_the_cpu_has",
     "test_folded_weights_of_other_shapes_and_dtypes_in_turn_match_reference",
     "test_one_input_or_output_feature_with_any_strides",
     "test_same_seed_same_mask_whatever_the_thread_count",
@@ -235,15 +235,60 @@ def test_every_cpu_capability_matches_reference(capability):
     assert " passed" in result.stdout
 
 
-def test_bfloat16_kernels_are_amx_exactly_where_the_cpu_has_it():
-    # The AMX kernels run under ATen's AVX512 capability on a Linux CPU with AMX-BF16 (whose kernel grants the tile
-    # state, as every kernel with AMX support does); everywhere else the bfloat16 products stay on ATen's GEMMs.
-    flags = set()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as info:
-            flags = {flag for line in info if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
-    expected = "AMX" if {"amx_tile", "amx_bf16"} <= flags and cpu_kernels_capability() == "AVX512" else "ATen"
-    assert cpu_bfloat16_kernels() == expected
+def _cpu_flags() -> set[str]:
+    if not os.path.exists("/proc/cpuinfo"):
+        return set()
+    with open("/proc/cpuinfo") as info:
+        return {flag for line in info if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def _bf16_kernels_expected(flags: set[str], most: str = "amx") -> str:
+    """What should run the bfloat16 products with D9D_CPU_BF16_KERNELS=most on a CPU with these flags."""
+    if cpu_kernels_capability() != "AVX512" or most == "aten":
+        return "ATen"
+    if most == "amx" and {"amx_tile", "amx_bf16"} <= flags:
+        return "AMX"
+    return "AVX512_BF16" if "avx512_bf16" in flags else "ATen"
+
+
+def test_bfloat16_kernels_are_the_best_that_the_cpu_has():
+    # Under ATen's AVX512 capability on Linux: AMX on a CPU with AMX-BF16 (whose kernel grants the tile state, as
+    # every kernel with AMX support does), else AVX512_BF16 where the CPU has it; everywhere else the bfloat16
+    # products stay on ATen's GEMMs.
+    assert cpu_bfloat16_kernels() == _bf16_kernels_expected(_cpu_flags(), os.environ.get("D9D_CPU_BF16_KERNELS", "amx"))
+
+
+def test_a_bad_bf16_kernels_cap_names_the_variable():
+    probe = "import d9d.ops; from d9d.ops._registration import cpu_bfloat16_kernels; cpu_bfloat16_kernels()"
+    env = {**os.environ, "D9D_CPU_BF16_KERNELS": "amx2"}
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "D9D_CPU_BF16_KERNELS must be amx, avx512_bf16 or aten" in result.stderr
+    assert "'amx2'" in result.stderr
+
+
+# The bfloat16 tests again in a process capped to each lower kernel family that this CPU runs (AVX512_BF16 on a CPU
+# with AMX, and ATen's GEMMs), so that every family is tested wherever the CPU has it.
+BF16_KERNEL_TESTS = ["test_bfloat16_products_at_every_tile_edge_match_reference", "test_bfloat16_kernels_are_the_best",
+                     "test_inputs_spanning_many_blocks_and_threads_match_reference and bfloat16",
+                     "test_float32_adapters_get_the_float32_sums_unrounded"]
+
+
+@pytest.mark.parametrize("most", ["avx512_bf16", "aten"])
+def test_every_bf16_kernel_family_matches_reference(most):
+    expected = _bf16_kernels_expected(_cpu_flags(), most)
+    if expected == _bf16_kernels_expected(_cpu_flags()):
+        pytest.skip(f"the run without the cap already covers {expected} here")
+    selection = " or ".join(f"({name})" for name in BF16_KERNEL_TESTS)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selection],
+        env={**os.environ, "D9D_CPU_BF16_KERNELS": most},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout
 
 
 # bfloat16 on AMX (d9d's kernels where cpu_bfloat16_kernels() is "AMX", else ATen's GEMMs, which the avx2 and default

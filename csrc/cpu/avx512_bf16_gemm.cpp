@@ -1,0 +1,254 @@
+// The bfloat16 skinny products of the LoRA ops on AVX512_BF16 (kAvx512Bf16SkinnyKernels, see avx512_bf16_gemm.h),
+// for CPUs that have it but no AMX (AMD Zen 4 and later, Intel Cooper Lake).
+//
+// oneDNN runs these N x r shapes at 40 to 65% of its rate on the base GEMMs there (on the Zen 4 of BENCHMARKS.md,
+// one thread: 36 to 64 G multiply-adds/s against 97). One vdpbf16ps multiplies 16 pairs of bfloat16 by one pair
+// broadcast from the other operand and adds them to 16 float32 sums:
+//   mm:         out = p q: a pair of p's columns broadcast per row, 16 rows at a time (16 sums in registers), each
+//               pair of q's rows (depth x rp, small) interleaved in registers.
+//   accumulate: acc^T += q^T p, with pairs of p's rows interleaved in registers, 16 columns at a time, and q's pairs
+//               broadcast from an interleaved copy (n x rp, small). The sums are rp x depth
+//               (SkinnyKernels::transposed_sums), 16 rows of them in registers over all of p's rows.
+// The LoRA term (y from xa, dx's part from g) stays on oneDNN, which runs that shape near its full rate.
+#include "avx512_bf16_gemm.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "vec_kernels.h"
+
+// The AVX512_BF16 intrinsics and target need GCC 10 or Clang 9 (Clang also defines __GNUC__, as 4).
+#if defined(__x86_64__) && \
+    ((defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10))
+#define D9D_AVX512_BF16 1
+#include <cpuid.h>
+#include <immintrin.h>
+#endif
+
+namespace d9d {
+
+#ifdef D9D_AVX512_BF16
+namespace {
+
+// Whether CPUID leaf 7, subleaf 1, reports AVX512_BF16 (EAX bit 5).
+bool cpu_has_avx512_bf16() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) == 0 || eax < 1) {  // eax: the highest subleaf
+    return false;
+  }
+  __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx);
+  return (eax & (1u << 5)) != 0;
+}
+
+}  // namespace
+
+bool avx512_bf16_available() {
+  static const bool available =
+      std::strcmp(cpu::vec_kernels().capability, "AVX512") == 0 && cpu_has_avx512_bf16();
+  return available;
+}
+
+namespace {
+
+// The kernels below are compiled for AVX-512 with AVX512_BF16 and run only where avx512_bf16_available().
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")
+#endif
+
+#include "bf16_pairs.h"
+
+// Rows of p per register tile of mm: 16 float32 sums, one per row, cover vdpbf16ps's latency.
+constexpr int kRows = 16;
+
+// 16 float32 sums += a pair of bfloat16 broadcast (`pair`: the first in the low half) times 16 interleaved pairs.
+__m512 dot_pairs(__m512 sums, uint32_t pair, __m512i pairs) {
+  return _mm512_dpbf16_ps(sums, (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(pair)), (__m512bh)pairs);
+}
+
+// Columns 2k and 2k + 1 of a row of bfloat16, as one 32-bit word.
+uint32_t pair_at(const uint16_t* row, int64_t k) {
+  uint32_t word = 0;
+  std::memcpy(&word, row + 2 * k, sizeof(word));
+  return word;
+}
+
+// 16 bfloat16 of q's row k, columns [j, j + 16).
+__m256i q_row(const uint16_t* q, int64_t rp, int64_t k, int64_t j) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + k * rp + j));
+}
+
+// Rows [0, R) of out = p q for columns [j, j + 16), q (depth x rp) contiguous. Each pair of q's rows is interleaved
+// in registers once for R vdpbf16ps: cheaper than a packed copy of q per call, which the op's small blocks repeat.
+template <int R>
+void mm_tile(const uint16_t* p, int64_t ldp, int64_t depth, const uint16_t* q, int64_t rp, int64_t j, uint16_t* out,
+             int64_t ldo) {
+  __m512 sums[R];
+  for (int i = 0; i < R; ++i) {
+    sums[i] = _mm512_setzero_ps();
+  }
+  const int64_t pairs = depth / 2;
+  for (int64_t k = 0; k < pairs; ++k) {
+    const __m512i q_pairs = interleave(q_row(q, rp, 2 * k, j), q_row(q, rp, 2 * k + 1, j));
+    for (int i = 0; i < R; ++i) {
+      sums[i] = dot_pairs(sums[i], pair_at(p + i * ldp, k), q_pairs);
+    }
+  }
+  if (depth % 2 != 0) {  // the last column, paired with a zero row of q
+    const __m512i q_pairs = interleave(q_row(q, rp, depth - 1, j), _mm256_setzero_si256());
+    for (int i = 0; i < R; ++i) {
+      sums[i] = dot_pairs(sums[i], p[i * ldp + depth - 1], q_pairs);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * ldo + j), to_bf16(sums[i]));
+  }
+}
+
+// out (n x rp, rows ldo apart) = p (n x depth, rows ldp apart) q (depth x rp, contiguous), rp % 16 == 0.
+void bf16_mm(const uint16_t* p, int64_t ldp, int64_t n, int64_t depth, const uint16_t* q, int64_t rp, uint16_t* out,
+             int64_t ldo) {
+  for (int64_t j = 0; j < rp; j += kLanes) {
+    int64_t i = 0;
+    for (; i + kRows <= n; i += kRows) {
+      mm_tile<kRows>(p + i * ldp, ldp, depth, q, rp, j, out + i * ldo, ldo);
+    }
+    // The rows left over, 8, 4, 2 and 1 at a time.
+    if (i + 8 <= n) {
+      mm_tile<8>(p + i * ldp, ldp, depth, q, rp, j, out + i * ldo, ldo);
+      i += 8;
+    }
+    if (i + 4 <= n) {
+      mm_tile<4>(p + i * ldp, ldp, depth, q, rp, j, out + i * ldo, ldo);
+      i += 4;
+    }
+    if (i + 2 <= n) {
+      mm_tile<2>(p + i * ldp, ldp, depth, q, rp, j, out + i * ldo, ldo);
+      i += 2;
+    }
+    if (i < n) {
+      mm_tile<1>(p + i * ldp, ldp, depth, q, rp, j, out + i * ldo, ldo);
+    }
+  }
+}
+
+// acc (rp x depth, float32, contiguous) += q^T p for p (n x depth, rows ldp apart) and q (n x rp, contiguous),
+// rp % 16 == 0. Per 16 columns of p and 16 rows of acc: each pair of p's rows is loaded and interleaved once for 16
+// vdpbf16ps, whose other operand is a pair of q's rows broadcast from the interleaved copy.
+void bf16_accumulate(const uint16_t* p, int64_t ldp, int64_t n, int64_t depth, const uint16_t* q, int64_t rp,
+                     float* acc) {
+  const int64_t n_pad = round_up(std::max<int64_t>(n, 1), 2);
+  at::Tensor buffer = at::empty({n_pad * rp}, at::TensorOptions().dtype(at::kBFloat16));
+  uint16_t* packed = reinterpret_cast<uint16_t*>(buffer.mutable_data_ptr());
+  interleave_panel(q, n, rp, n_pad, packed);
+  const uint32_t* q_pairs = reinterpret_cast<const uint32_t*>(packed);
+  const int64_t pairs = n / 2;
+  for (int64_t c0 = 0; c0 < rp; c0 += kLanes) {
+    for (int64_t d0 = 0; d0 < depth; d0 += kLanes) {
+      const __mmask16 valid = first_lanes(depth - d0);
+      float* sums_at = acc + c0 * depth + d0;
+      __m512 sums[kLanes];
+      for (int c = 0; c < kLanes; ++c) {
+        sums[c] = _mm512_maskz_loadu_ps(valid, sums_at + c * depth);
+      }
+      const uint16_t* rows = p + d0;
+      for (int64_t m = 0; m < pairs; ++m) {
+        const __m256i a = _mm256_maskz_loadu_epi16(valid, rows + 2 * m * ldp);
+        const __m256i b = _mm256_maskz_loadu_epi16(valid, rows + (2 * m + 1) * ldp);
+        const __m512i both = interleave(a, b);
+        const uint32_t* q_row = q_pairs + m * rp + c0;
+        for (int c = 0; c < kLanes; ++c) {
+          sums[c] = dot_pairs(sums[c], q_row[c], both);
+        }
+      }
+      if (n % 2 != 0) {  // the last row, paired with a zero row (q's interleaved copy has zeros there too)
+        const __m512i both = interleave(_mm256_maskz_loadu_epi16(valid, rows + (n - 1) * ldp), _mm256_setzero_si256());
+        const uint32_t* q_row = q_pairs + pairs * rp + c0;
+        for (int c = 0; c < kLanes; ++c) {
+          sums[c] = dot_pairs(sums[c], q_row[c], both);
+        }
+      }
+      for (int c = 0; c < kLanes; ++c) {
+        _mm512_mask_storeu_ps(sums_at + c * depth, valid, sums[c]);
+      }
+    }
+  }
+}
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+// The operands as the LoRA ops pass them: p a block of rows (columns contiguous), q, out and acc panels of rp
+// columns. Checked in full; these are internal calls, so a failure is a bug.
+void check_operands(const char* what, const at::Tensor& p, const at::Tensor& q, int64_t rp) {
+  TORCH_CHECK(p.dim() == 2 && (p.size(1) <= 1 || p.stride(1) == 1) && p.scalar_type() == at::kBFloat16 &&
+                  q.is_contiguous() && q.scalar_type() == at::kBFloat16 && q.size(1) == rp && rp % kLanes == 0,
+              what, ": internal error, unsupported operands ", p.sizes(), " ", q.sizes());
+}
+
+const uint16_t* bf16_data(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr()); }
+
+void mm(const at::Tensor& p, const at::Tensor& q, const at::Tensor& out, MemorySpan /*ahead*/) {
+  check_operands("avx512_bf16 mm", p, q, out.size(1));
+  TORCH_CHECK(p.size(1) == q.size(0) && out.dim() == 2 && out.size(0) == p.size(0) && out.stride(1) == 1 &&
+                  out.scalar_type() == at::kBFloat16,
+              "avx512_bf16 mm: internal error, shapes ", p.sizes(), " ", q.sizes(), " ", out.sizes());
+  bf16_mm(bf16_data(p), p.stride(0), p.size(0), p.size(1), bf16_data(q), q.size(1),
+          reinterpret_cast<uint16_t*>(out.mutable_data_ptr()), out.stride(0));
+}
+
+void accumulate(const at::Tensor& p, const at::Tensor& q, const at::Tensor& acc, MemorySpan /*ahead*/) {
+  check_operands("avx512_bf16 accumulate", p, q, acc.size(0));
+  TORCH_CHECK(p.size(0) == q.size(0) && acc.dim() == 2 && acc.size(1) == p.size(1) && acc.is_contiguous() &&
+                  acc.scalar_type() == at::kFloat,
+              "avx512_bf16 accumulate: internal error, shapes ", p.sizes(), " ", q.sizes(), " ", acc.sizes());
+  bf16_accumulate(bf16_data(p), p.stride(0), p.size(0), p.size(1), bf16_data(q), q.size(1),
+                  acc.mutable_data_ptr<float>());
+}
+
+// Both read p, which the block loop keeps in cache between the two.
+void mm_accumulate(const at::Tensor& p, const at::Tensor& q, const at::Tensor& out, const at::Tensor& h,
+                   const at::Tensor& acc, MemorySpan ahead) {
+  mm(p, q, out, ahead);
+  accumulate(p, h, acc, {});
+}
+
+}  // namespace
+
+// Blocks of 256 KiB of bfloat16: a block of x and one of dy fit a Zen 4 core's 1 MiB of L2 together. As on AMX,
+// without dropout the backward takes these kernels from one block per worker, and the forward computes xa in one
+// oneDNN GEMM; its LoRA term is oneDNN's too (no expand here).
+const SkinnyKernels kAvx512Bf16SkinnyKernels{kLanes,
+                                             1 << 17,
+                                             kRows,
+                                             /*min_blocks_per_worker=*/1,
+                                             /*forward_without_dropout=*/false,
+                                             /*transposed_sums=*/true,
+                                             mm,
+                                             accumulate,
+                                             mm_accumulate,
+                                             /*expand_max_depth=*/0,
+                                             nullptr,
+                                             nullptr,
+                                             /*fold=*/nullptr};
+
+#else  // not x86-64 with GCC 10 or Clang 9 and later
+
+bool avx512_bf16_available() { return false; }
+
+const SkinnyKernels kAvx512Bf16SkinnyKernels{16,      1 << 17, 16, 1, false, true, nullptr, nullptr, nullptr, 0,
+                                             nullptr, nullptr, nullptr};
+
+#endif
+
+}  // namespace d9d
