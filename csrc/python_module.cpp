@@ -4,6 +4,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <exception>
+
 #include "cpu/skinny_gemm.h"
 #include "cpu/vec_kernels.h"
 
@@ -21,6 +23,9 @@ PyObject* cpu_bf16_kernels(PyObject* /*module*/, PyObject* /*unused*/) {
     return PyUnicode_FromString(d9d::cpu_bf16_kernels());
   } catch (const c10::Error& error) {  // a bad D9D_CPU_BF16_KERNELS
     PyErr_SetString(PyExc_RuntimeError, error.what_without_backtrace());
+    return nullptr;
+  } catch (const std::exception& error) {
+    PyErr_SetString(PyExc_RuntimeError, error.what());
     return nullptr;
   }
 }

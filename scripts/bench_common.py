@@ -23,8 +23,9 @@ from torch.autograd.profiler_util import EventList
 
 Key = TypeVar("Key", bound=Hashable)
 
-# Environment variables that pin the instruction set of ATen's, MKL's and oneDNN's CPU kernels.
-CAPABILITY_PINS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+# Environment variables that pin the instruction set of ATen's, MKL's and oneDNN's CPU kernels;
+# D9D_CPU_BF16_KERNELS caps d9d's bfloat16 kernels the same way.
+CAPABILITY_PINS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "D9D_CPU_BF16_KERNELS")
 
 
 def cpu_model(fallback: str | None = None) -> str:
@@ -51,7 +52,8 @@ def cpu_family(model: str | None = None) -> str:
 
 
 def cpu_capabilities() -> str:
-    """``capability <ATen's> (d9d kernels: <d9d's>, bfloat16 products: <AMX or ATen>)``: what runs on this CPU."""
+    """``capability <ATen's> (d9d kernels: <d9d's>, bfloat16 products: <AMX, AVX512_BF16 or ATen>)``: what runs on
+    this CPU."""
     from d9d.ops._registration import cpu_bfloat16_kernels, cpu_kernels_capability
 
     return (
@@ -84,7 +86,13 @@ def allocator_tag() -> str:
 
 def cpu_section(what: str, *parts: str) -> str:
     """The BENCHMARKS.md heading of a CPU section: ``## <what> (CPU, <cpu family>[, <part>...][, <allocator>])``, one
-    per CPU, capability and allocator, so that a run on another machine adds its own section."""
+    per CPU, capability and allocator, so that a run on another machine adds its own section. A run with d9d's
+    bfloat16 kernels capped (``D9D_CPU_BF16_KERNELS``) names the kernels that ran, so it does not replace the
+    uncapped run's section."""
+    if os.environ.get("D9D_CPU_BF16_KERNELS"):
+        from d9d.ops._registration import cpu_bfloat16_kernels
+
+        parts = (*parts, f"bfloat16 products: {cpu_bfloat16_kernels()}")
     return f"## {what} ({', '.join(['CPU', cpu_family(), *parts])}{allocator_tag()})"
 
 

@@ -9,7 +9,8 @@
 //   accumulate: acc^T += q^T p, with pairs of p's rows interleaved in registers, 16 columns at a time, and q's pairs
 //               broadcast from an interleaved copy (n x rp, small). The sums are rp x depth
 //               (SkinnyKernels::transposed_sums), 16 rows of them in registers over all of p's rows.
-// The LoRA term (y from xa, dx's part from g) stays on oneDNN, which runs that shape near its full rate.
+// The LoRA term (y from xa, dx's part from g) stays on oneDNN, which runs that shape at about three quarters of its
+// rate on the base GEMMs there (2 threads: 164 against 216 G multiply-adds/s).
 #include "avx512_bf16_gemm.h"
 
 #include <ATen/ATen.h>
@@ -18,6 +19,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "vec_kernels.h"
 
@@ -145,10 +147,10 @@ void bf16_mm(const uint16_t* p, int64_t ldp, int64_t n, int64_t depth, const uin
 void bf16_accumulate(const uint16_t* p, int64_t ldp, int64_t n, int64_t depth, const uint16_t* q, int64_t rp,
                      float* acc) {
   const int64_t n_pad = round_up(std::max<int64_t>(n, 1), 2);
-  at::Tensor buffer = at::empty({n_pad * rp}, at::TensorOptions().dtype(at::kBFloat16));
-  uint16_t* packed = reinterpret_cast<uint16_t*>(buffer.mutable_data_ptr());
-  interleave_panel(q, n, rp, n_pad, packed);
-  const uint32_t* q_pairs = reinterpret_cast<const uint32_t*>(packed);
+  thread_local std::vector<uint16_t> packed;  // per worker, reused by its blocks
+  packed.resize(n_pad * rp);
+  interleave_panel(q, n, rp, n_pad, packed.data());
+  const uint32_t* q_pairs = reinterpret_cast<const uint32_t*>(packed.data());
   const int64_t pairs = n / 2;
   for (int64_t c0 = 0; c0 < rp; c0 += kLanes) {
     for (int64_t d0 = 0; d0 < depth; d0 += kLanes) {
@@ -163,16 +165,16 @@ void bf16_accumulate(const uint16_t* p, int64_t ldp, int64_t n, int64_t depth, c
         const __m256i a = _mm256_maskz_loadu_epi16(valid, rows + 2 * m * ldp);
         const __m256i b = _mm256_maskz_loadu_epi16(valid, rows + (2 * m + 1) * ldp);
         const __m512i both = interleave(a, b);
-        const uint32_t* q_row = q_pairs + m * rp + c0;
+        const uint32_t* q_pair_row = q_pairs + m * rp + c0;
         for (int c = 0; c < kLanes; ++c) {
-          sums[c] = dot_pairs(sums[c], q_row[c], both);
+          sums[c] = dot_pairs(sums[c], q_pair_row[c], both);
         }
       }
       if (n % 2 != 0) {  // the last row, paired with a zero row (q's interleaved copy has zeros there too)
         const __m512i both = interleave(_mm256_maskz_loadu_epi16(valid, rows + (n - 1) * ldp), _mm256_setzero_si256());
-        const uint32_t* q_row = q_pairs + pairs * rp + c0;
+        const uint32_t* q_pair_row = q_pairs + pairs * rp + c0;
         for (int c = 0; c < kLanes; ++c) {
-          sums[c] = dot_pairs(sums[c], q_row[c], both);
+          sums[c] = dot_pairs(sums[c], q_pair_row[c], both);
         }
       }
       for (int c = 0; c < kLanes; ++c) {

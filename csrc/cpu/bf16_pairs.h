@@ -1,5 +1,5 @@
-// AVX-512 helpers of the bfloat16 kernels (amx_gemm.cpp, avx512_bf16_gemm.cpp): rounding to bfloat16, and the pairs
-// of rows that tdpbf16ps and vdpbf16ps take as their second operand. Include it inside an anonymous namespace, in a
+// AVX-512 helpers of the bfloat16 kernels (amx_gemm.cpp, avx512_bf16_gemm.cpp): lane masks, rounding to bfloat16,
+// and the pairs of rows that tdpbf16ps and vdpbf16ps take as their second operand. Include it inside an anonymous namespace, in a
 // region compiled for AVX-512 (avx512f, avx512bw, avx512vl), after <immintrin.h>.
 #pragma once
 

@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -130,7 +131,8 @@ const SkinnyKernels kFloatSkinnyKernels{
 const SkinnyKernels* bf16_kernels() {
   static const SkinnyKernels* const kernels = [] {
     const char* cap = std::getenv("D9D_CPU_BF16_KERNELS");
-    const std::string most = cap != nullptr && *cap != '\0' ? cap : "amx";
+    std::string most = cap != nullptr && *cap != '\0' ? cap : "amx";
+    std::transform(most.begin(), most.end(), most.begin(), [](unsigned char c) { return std::tolower(c); });
     TORCH_CHECK(most == "amx" || most == "avx512_bf16" || most == "aten",
                 "D9D_CPU_BF16_KERNELS must be amx, avx512_bf16 or aten (the most that the bfloat16 products may use), "
                 "got '", most, "'");

@@ -1,6 +1,7 @@
 """The fused LoRA apply op (``lora_linear`` / ``d9d::lora_forward`` / ``d9d::lora_backward``) against references."""
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -13,6 +14,11 @@ from d9d.ops import lora_linear
 from d9d.ops._registration import cpu_bfloat16_kernels, cpu_kernels_capability, draw_seed
 from d9d.ops.lora import dropout_mask
 from tests.fixtures import DEVICES
+
+
+def dtype_id(dtype: torch.dtype) -> str:
+    """A parametrize id such as "bfloat16", so that ``-k bfloat16`` selects by dtype."""
+    return str(dtype).removeprefix("torch.")
 
 pytestmark = pytest.mark.local
 
@@ -61,7 +67,7 @@ def assert_op_matches_reference(x, weight, b, lora_A, lora_B, scale, dropout, se
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("bias", [True, False])
 # Without dropout, inputs with at least 2 in out / (in + out) rows (22 here) run on W + s B A folded; fewer rows
@@ -105,7 +111,7 @@ def test_ranks_across_panel_widths_match_reference(rank, dropout, rows, in_featu
     assert_op_matches_reference(x, weight, b, lora_A, lora_B, 0.8, dropout, torch.tensor([5]), tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_rank_zero_is_the_base_linear(dtype, dropout):
     # r = 0 panels are empty: no kernel may be handed them (4096 rows: the blocked paths in both dtypes).
@@ -165,7 +171,7 @@ def test_one_input_or_output_feature_with_any_strides(in_features, out_features,
     assert_op_matches_reference(x, weight, b, lora_A, lora_B, 0.5, dropout, torch.tensor([9]), tol, grad_y)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
 def test_small_adapters_act_in_16_bit_dtypes(dtype):
     # Rounding W + s B A to 16 bits would drop a small LoRA term; the 16-bit dtypes never fold, so it acts in full.
     x, weight, _, lora_A, lora_B = make_inputs((512,), 64, 64, 4, bias=False)
@@ -209,7 +215,7 @@ PER_CAPABILITY_TESTS = [
     "test_dy_carrying_both_products_with_a_lora_dx_matches_reference",
     "test_inputs_spanning_many_blocks_and_threads_match_reference",
     "test_bfloat16_products_at_every_tile_edge_match_reference",
-    "test_bfloat16_kernels_are_the_best_that_the_cpu_has",
+    "test_bfloat16_kernels_are_the_best_that_the_cpu_and_cap_allow",
     "test_folded_weights_of_other_shapes_and_dtypes_in_turn_match_reference",
     "test_one_input_or_output_feature_with_any_strides",
     "test_same_seed_same_mask_whatever_the_thread_count",
@@ -236,13 +242,14 @@ def test_every_cpu_capability_matches_reference(capability):
 
 
 def _cpu_flags() -> set[str]:
+    """The CPU's feature flags, from /proc/cpuinfo (skips the test where there is none to read)."""
     if not os.path.exists("/proc/cpuinfo"):
-        return set()
+        pytest.skip("no /proc/cpuinfo to read the CPU's flags from")
     with open("/proc/cpuinfo") as info:
         return {flag for line in info if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
 
 
-def _bf16_kernels_expected(flags: set[str], most: str = "amx") -> str:
+def _bf16_kernels_expected(flags: set[str], most: str) -> str:
     """What should run the bfloat16 products with D9D_CPU_BF16_KERNELS=most on a CPU with these flags."""
     if cpu_kernels_capability() != "AVX512" or most == "aten":
         return "ATen"
@@ -251,11 +258,12 @@ def _bf16_kernels_expected(flags: set[str], most: str = "amx") -> str:
     return "AVX512_BF16" if "avx512_bf16" in flags else "ATen"
 
 
-def test_bfloat16_kernels_are_the_best_that_the_cpu_has():
+def test_bfloat16_kernels_are_the_best_that_the_cpu_and_cap_allow():
     # Under ATen's AVX512 capability on Linux: AMX on a CPU with AMX-BF16 (whose kernel grants the tile state, as
     # every kernel with AMX support does), else AVX512_BF16 where the CPU has it; everywhere else the bfloat16
-    # products stay on ATen's GEMMs.
-    assert cpu_bfloat16_kernels() == _bf16_kernels_expected(_cpu_flags(), os.environ.get("D9D_CPU_BF16_KERNELS", "amx"))
+    # products stay on ATen's GEMMs. D9D_CPU_BF16_KERNELS caps the choice (unset or empty: no cap).
+    most = (os.environ.get("D9D_CPU_BF16_KERNELS") or "amx").lower()
+    assert cpu_bfloat16_kernels() == _bf16_kernels_expected(_cpu_flags(), most)
 
 
 def test_a_bad_bf16_kernels_cap_names_the_variable():
@@ -267,35 +275,38 @@ def test_a_bad_bf16_kernels_cap_names_the_variable():
     assert "'amx2'" in result.stderr
 
 
-# The bfloat16 tests again in a process capped to each lower kernel family that this CPU runs (AVX512_BF16 on a CPU
-# with AMX, and ATen's GEMMs), so that every family is tested wherever the CPU has it.
-BF16_KERNEL_TESTS = ["test_bfloat16_products_at_every_tile_edge_match_reference", "test_bfloat16_kernels_are_the_best",
-                     "test_inputs_spanning_many_blocks_and_threads_match_reference and bfloat16",
-                     "test_float32_adapters_get_the_float32_sums_unrounded"]
+# The bfloat16 tests (by name or dtype id), the float32-adapter tests and the autocast module, again in a process
+# capped to each lower kernel family that this CPU runs (AVX512_BF16 on a CPU with AMX, and ATen's GEMMs), so that
+# every family is tested wherever the CPU has it.
+BF16_KERNEL_SELECTION = "(bfloat16 or float32_adapters or autocast) and not every_bf16_kernel_family"
 
 
 @pytest.mark.parametrize("most", ["avx512_bf16", "aten"])
 def test_every_bf16_kernel_family_matches_reference(most):
     expected = _bf16_kernels_expected(_cpu_flags(), most)
-    if expected == _bf16_kernels_expected(_cpu_flags()):
-        pytest.skip(f"the run without the cap already covers {expected} here")
-    selection = " or ".join(f"({name})" for name in BF16_KERNEL_TESTS)
+    if expected == cpu_bfloat16_kernels():
+        pytest.skip(f"this run already covers {expected}")
+    autocast_tests = os.path.join(os.path.dirname(__file__), "test_lora_autocast.py")
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selection],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, autocast_tests, "-k",
+         BF16_KERNEL_SELECTION],
         env={**os.environ, "D9D_CPU_BF16_KERNELS": most},
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout
+    passed = re.search(r"(\d+) passed", result.stdout)
+    assert passed is not None, result.stdout[-3000:]
+    assert int(passed.group(1)) >= 60, result.stdout[-3000:]  # every bfloat16 test, not a stray few
 
 
-# bfloat16 on AMX (d9d's kernels where cpu_bfloat16_kernels() is "AMX", else ATen's GEMMs, which the avx2 and default
-# runs of test_every_cpu_capability_matches_reference reach): the kernels take 32 rows and 32 columns at a time in
-# blocks of 2^18 elements, and r padded to 16. These shapes leave rows and columns over at every level (a block of
-# 1 row, 33 rows, widths that are not multiples of 32 or even 16, odd widths), with r of one, two, three and four
-# tiles, and odd r (1 and 5: the LoRA term's kernel pairs r's columns).
+# bfloat16 on d9d's kernels where the CPU has them (test_every_bf16_kernel_family_matches_reference runs each family
+# it has; the avx2 and default runs of test_every_cpu_capability_matches_reference reach ATen's GEMMs). AMX takes 32
+# rows and 32 columns at a time in blocks of 2^18 elements; AVX512_BF16 16, 8, 4, 2 and 1 rows and 16 columns, in
+# pairs of rows or columns, in blocks of 2^17; both pad r to 16. These shapes leave rows and columns over at every
+# level (a block of 1 row, 33 rows, widths that are not multiples of 32 or even 16, odd widths), with r of one, two,
+# three and four tiles, and odd r (1 and 5: the LoRA term's kernel pairs r's columns).
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 @pytest.mark.parametrize(
     ("rows", "in_features", "out_features", "rank"),
@@ -316,7 +327,7 @@ def test_bfloat16_products_at_every_tile_edge_match_reference(dropout, rows, in_
         torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("rows", [3000, 7000])
 # in > out: the float32 backward's pass over x carries xa and dA; in < out: its pass over dy carries g and dB (but with
@@ -368,7 +379,7 @@ def test_float32_adapters_on_bfloat16_activations_get_float32_grads(device):
     assert_close_scaled(lora_B.grad, B64.grad, TOLERANCES[torch.bfloat16])
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
 @pytest.mark.parametrize("rows", [3, 64, 700])  # one GEMM per product, or blocks, by dtype, dropout and CPU
 def test_float32_adapters_get_the_float32_sums_unrounded(dtype, dropout, rows):
@@ -398,7 +409,7 @@ def test_float32_adapters_get_the_float32_sums_unrounded(dtype, dropout, rows):
     assert_close_scaled(dB, B64.grad, TOLERANCES[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
 def test_float32_adapters_get_da_summed_over_blocks_in_float32(dtype):
     # With dropout the backward runs block by block on every CPU (several blocks per worker at these shapes): dA is
     # their float32 sum, finer than the 16-bit grid that the old cast rounded it to.

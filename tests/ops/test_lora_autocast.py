@@ -89,8 +89,9 @@ def test_autocast_kernels_are_registered_for_cpu_and_cuda():
 def test_float32_adapters_pass_through_autocast_uncast():
     # A float32 pair goes into the op as it is, so dA and dB are the op's float32 results, bit for bit the same as
     # a direct call in bfloat16 with float32 adapters (a cast under autocast would round them to bfloat16 first).
-    # Three blocks of rows: with dropout the op sums each block's products over blocks in float32, whether AMX or
-    # ATen's 16-bit GEMMs take the products (ATen's blocks hold 2^19 bfloat16 elements, 8192 rows of 64 here).
+    # Three blocks of rows at least: with dropout the op sums each block's products over blocks in float32, whichever
+    # kernels take the products (ATen's 16-bit GEMMs take the largest blocks: 2^19 bfloat16 elements, 8192 rows of
+    # 64 here).
     torch.manual_seed(0)
     x = torch.randn(3 * 8192, 64)
     weight = torch.randn(48, 64) / 8
