@@ -23,6 +23,7 @@
 #include <cstring>
 #include <vector>
 
+#include "bf16_operands.h"
 #include "vec_kernels.h"
 
 // The AMX intrinsics and target need GCC 11 or Clang 12 (Clang also defines __GNUC__, as 4).
@@ -354,33 +355,13 @@ void amx_expand(const uint16_t* p, int64_t ldp, int64_t n, int64_t depth, const 
 #pragma GCC pop_options
 #endif
 
-// The operands as the LoRA ops pass them: p a block of rows (columns contiguous), q, out and acc panels of rp
-// columns. Checked in full; these are internal calls, so a failure is a bug.
-void check_operands(const char* what, const at::Tensor& p, const at::Tensor& q, int64_t rp) {
-  TORCH_CHECK(p.dim() == 2 && (p.size(1) <= 1 || p.stride(1) == 1) && p.scalar_type() == at::kBFloat16 &&
-                  q.is_contiguous() && q.scalar_type() == at::kBFloat16 && q.size(1) == rp && rp % kTile == 0,
-              what, ": internal error, unsupported operands ", p.sizes(), " ", q.sizes());
-}
-
-const uint16_t* bf16_data(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr()); }
-
 // `ahead` is not used: prefetching the next block slowed these kernels down (by 5 to 10% in the backward without dx).
 void mm(const at::Tensor& p, const at::Tensor& q, const at::Tensor& out, MemorySpan /*ahead*/) {
-  check_operands("amx mm", p, q, out.size(1));
-  TORCH_CHECK(p.size(1) == q.size(0) && out.dim() == 2 && out.size(0) == p.size(0) && out.stride(1) == 1 &&
-                  out.scalar_type() == at::kBFloat16,
-              "amx mm: internal error, shapes ", p.sizes(), " ", q.sizes(), " ", out.sizes());
-  amx_mm(bf16_data(p), p.stride(0), p.size(0), p.size(1), bf16_data(q), q.size(1),
-         reinterpret_cast<uint16_t*>(out.mutable_data_ptr()), out.stride(0));
+  call_bf16_mm("amx mm", amx_mm, p, q, out);
 }
 
 void accumulate(const at::Tensor& p, const at::Tensor& q, const at::Tensor& acc, MemorySpan /*ahead*/) {
-  check_operands("amx accumulate", p, q, acc.size(0));
-  TORCH_CHECK(p.size(0) == q.size(0) && acc.dim() == 2 && acc.size(1) == p.size(1) && acc.is_contiguous() &&
-                  acc.scalar_type() == at::kFloat,
-              "amx accumulate: internal error, shapes ", p.sizes(), " ", q.sizes(), " ", acc.sizes());
-  amx_accumulate(bf16_data(p), p.stride(0), p.size(0), p.size(1), bf16_data(q), q.size(1),
-                 acc.mutable_data_ptr<float>());
+  call_bf16_accumulate("amx accumulate", amx_accumulate, p, q, acc);
 }
 
 // The depths that expand takes: p's columns, even, positive and at most one tile deep.

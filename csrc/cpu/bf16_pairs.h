@@ -1,6 +1,6 @@
 // AVX-512 helpers of the bfloat16 kernels (amx_gemm.cpp, avx512_bf16_gemm.cpp): lane masks, rounding to bfloat16,
-// and the pairs of rows that tdpbf16ps and vdpbf16ps take as their second operand. Include it inside an anonymous namespace, in a
-// region compiled for AVX-512 (avx512f, avx512bw, avx512vl), after <immintrin.h>.
+// and the pairs of rows that tdpbf16ps and vdpbf16ps take as their second operand. Include it inside an anonymous
+// namespace, in a region compiled for AVX-512 (avx512f, avx512bw, avx512vl), after <immintrin.h>.
 #pragma once
 
 constexpr int64_t kLanes = 16;  // float32 lanes of a 512-bit register, and bfloat16 pairs

@@ -11,8 +11,8 @@ namespace d9d {
 const SkinnyKernels* cpu_skinny_kernels_for(const at::Tensor& x);
 
 // What runs the bfloat16 products in this process: "AMX", "AVX512_BF16" or "ATen". The environment variable
-// D9D_CPU_BF16_KERNELS (amx, avx512_bf16 or aten, any case) caps it, as ONEDNN_MAX_CPU_ISA caps oneDNN, so that tests reach
-// each kernel family on a CPU that runs more than one; unset, the best one here runs. Decided once per process.
+// D9D_CPU_BF16_KERNELS (amx, avx512_bf16 or aten, any case) caps it, as ONEDNN_MAX_CPU_ISA caps oneDNN, so that tests
+// reach each kernel family on a CPU that runs more than one; unset, the best one here runs. Decided once per process.
 const char* cpu_bf16_kernels();
 
 }  // namespace d9d

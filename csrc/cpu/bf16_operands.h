@@ -1,0 +1,32 @@
+// The tensor-level calls of the bfloat16 skinny kernels (amx_gemm.cpp, avx512_bf16_gemm.cpp): each family's raw
+// kernels on bfloat16 arrays, behind one check of the operands as the LoRA ops pass them (see SkinnyKernels in
+// ../lora.h).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+namespace d9d {
+
+// out (n x rp, rows ldo apart) = p (n x depth, rows ldp apart) q (depth x rp, contiguous), rp % 16 == 0.
+using Bf16MmKernel = void (*)(const uint16_t* p, int64_t ldp, int64_t n, int64_t depth, const uint16_t* q,
+                              int64_t rp, uint16_t* out, int64_t ldo);
+// acc (rp x depth, float32, contiguous) += q^T p for p (n x depth, rows ldp apart) and q (n x rp, contiguous),
+// rp % 16 == 0.
+using Bf16AccumulateKernel = void (*)(const uint16_t* p, int64_t ldp, int64_t n, int64_t depth, const uint16_t* q,
+                                      int64_t rp, float* acc);
+
+// t's data as bfloat16 bits.
+inline const uint16_t* bf16_data(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr()); }
+
+// SkinnyKernels::mm on `kernel`, after checking p (a block of rows, columns contiguous), q and out; `what` names the
+// kernel in the error, which is a bug (these are internal calls).
+void call_bf16_mm(const char* what, Bf16MmKernel kernel, const at::Tensor& p, const at::Tensor& q,
+                  const at::Tensor& out);
+
+// SkinnyKernels::accumulate with transposed sums (acc is rp x depth) on `kernel`, after the same checks.
+void call_bf16_accumulate(const char* what, Bf16AccumulateKernel kernel, const at::Tensor& p, const at::Tensor& q,
+                          const at::Tensor& acc);
+
+}  // namespace d9d
