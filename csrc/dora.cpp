@@ -31,8 +31,8 @@ at::ScalarType check_dora(const char* op, const at::Tensor& weight, const at::Te
               weight.scalar_type());
   const int64_t out = weight.size(0);
   const int64_t in = weight.size(1);
-  TORCH_CHECK(lora_A.dim() == 2 && lora_A.size(1) == in, op, ": lora_A must be r x in (2D with in == weight.size(1) == ",
-              in, "), got ", lora_A.sizes());
+  TORCH_CHECK(lora_A.dim() == 2 && lora_A.size(1) == in, op,
+              ": lora_A must be r x in (2D with in == weight.size(1) == ", in, "), got ", lora_A.sizes());
   TORCH_CHECK(lora_B.dim() == 2 && lora_B.size(0) == out && lora_B.size(1) == lora_A.size(0), op,
               ": lora_B must be out x r (2D with out == weight.size(0) == ", out, " and r == lora_A.size(0) == ",
               lora_A.size(0), "), got ", lora_B.sizes());

@@ -43,19 +43,19 @@ if [ ! -x "$SYSROOT/usr/bin/python3.11" ]; then
 fi
 
 # 3. torch and d9d's runtime and test dependencies as aarch64 wheels, unpacked into one directory for PYTHONPATH.
-#    torch's metadata lists CUDA's packages for every Linux; its aarch64 CPU wheel needs none of them.
+#    torch's metadata lists CUDA's packages for every Linux; its aarch64 CPU wheel needs none of them, so torch comes
+#    without its dependencies and those that it imports come by name.
 SITE="$WORK/site-torch-$TORCH_VERSION"
 if [ ! -f "$SITE/.complete" ]; then
   echo "== aarch64 wheels in $SITE"
   rm -rf "$SITE" "$WORK/wheels"
-  platforms=()
-  for tag in manylinux2014 manylinux_2_17 manylinux_2_27 manylinux_2_28; do platforms+=(--platform "${tag}_aarch64"); done
-  "$HOST_PY" -m pip download -q --only-binary=:all: --python-version 3.11 "${platforms[@]}" -d "$WORK/wheels" \
-    "torch==$TORCH_VERSION" pydantic safetensors tqdm regex numpy pytest expecttest 2>&1 | grep -v "^WARNING" || true
+  download=("$HOST_PY" -m pip download -q --only-binary=:all: --python-version 3.11 -d "$WORK/wheels")
+  for tag in manylinux2014 manylinux_2_17 manylinux_2_27 manylinux_2_28; do download+=(--platform "${tag}_aarch64"); done
+  "${download[@]}" --no-deps "torch==$TORCH_VERSION" 2>&1 | { grep -v "^WARNING" || true; }
+  "${download[@]}" filelock typing-extensions sympy networkx jinja2 fsspec pydantic safetensors tqdm regex numpy \
+    pytest expecttest 2>&1 | { grep -v "^WARNING" || true; }
   mkdir -p "$SITE"
-  for wheel in "$WORK"/wheels/*.whl; do
-    case "$(basename "$wheel")" in nvidia_* | triton-* | cuda_*) ;; *) python3 -m zipfile -e "$wheel" "$SITE" ;; esac
-  done
+  for wheel in "$WORK"/wheels/*.whl; do python3 -m zipfile -e "$wheel" "$SITE"; done
   touch "$SITE/.complete"
 fi
 
