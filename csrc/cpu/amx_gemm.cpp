@@ -107,12 +107,6 @@ class Tiles {
 
 #include "bf16_pairs.h"
 
-// Byte offsets of 16 rows `stride_bytes` apart, for a 32-bit gather of one word per row.
-__m512i row_offsets(int64_t stride_bytes) {
-  return _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                            _mm512_set1_epi32(static_cast<int32_t>(stride_bytes)));
-}
-
 // The first `rows` rows of a 32 x 32 float32 sums buffer, columns [0, cols), rounded to bfloat16 into out.
 void store_rows_bf16(const float* sums, int64_t rows, int64_t cols, uint16_t* out, int64_t ldo) {
   for (int64_t i = 0; i < rows; ++i) {
@@ -275,25 +269,6 @@ void amx_accumulate(const uint16_t* p, int64_t ldp, int64_t n, int64_t depth, co
   }
 }
 
-// The second operand of expand: q (width x r, rows ldq apart, r even) as tdpbf16ps takes it, depth / 2 rows of
-// width_pad pairs (q[j][2i], q[j][2i + 1]), zero beyond r and width. One 32-bit gather per 16 columns and pair.
-void interleave_rows(const uint16_t* q, int64_t ldq, int64_t width, int64_t r, int64_t depth, int64_t width_pad,
-                     uint32_t* packed) {
-  const __m512i lanes = row_offsets(ldq * 2);
-  for (int64_t pair = 0; pair < depth / 2; ++pair) {
-    const int64_t k = 2 * pair;
-    for (int64_t j = 0; j < width_pad; j += kTile) {
-      const int64_t cols = std::clamp<int64_t>(width - j, 0, kTile);
-      const __mmask16 valid = first_lanes(cols);
-      __m512i words = _mm512_setzero_si512();
-      if (k < r && cols > 0) {
-        words = _mm512_mask_i32gather_epi32(words, valid, lanes, q + j * ldq + k, 1);
-      }
-      _mm512_storeu_si512(packed + pair * width_pad + j, words);
-    }
-  }
-}
-
 // out (n x width, rows ldo apart) = scale p q^T + bias for p (n x depth, rows ldp apart; depth even, at most 32) and
 // q interleaved by interleave_rows (width_pad columns, a multiple of 32); bias float32 (width) or nullptr.
 // Tiles: sums 0-3 (32 rows by 32 columns), p 4-5 (16 rows of depth), q 6-7 (depth / 2 rows).
@@ -368,34 +343,12 @@ void accumulate(const at::Tensor& p, const at::Tensor& q, const at::Tensor& acc,
 constexpr int64_t kMaxExpandDepth = 32;
 
 at::Tensor pack_expand(const at::Tensor& q, int64_t depth) {
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kBFloat16 && q.size(1) <= depth && depth > 0 &&
-                  depth % 2 == 0 && depth <= kMaxExpandDepth,
-              "amx pack_expand: internal error, unsupported operand ", q.sizes(), " for depth ", depth);
-  // Pairs of columns are gathered as 32-bit words from contiguous rows: an odd r gets a zero column, so that none
-  // reads past q. (A view with one column may count as contiguous whatever its strides; padding copies it.)
-  const at::Tensor even = q.size(1) % 2 != 0 ? at::constant_pad_nd(q, {0, 1}).contiguous() : q.contiguous();
-  const int64_t width = even.size(0);
-  const int64_t width_pad = round_up(std::max<int64_t>(width, 1), 32);
-  at::Tensor packed = at::empty({depth / 2, width_pad}, even.options().dtype(at::kInt));
-  interleave_rows(bf16_data(even), even.stride(0), width, even.size(1), depth, width_pad,
-                  reinterpret_cast<uint32_t*>(packed.mutable_data_ptr<int32_t>()));
-  return packed;
+  return pack_bf16_expand("amx pack_expand", interleave_rows, q, depth, kMaxExpandDepth);
 }
 
 void expand(const at::Tensor& p, const at::Tensor& packed, double scale, const at::Tensor& bias,
             const at::Tensor& out) {
-  const int64_t depth = p.size(1);
-  TORCH_CHECK(p.dim() == 2 && p.stride(1) == 1 && p.scalar_type() == at::kBFloat16 && packed.dim() == 2 &&
-                  packed.size(0) * 2 == depth && out.dim() == 2 && out.stride(1) == 1 &&
-                  out.scalar_type() == at::kBFloat16 && out.size(0) == p.size(0) &&
-                  packed.size(1) >= out.size(1) && (!bias.defined() || (bias.scalar_type() == at::kFloat &&
-                                                                        bias.is_contiguous() &&
-                                                                        bias.numel() == out.size(1))),
-              "amx expand: internal error, unsupported operands ", p.sizes(), " ", packed.sizes(), " ", out.sizes());
-  amx_expand(bf16_data(p), p.stride(0), p.size(0), depth,
-             reinterpret_cast<const uint32_t*>(packed.const_data_ptr<int32_t>()), out.size(1), packed.size(1),
-             static_cast<float>(scale), bias.defined() ? bias.const_data_ptr<float>() : nullptr,
-             reinterpret_cast<uint16_t*>(out.mutable_data_ptr()), out.stride(0));
+  call_bf16_expand("amx expand", amx_expand, p, packed, scale, bias, out);
 }
 
 // Both read p, which the block loop keeps in cache between the two.

@@ -9,8 +9,12 @@
 //   accumulate: acc^T += q^T p, with pairs of p's rows interleaved in registers, 16 columns at a time, and q's pairs
 //               broadcast from an interleaved copy (n x rp, small). The sums are rp x depth
 //               (SkinnyKernels::transposed_sums), 16 rows of them in registers over all of p's rows.
-// The LoRA term (y from xa, dx's part from g) stays on oneDNN, which runs that shape at about three quarters of its
-// rate on the base GEMMs there (2 threads: 164 against 216 G multiply-adds/s).
+//   expand:     the LoRA term (y = s xa B^T from xa, dx's part g A from g), a pair of p's columns broadcast per row
+//               and 32 columns, 8 rows at a time (16 sums in registers), q's pairs packed once per call.
+// Over all rows in one call (without dropout) oneDNN runs the LoRA term about as fast: that shape is bound by
+// vdpbf16ps's throughput there (2 threads: 164 against 216 G multiply-adds/s on the base GEMMs). The op's blocks of
+// rows (with dropout, and dx's part in the backward) call it once per block, where oneDNN's per-call costs add up:
+// expand took 1 to 2 ms off a 1024 x 2816 layer's forward + backward at dropout 0.05 (2048 rows, r = 8 to 64).
 #include "avx512_bf16_gemm.h"
 
 #include <ATen/ATen.h>
@@ -185,6 +189,60 @@ void bf16_accumulate(const uint16_t* p, int64_t ldp, int64_t n, int64_t depth, c
   }
 }
 
+// Rows [0, R) of out = scale p q^T + bias (see bf16_expand), 32 columns at a time: two sums of 16 columns per row,
+// each pair of p's columns broadcast once per 32 columns, q's pairs loaded once per R rows.
+template <int R>
+void expand_rows(const uint16_t* p, int64_t ldp, int64_t depth, const uint32_t* packed, int64_t width,
+                 int64_t width_pad, __m512 scales, const float* bias, uint16_t* out, int64_t ldo) {
+  for (int64_t col0 = 0; col0 < width; col0 += 2 * kLanes) {
+    __m512 sums[R][2];
+    for (int i = 0; i < R; ++i) {
+      sums[i][0] = sums[i][1] = _mm512_setzero_ps();
+    }
+    for (int64_t k = 0; k < depth / 2; ++k) {
+      const __m512i q0 = _mm512_loadu_si512(packed + k * width_pad + col0);
+      const __m512i q1 = _mm512_loadu_si512(packed + k * width_pad + col0 + kLanes);
+      for (int i = 0; i < R; ++i) {
+        const uint32_t pair = pair_at(p + i * ldp, k);
+        sums[i][0] = dot_pairs(sums[i][0], pair, q0);
+        sums[i][1] = dot_pairs(sums[i][1], pair, q1);
+      }
+    }
+    for (int half = 0; half < 2; ++half) {
+      const int64_t col = col0 + half * kLanes;
+      const __mmask16 valid = first_lanes(width - col);
+      const __m512 shift = bias != nullptr ? _mm512_maskz_loadu_ps(valid, bias + col) : _mm512_setzero_ps();
+      for (int i = 0; i < R; ++i) {
+        _mm256_mask_storeu_epi16(out + i * ldo + col, valid, to_bf16(_mm512_fmadd_ps(sums[i][half], scales, shift)));
+      }
+    }
+  }
+}
+
+// out (n x width, rows ldo apart) = scale p q^T + bias for p (n x depth, rows ldp apart; depth even) and q packed by
+// interleave_rows (width_pad columns, a multiple of 32); bias float32 (width) or nullptr. 8 rows at a time: their 16
+// sums cover vdpbf16ps's latency.
+void bf16_expand(const uint16_t* p, int64_t ldp, int64_t n, int64_t depth, const uint32_t* packed, int64_t width,
+                 int64_t width_pad, float scale, const float* bias, uint16_t* out, int64_t ldo) {
+  const __m512 scales = _mm512_set1_ps(scale);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    expand_rows<8>(p + i * ldp, ldp, depth, packed, width, width_pad, scales, bias, out + i * ldo, ldo);
+  }
+  // The rows left over, 4, 2 and 1 at a time.
+  if (i + 4 <= n) {
+    expand_rows<4>(p + i * ldp, ldp, depth, packed, width, width_pad, scales, bias, out + i * ldo, ldo);
+    i += 4;
+  }
+  if (i + 2 <= n) {
+    expand_rows<2>(p + i * ldp, ldp, depth, packed, width, width_pad, scales, bias, out + i * ldo, ldo);
+    i += 2;
+  }
+  if (i < n) {
+    expand_rows<1>(p + i * ldp, ldp, depth, packed, width, width_pad, scales, bias, out + i * ldo, ldo);
+  }
+}
+
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
@@ -199,6 +257,18 @@ void accumulate(const at::Tensor& p, const at::Tensor& q, const at::Tensor& acc,
   call_bf16_accumulate("avx512_bf16 accumulate", bf16_accumulate, p, q, acc);
 }
 
+// The depths that expand takes: p's columns, even, positive and at most 64 (r up to 64; oneDNN beyond).
+constexpr int64_t kMaxExpandDepth = 64;
+
+at::Tensor pack_expand(const at::Tensor& q, int64_t depth) {
+  return pack_bf16_expand("avx512_bf16 pack_expand", interleave_rows, q, depth, kMaxExpandDepth);
+}
+
+void expand(const at::Tensor& p, const at::Tensor& packed, double scale, const at::Tensor& bias,
+            const at::Tensor& out) {
+  call_bf16_expand("avx512_bf16 expand", bf16_expand, p, packed, scale, bias, out);
+}
+
 // Both read p, which the block loop keeps in cache between the two.
 void mm_accumulate(const at::Tensor& p, const at::Tensor& q, const at::Tensor& out, const at::Tensor& h,
                    const at::Tensor& acc, MemorySpan ahead) {
@@ -210,7 +280,8 @@ void mm_accumulate(const at::Tensor& p, const at::Tensor& q, const at::Tensor& o
 
 // Blocks of 256 KiB of bfloat16: a block of x and one of dy fit a Zen 4 core's 1 MiB of L2 together. As on AMX,
 // without dropout the backward takes these kernels from one block per worker, and the forward computes xa in one
-// oneDNN GEMM; its LoRA term is oneDNN's too (no expand here).
+// oneDNN GEMM (on these kernels, block by block, it ran 0.15 ms faster at in = 1024 and 0.09 ms slower at 2816) and
+// writes its LoRA term with expand where r is even.
 const SkinnyKernels kAvx512Bf16SkinnyKernels{kLanes,
                                              1 << 17,
                                              kRows,
@@ -220,9 +291,9 @@ const SkinnyKernels kAvx512Bf16SkinnyKernels{kLanes,
                                              mm,
                                              accumulate,
                                              mm_accumulate,
-                                             /*expand_max_depth=*/0,
-                                             nullptr,
-                                             nullptr,
+                                             kMaxExpandDepth,
+                                             pack_expand,
+                                             expand,
                                              /*fold=*/nullptr};
 
 #else  // not x86-64 with GCC 10 or Clang 9 and later

@@ -43,3 +43,29 @@ void interleave_panel(const uint16_t* q, int64_t depth, int64_t rp, int64_t dept
     }
   }
 }
+
+// Byte offsets of 16 rows `stride_bytes` apart, for a 32-bit gather of one word per row.
+__m512i row_offsets(int64_t stride_bytes) {
+  return _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                            _mm512_set1_epi32(static_cast<int32_t>(stride_bytes)));
+}
+
+// The second operand of expand: q (width x r, rows ldq apart, r even) as tdpbf16ps and vdpbf16ps take it, depth / 2
+// rows of width_pad pairs (q[j][2i], q[j][2i + 1]), zero beyond r and width. One 32-bit gather per 16 columns and
+// pair.
+void interleave_rows(const uint16_t* q, int64_t ldq, int64_t width, int64_t r, int64_t depth, int64_t width_pad,
+                     uint32_t* packed) {
+  const __m512i lanes = row_offsets(ldq * 2);
+  for (int64_t pair = 0; pair < depth / 2; ++pair) {
+    const int64_t k = 2 * pair;
+    for (int64_t j = 0; j < width_pad; j += kLanes) {
+      const int64_t cols = std::clamp<int64_t>(width - j, 0, kLanes);
+      const __mmask16 valid = first_lanes(cols);
+      __m512i words = _mm512_setzero_si512();
+      if (k < r && cols > 0) {
+        words = _mm512_mask_i32gather_epi32(words, valid, lanes, q + j * ldq + k, 1);
+      }
+      _mm512_storeu_si512(packed + pair * width_pad + j, words);
+    }
+  }
+}

@@ -313,9 +313,10 @@ ATEN_BF16_GEMM_LOOSER = pytest.mark.xfail(
 # bfloat16 on d9d's kernels where the CPU has them (test_every_bf16_kernel_family_matches_reference runs each family
 # it has; the avx2 and default runs of test_every_cpu_capability_matches_reference reach ATen's GEMMs). AMX takes 32
 # rows and 32 columns at a time in blocks of 2^18 elements; AVX512_BF16 16, 8, 4, 2 and 1 rows and 16 columns, in
-# pairs of rows or columns, in blocks of 2^17; both pad r to 16. These shapes leave rows and columns over at every
-# level (a block of 1 row, 33 rows, widths that are not multiples of 32 or even 16, odd widths), with r of one, two,
-# three and four tiles, and odd r (1 and 5: the LoRA term's kernel pairs r's columns).
+# pairs of rows or columns, in blocks of 2^17 (its LoRA terms 8, 4, 2 and 1 rows and 32 columns); both pad r to 16.
+# These shapes leave rows and columns over at every level (a block of 1 row, 33 rows, widths that are not multiples
+# of 32 or even 16, odd widths), with r of one, two, three and four tiles, and odd r (1 and 5: the LoRA term's
+# kernels pair r's columns).
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 @pytest.mark.parametrize(
     ("rows", "in_features", "out_features", "rank"),
