@@ -1,6 +1,7 @@
-"""Loads ``d9d._C`` (the C++/CUDA kernels of ``torch.ops.d9d``) and registers their fake and autograd formulas."""
+"""Loads ``d9d._C`` (the C++/CUDA kernels of ``torch.ops.d9d``) and registers their fake kernels.
 
-from typing import Any
+The autograd of the apply ops is in C++ (``csrc/apply_autograd.cpp``).
+"""
 
 import torch
 
@@ -93,68 +94,3 @@ def _lora_merge_fake(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
 @torch.library.register_fake("d9d::dropout_mask")
 def _dropout_mask_fake(x: torch.Tensor, dropout: float, seed: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape, dtype=torch.bool)
-
-
-def _setup_lora_forward(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-    x, weight, bias, lora_A, lora_B, scale, dropout, seed = inputs
-    # Nothing of x's size but x itself: the backward recomputes x A^T and the dropout mask block by block.
-    ctx.save_for_backward(x, weight, lora_A, lora_B, seed)
-    ctx.scale = scale
-    ctx.dropout = dropout
-    ctx.has_bias = bias is not None
-
-
-def _lora_forward_backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    x, weight, lora_A, lora_B, seed = ctx.saved_tensors
-    need_x, need_weight, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
-    if torch.is_grad_enabled():
-        # Under create_graph=True (double backward, e.g. gradient penalties) the gradients must themselves be
-        # differentiable: the same formulas in ATen ops, which autograd records.
-        grad_x, grad_A, grad_B = _differentiable_lora_backward(ctx, grad_y, x, weight, lora_A, lora_B, seed)
-    else:
-        grad_x, grad_A, grad_B = torch.ops.d9d.lora_backward(
-            grad_y, x, weight, lora_A, lora_B, ctx.scale, ctx.dropout, seed, need_x
-        )
-    # The weight and bias are frozen in LoRA training; their gradients are plain GEMM / sum when asked for anyway.
-    grad_y2d = grad_y.reshape(-1, grad_y.shape[-1])
-    grad_weight = grad_y2d.t().mm(x.reshape(-1, x.shape[-1])) if need_weight else None
-    grad_bias = grad_y2d.sum(0) if need_bias and ctx.has_bias else None
-    return (
-        grad_x if need_x else None,
-        grad_weight,
-        grad_bias,
-        grad_A if need_A else None,
-        grad_B if need_B else None,
-        None,
-        None,
-        None,
-    )
-
-
-def _differentiable_lora_backward(
-    ctx: Any,
-    grad_y: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    seed: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``lora_backward``'s (grad_x, grad_A, grad_B) in ATen ops, with the op's own dropout mask."""
-    # float32 adapters on 16-bit x: the products run in x's dtype, as in the op; the casts' backward returns float32.
-    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    keep_scale = None
-    if ctx.dropout > 0:
-        keep_scale = torch.ops.d9d.dropout_mask(x, ctx.dropout, seed).to(x.dtype) / (1 - ctx.dropout)
-    x_dropped = x if keep_scale is None else x * keep_scale
-    g = (grad_y @ lora_B) * ctx.scale  # the gradient of x_dropped A^T
-    grad_x_lora = g @ lora_A
-    grad_x = grad_y @ weight + (grad_x_lora if keep_scale is None else grad_x_lora * keep_scale)
-    g2d = g.reshape(-1, g.shape[-1])
-    x2d = x_dropped.reshape(-1, x.shape[-1])
-    grad_A = g2d.t() @ x2d
-    grad_B = grad_y.reshape(-1, grad_y.shape[-1]).t() @ (x2d @ lora_A.t()) * ctx.scale
-    return grad_x, grad_A, grad_B
-
-
-torch.library.register_autograd("d9d::lora_forward", _lora_forward_backward, setup_context=_setup_lora_forward)

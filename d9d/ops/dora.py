@@ -1,7 +1,5 @@
 """DoRA (weight-decomposed LoRA) on the fused LoRA op and the weight-norm ops of ``d9d._C``."""
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
@@ -38,47 +36,6 @@ def _dora_backward_fake(grad_y: torch.Tensor, x: torch.Tensor, y: torch.Tensor, 
                         scale: float, need_grad_x: bool) -> tuple[torch.Tensor, ...]:
     grad_x = x.new_empty(x.shape) if need_grad_x else x.new_empty((0,))
     return grad_x, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape), factor.new_empty(factor.shape)
-
-
-def _setup_dora_forward(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-    x, weight, bias, lora_A, lora_B, factor, scale = inputs
-    # The output itself rather than DoRA's unscaled output z = (y - bias) / factor: no second N x out tensor lives on.
-    ctx.save_for_backward(x, weight, bias, lora_A, lora_B, factor, output)
-    ctx.scale = scale
-
-
-def _dora_forward_backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    x, weight, bias, lora_A, lora_B, factor, y = ctx.saved_tensors
-    need_x, need_weight, need_bias, need_A, need_B, need_factor = ctx.needs_input_grad[:6]
-    if torch.is_grad_enabled() or need_weight:
-        # Double backward (create_graph=True), or a trainable base weight: the same gradients in ATen ops, which
-        # autograd records, with z recomputed (an extra GEMM; rare paths).
-        x2d, gy = x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, grad_y.shape[-1])
-        xa = x2d @ lora_A.t()
-        z = x2d @ weight.t() + ctx.scale * (xa @ lora_B.t())
-        grad_z = gy * factor
-        g = ctx.scale * (grad_z @ lora_B)  # the gradient of x A^T
-        grad_x = (grad_z @ weight + g @ lora_A).reshape(x.shape)
-        grad_A, grad_B = g.t() @ x2d, ctx.scale * (grad_z.t() @ xa)
-        grad_factor = (gy * z).sum(0)
-        grad_weight = grad_z.t() @ x2d if need_weight else None
-    else:
-        grad_x, grad_A, grad_B, grad_factor = torch.ops.d9d.dora_backward(
-            grad_y, x, y, weight, bias, lora_A, lora_B, factor, ctx.scale, need_x)
-        grad_weight = None
-    grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if need_bias else None
-    return (
-        grad_x if need_x else None,
-        grad_weight if need_weight else None,
-        grad_bias,
-        grad_A if need_A else None,
-        grad_B if need_B else None,
-        grad_factor if need_factor else None,
-        None,
-    )
-
-
-torch.library.register_autograd("d9d::dora_forward", _dora_forward_backward, setup_context=_setup_dora_forward)
 
 
 @torch.no_grad()

@@ -5,11 +5,12 @@ tensor is ever formed: the LoRA term is two skinny GEMMs per expert in the forwa
 ``dropout(x_e) A_e^T`` (nothing of ``x``'s size is saved beyond ``x`` itself) and the merge accumulates
 ``scale B_e A_e`` straight into ``W_e``, one expert at a time.
 
-The ops ``d9d::grouped_lora_*`` are C++ kernels in ``d9d._C`` (``csrc/grouped_lora.cpp``, CPU and CUDA); here are
-their fake and autograd registrations, so they run under ``torch.compile`` and ``opcheck``, and the merge's DTensor
-sharding rule (experts sharded along dim 0, as FSDP2 shards them, merge shard-locally). With dropout, element
-``(row, col)`` of ``x`` is kept as in the 2-D ops (``torch.ops.d9d.dropout_mask`` of ``x``): the mask depends only
-on the seed, the row and the column, and the backward regenerates it block by block.
+The ops ``d9d::grouped_lora_*`` are C++ kernels in ``d9d._C`` (``csrc/grouped_lora.cpp``, CPU and CUDA), with
+their autograd in ``csrc/apply_autograd.cpp``. Here are their fake registrations, so they run under
+``torch.compile`` and ``opcheck``, and the merge's DTensor sharding rule (experts sharded along dim 0, as FSDP2
+shards them, merge shard-locally). With dropout, element ``(row, col)`` of ``x`` is kept as in the 2-D ops
+(``torch.ops.d9d.dropout_mask`` of ``x``): the mask depends only on the seed, the row and the column, and the
+backward regenerates it block by block.
 """
 
 import torch
@@ -53,23 +54,6 @@ def _backward_fake(grad, x, weight, lora_A, lora_B, offsets, scale, dropout, see
 @torch.library.register_fake("d9d::grouped_lora_merge_")
 def _merge_fake(weight, lora_A, lora_B, scale):
     return None
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, lora_A, lora_B, offsets, scale, dropout, seed = inputs
-    # Nothing of x's size but x itself: the backward recomputes dropout(x_e) A_e^T and the mask block by block.
-    ctx.save_for_backward(x, weight, lora_A, lora_B, offsets, seed)
-    ctx.scale, ctx.dropout = scale, dropout
-
-
-def _autograd(ctx, grad):
-    x, weight, lora_A, lora_B, offsets, seed = ctx.saved_tensors
-    grad_x, grad_W, grad_A, grad_B = torch.ops.d9d.grouped_lora_backward(
-        grad, x, weight, lora_A, lora_B, offsets, ctx.scale, ctx.dropout, seed, ctx.needs_input_grad[1])
-    return grad_x, (grad_W if ctx.needs_input_grad[1] else None), grad_A, grad_B, None, None, None, None
-
-
-torch.library.register_autograd("d9d::grouped_lora_forward", _autograd, setup_context=_setup_context)
 
 
 @register_sharding(torch.ops.d9d.grouped_lora_merge_.default)
