@@ -1,11 +1,12 @@
 // Autograd of the apply ops (lora_forward, dora_forward, grouped_lora_forward), in C++: their Python formulas
-// (torch.library.register_autograd) cost about 70 us of interpreter time per layer and step, more than the whole
-// LoRA op takes on small inputs (see BENCHMARKS.md).
+// (torch.library.register_autograd) cost about 70 us of interpreter time per layer and step, the C++ nodes about 4
+// (see BENCHMARKS.md).
 //
 // Autograd keeps nothing of x's size but x itself (and DoRA's output): the backward ops regenerate the dropout mask
 // and x A^T block by block. Under create_graph=True (double backward, e.g. gradient penalties) the LoRA and DoRA
 // gradients must themselves be differentiable, so they are computed from the same formulas in ATen ops, which
-// autograd records.
+// autograd records. The backwards read only saved tensors and saved_data, so compiled autograd may trace them
+// (is_traceable).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -37,16 +38,16 @@ at::Tensor call_dropout_mask(const at::Tensor& x, double dropout, const at::Tens
   return op.call(x, dropout, seed);
 }
 
-// The gradients autograd asks of a function's tensor inputs, in order. `has_bias`: whether the optional bias (the
-// input after x and weight) was passed; autograd counts only the tensors passed.
+// Which of a function's tensor inputs autograd wants gradients for, by position among them. Autograd counts only the
+// tensors passed: `absent` is the position of an optional one that was not (kAllPassed: none).
 struct InputGrads {
+  static constexpr int64_t kAllPassed = -1;
   std::vector<bool> need;
 
-  InputGrads(AutogradContext* ctx, int64_t tensors, bool optional_bias, bool has_bias) {
+  InputGrads(AutogradContext* ctx, int64_t tensors, int64_t absent) {
     for (int64_t i = 0, edge = 0; i < tensors; ++i) {
-      const bool absent = optional_bias && !has_bias && i == 2;
-      need.push_back(!absent && ctx->needs_input_grad(edge));
-      edge += absent ? 0 : 1;
+      need.push_back(i != absent && ctx->needs_input_grad(edge));
+      edge += i != absent ? 1 : 0;
     }
   }
 
@@ -55,6 +56,9 @@ struct InputGrads {
     return need[i] ? grad : at::Tensor();
   }
 };
+
+// The position of the bias among the tensor inputs of lora_forward and dora_forward (after x and weight).
+constexpr int64_t kBias = 2;
 
 // lora_backward's (grad_x, grad_A, grad_B) in ATen ops, with the op's own dropout mask.
 Tensors3 differentiable_lora_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
@@ -80,6 +84,8 @@ Tensors3 differentiable_lora_backward(const at::Tensor& grad_y, const at::Tensor
 
 class LoRAForward : public torch::autograd::Function<LoRAForward> {
  public:
+  static constexpr bool is_traceable = true;
+
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const OptionalTensor& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
                             double scale, double dropout, const at::Tensor& seed) {
@@ -103,7 +109,7 @@ class LoRAForward : public torch::autograd::Function<LoRAForward> {
     const double scale = ctx->saved_data["scale"].toDouble();
     const double dropout = ctx->saved_data["dropout"].toDouble();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const InputGrads wanted(ctx, 6, /*optional_bias=*/true, has_bias);  // x, weight, bias, A, B, seed
+    const InputGrads wanted(ctx, 6, has_bias ? InputGrads::kAllPassed : kBias);  // x, W, bias, A, B, seed
     const at::Tensor& grad_y = grads[0];
     const auto [grad_x, grad_A, grad_B] =
         at::GradMode::is_enabled()
@@ -124,6 +130,8 @@ class LoRAForward : public torch::autograd::Function<LoRAForward> {
 
 class DoRAForward : public torch::autograd::Function<DoRAForward> {
  public:
+  static constexpr bool is_traceable = true;
+
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const OptionalTensor& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
                             const at::Tensor& factor, double scale) {
@@ -135,8 +143,7 @@ class DoRAForward : public torch::autograd::Function<DoRAForward> {
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
       y = op.call(x, weight, bias, lora_A, lora_B, factor, scale);
     }
-    // The output itself rather than DoRA's unscaled output z = (y - bias) / factor: no second N x out tensor lives
-    // on.
+    // The output itself rather than DoRA's unscaled output z = (y - bias) / factor: no second N x out tensor.
     ctx->save_for_backward({x, weight, bias.value_or(at::Tensor()), lora_A, lora_B, factor, y});
     ctx->saved_data["scale"] = scale;
     return y;
@@ -151,7 +158,7 @@ class DoRAForward : public torch::autograd::Function<DoRAForward> {
     const at::Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &lora_A = saved[3], &lora_B = saved[4];
     const at::Tensor &factor = saved[5], &y = saved[6];
     const double scale = ctx->saved_data["scale"].toDouble();
-    const InputGrads wanted(ctx, 6, /*optional_bias=*/true, bias.defined());  // x, weight, bias, A, B, factor
+    const InputGrads wanted(ctx, 6, bias.defined() ? InputGrads::kAllPassed : kBias);  // x, W, bias, A, B, f
     const at::Tensor& grad_y = grads[0];
     const at::Tensor gy = grad_y.reshape({-1, grad_y.size(-1)});
     at::Tensor grad_x, grad_weight, grad_A, grad_B, grad_factor;
@@ -185,6 +192,8 @@ class DoRAForward : public torch::autograd::Function<DoRAForward> {
 
 class GroupedLoRAForward : public torch::autograd::Function<GroupedLoRAForward> {
  public:
+  static constexpr bool is_traceable = true;
+
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& offsets,
                             double scale, double dropout, const at::Tensor& seed) {
@@ -204,7 +213,7 @@ class GroupedLoRAForward : public torch::autograd::Function<GroupedLoRAForward> 
                            const at::Tensor&, const at::Tensor&, double, double, const at::Tensor&, bool)>(
             "d9d::grouped_lora_backward");
     const variable_list saved = ctx->get_saved_variables();
-    const InputGrads wanted(ctx, 6, /*optional_bias=*/false, false);  // x, weight, A, B, offsets, seed
+    const InputGrads wanted(ctx, 6, InputGrads::kAllPassed);  // x, weight, A, B, offsets, seed
     const auto [grad_x, grad_weight, grad_A, grad_B] =
         op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], ctx->saved_data["scale"].toDouble(),
                 ctx->saved_data["dropout"].toDouble(), saved[5], wanted.need[1]);

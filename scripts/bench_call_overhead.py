@@ -4,7 +4,7 @@ At the shapes of bench_lora.py a layer's step takes hundreds of milliseconds and
 microseconds per call is lost in the noise; here it is most of the step. For each shape it times, interleaved,
 forward + backward (W frozen, x requiring grad) of
   base:  the frozen ``nn.Linear`` alone,
-  PEFT:  PEFT's LoRA layer around the same linear (``get_peft_model``),
+  PEFT:  PEFT's LoRA layer around the same linear (made by ``get_peft_model``, called directly),
   d9d:   d9d's ``LoRALinear`` around the same linear,
 each call repeated ``--calls`` times per timed step, and reports the median time per call and what the LoRA layer
 adds over the base layer, in microseconds.
@@ -46,7 +46,7 @@ def layers(features: int, rank: int, dropout: float) -> dict[str, nn.Module]:
         peft_layer.lora_A["default"].weight.copy_(ours.lora_A)
         peft_layer.lora_B["default"].weight.copy_(ours.lora_B)
     ours.base.requires_grad_(False)
-    return {"base": base, "PEFT": peft_model, "d9d": ours}
+    return {"base": base, "PEFT": peft_layer, "d9d": ours}
 
 
 def step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, calls: int):

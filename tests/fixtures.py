@@ -3,7 +3,9 @@
 Tests import from here (never from ``conftest``); ``conftest`` only turns these into pytest fixtures.
 """
 
+import functools
 import re
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
@@ -98,3 +100,26 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
     for name, (value, requires_grad) in before["params"].items():
         assert torch.equal(after["params"][name][0], value), name
         assert after["params"][name][1] == requires_grad, name
+
+
+def assert_compiled_autograd_matches_eager(loss: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor]) -> None:
+    """The gradients of ``loss(*inputs)`` (a scalar) w.r.t. ``inputs`` under compiled autograd equal eager's, and
+    compiled autograd traced the whole backward into one graph: with ``fullgraph``, a custom node it could not trace
+    (a graph break) is an error."""
+    grads = []
+    for compiled in (False, True):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        value = loss(*leaves)
+        if compiled:
+            torch._dynamo.reset()
+            counters = torch._dynamo.utils.counters
+            counters.clear()
+            backend = functools.partial(torch.compile, backend="aot_eager", fullgraph=True)
+            with torch._dynamo.compiled_autograd._enable(backend):
+                value.backward()
+            assert counters["compiled_autograd"]["captures"] == 1
+        else:
+            value.backward()
+        grads.append([t.grad for t in leaves])
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

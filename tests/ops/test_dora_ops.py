@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from d9d.ops import dora_linear, dora_merge_, dora_weight_norm
-from tests.fixtures import DEVICES
+from tests.fixtures import DEVICES, assert_compiled_autograd_matches_eager
 
 pytestmark = pytest.mark.local
 
@@ -243,6 +243,28 @@ def test_fused_op_with_a_trainable_weight():
         lambda w: torch.ops.d9d.dora_forward(x.detach(), w, None, lora_A.detach(), lora_B.detach(), factor.detach(),
                                              0.6),
         (weight,))
+
+
+@pytest.mark.parametrize("rows", [3, 40])
+def test_fused_op_gradients_of_every_input(rows):
+    # Weight and bias trainable next to the rest: every gradient slot of the op's autograd, and their gradients.
+    x, weight, lora_A, lora_B, factor = fused_inputs(rows, in_features=6, out_features=5, rank=2)
+    inputs = (x, weight.requires_grad_(), torch.randn(5, dtype=torch.float64, requires_grad=True), lora_A, lora_B,
+              factor)
+
+    def fn(x, weight, bias, lora_A, lora_B, factor):
+        return torch.ops.d9d.dora_forward(x, weight, bias, lora_A, lora_B, factor, 0.6)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_fused_op_compiled_autograd_traces_the_backward():
+    x, weight, lora_A, lora_B, factor = fused_inputs(40, dtype=torch.float32)
+    bias = torch.randn(20)
+    assert_compiled_autograd_matches_eager(
+        lambda x, A, B, f: torch.ops.d9d.dora_forward(x, weight, bias, A, B, f, 0.5).square().sum(),
+        (x, lora_A, lora_B, factor))
 
 
 def test_fused_op_opcheck():

@@ -5,6 +5,7 @@ import torch
 
 from d9d.ops.experts import grouped_lora_linear, grouped_lora_merge_
 from d9d.ops.lora import dropout_mask
+from tests.fixtures import assert_compiled_autograd_matches_eager
 
 pytestmark = pytest.mark.local
 
@@ -86,6 +87,14 @@ def test_gradcheck_float64(dropout, weight_grad):
         return grouped_lora_linear(x, weight, lora_A, lora_B, offsets, 1.5, dropout, True, seed)
 
     assert torch.autograd.gradcheck(f, (x, weight, lora_A, lora_B))
+
+
+def test_compiled_autograd_traces_the_backward():
+    x, weight, lora_A, lora_B, offsets = _inputs(dtype=torch.float32)
+    seed = torch.tensor([5])
+    assert_compiled_autograd_matches_eager(
+        lambda x, A, B: torch.ops.d9d.grouped_lora_forward(x, weight, A, B, offsets, 0.5, 0.2, seed).square().sum(),
+        (x, lora_A, lora_B))
 
 
 def test_opcheck():

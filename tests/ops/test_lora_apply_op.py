@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from d9d.ops import lora_linear
 from d9d.ops._registration import cpu_bfloat16_kernels, cpu_kernels_capability, draw_seed
 from d9d.ops.lora import dropout_mask
-from tests.fixtures import DEVICES
+from tests.fixtures import DEVICES, assert_compiled_autograd_matches_eager
 
 
 def dtype_id(dtype: torch.dtype) -> str:
@@ -474,15 +474,16 @@ def test_gradcheck_float64(dropout, shape):
     assert torch.autograd.gradcheck(fn, inputs)
 
 
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
 @pytest.mark.parametrize("shape", [(2,), (2, 3)])
-def test_gradgradcheck_float64(dropout, shape):
+def test_gradgradcheck_float64(dropout, shape, bias):
     # create_graph=True takes the differentiable form of the backward, with the op's own dropout mask.
-    x, weight, b, lora_A, lora_B = make_inputs(shape, 6, 5, 3, dtype=torch.float64)
+    x, weight, b, lora_A, lora_B = make_inputs(shape, 6, 5, 3, dtype=torch.float64, bias=bias)
     seed = torch.tensor([42])
-    inputs = tuple(t.requires_grad_() for t in (x, weight, b, lora_A, lora_B))
+    inputs = tuple(t.requires_grad_() for t in (x, weight, lora_A, lora_B, *([b] if bias else [])))
 
-    def fn(x, weight, b, lora_A, lora_B):
+    def fn(x, weight, lora_A, lora_B, b=None):
         return torch.ops.d9d.lora_forward(x, weight, b, lora_A, lora_B, 0.7, dropout, seed)
 
     assert torch.autograd.gradgradcheck(fn, inputs)
@@ -558,6 +559,15 @@ def test_compile_fullgraph_matches_eager(dropout):
             p.grad = None
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_compiled_autograd_traces_the_backward(bias):
+    x, weight, b, lora_A, lora_B = make_inputs((2, 5), bias=bias)
+    seed = torch.tensor([4])
+    assert_compiled_autograd_matches_eager(
+        lambda x, A, B: torch.ops.d9d.lora_forward(x, weight, b, A, B, 2.0, 0.3, seed).square().sum(),
+        (x, lora_A, lora_B))
 
 
 def test_same_seed_same_mask_whatever_the_thread_count():
