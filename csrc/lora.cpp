@@ -133,6 +133,12 @@ bool products_in_whole_gemms(const DeviceKernels& kernels, const SkinnyKernels* 
   return (rows + step - 1) / step < skinny->min_blocks_per_worker * kernels.max_workers();
 }
 
+// Workers of a for_each_block loop over `rows` in blocks of `step`: no more than there are blocks (see
+// DeviceKernels::for_each_block), so that small inputs set up one worker's buffers and sums, not one per thread.
+int64_t loop_workers(const DeviceKernels& kernels, int64_t rows, int64_t step) {
+  return std::max<int64_t>(1, std::min(kernels.max_workers(), (rows + step - 1) / step));
+}
+
 // The device's skinny kernels if they take tensors like x, else nullptr (ATen's GEMMs run instead).
 const SkinnyKernels* skinny_kernels_for(const DeviceKernels& kernels, const at::Tensor& x) {
   return kernels.skinny_for != nullptr ? kernels.skinny_for(x) : nullptr;
@@ -217,9 +223,9 @@ void write_lora_term_blocks(const DeviceKernels& kernels, const at::Tensor& x2d,
   const int64_t in = x2d.size(1);
   const int64_t out = y.size(1);
   const int64_t r = lora_A.size(0);
-  const int64_t workers = kernels.max_workers();
   const int64_t step = skinny_block_rows(skinny, library_block_elements(kernels, x2d.scalar_type()), rows,
                                          std::max(in, out));
+  const int64_t workers = loop_workers(kernels, rows, step);
   const int64_t rp = panel_columns(skinny, r);
   const at::Tensor At = skinny != nullptr ? as_panel(lora_A.t(), rp) : lora_A.t();
   // The skinny kernels' expand takes the bias and scale itself. For ATen's GEMMs the bias rides along the expansion
@@ -286,7 +292,10 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
   const auto panel = [&](const at::Tensor& columns) { return skinny == nullptr ? columns : as_panel(columns, rp); };
   const at::Tensor At = panel(lora_A.t());
   const at::Tensor Bp = panel(Bs);
-  const int64_t workers = kernels.max_workers();
+  const int64_t block_elements =
+      skinny != nullptr ? skinny->block_elements : library_block_elements(kernels, x2d.scalar_type());
+  const int64_t step = skinny_block_rows(skinny, block_elements, rows, std::max(in, out));
+  const int64_t workers = loop_workers(kernels, rows, step);
   const auto acc_options = x2d.options().dtype(accumulate_dtype(x2d.scalar_type()));
   const bool cast_acc = acc_options.dtype() != x2d.dtype();
   const bool sums_by_rank = skinny == nullptr || skinny->transposed_sums;  // r (or rp) x depth
@@ -333,9 +342,6 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
   // second pass is the one saved, so the wider of the two carries. But with dropout and a LoRA part of dx, x goes
   // second and carries: g A must exist before the pass that regenerates the mask of dropout(x), which masks g A too.
   const bool dy_carries_both = skinny != nullptr && out > in && !(dropout > 0.0 && lora_grad_x);
-  const int64_t block_elements =
-      skinny != nullptr ? skinny->block_elements : library_block_elements(kernels, x2d.scalar_type());
-  const int64_t step = skinny_block_rows(skinny, block_elements, rows, std::max(in, out));
   const at::Tensor dropped_buffers =
       dropout > 0.0 ? at::empty({workers, step, in}, x2d.options()) : at::empty({0}, x2d.options());
   // dx's LoRA part g A on the skinny kernels' expand where they have one. Else, on a device that prefers whole
@@ -370,7 +376,7 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
     return n == buffer.size(0) ? buffer : buffer.narrow(0, 0, n);
   };
   kernels.for_each_block(rows, step, [&](int64_t row0, int64_t n, int64_t worker) {
-    const WorkerViews& own = views[worker];
+    const WorkerViews& own = views.at(worker);  // checked: see DeviceKernels::for_each_block
     const at::Tensor gy_block = gy.narrow(0, row0, n);
     const at::Tensor x_block = x2d.narrow(0, row0, n);
     // g = s dy B is the gradient w.r.t. xa; dB = dy^T xa (times s, applied once at the end); dA^T = dropout(x)^T g.
@@ -413,8 +419,8 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
     accumulate(grad_B_sums, gy_block, xa_block, {});
   });
   // The workers' sums are added up here, before the base GEMM evicts them.
-  at::Tensor grad_A = grad_A_acc.sum(0);
-  at::Tensor grad_B = grad_B_acc.sum(0);
+  at::Tensor grad_A = workers == 1 ? grad_A_acc[0] : grad_A_acc.sum(0);
+  at::Tensor grad_B = workers == 1 ? grad_B_acc[0] : grad_B_acc.sum(0);
   if (dx_after_loop) {
     at::Tensor dx = grad_x;
     at::mm_out(dx, g_buffers.narrow(1, 0, r), lora_A);

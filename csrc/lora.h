@@ -88,7 +88,8 @@ struct DeviceKernels {
   int64_t block_elements_bf16;
   // Runs body over the blocks [0, step), [step, 2 step), ... covering `rows`; blocks of different workers may run
   // concurrently, so each worker gets its own buffers and accumulators. Each worker should take consecutive blocks
-  // in order (the CPU's does): the loops prefetch a worker's next block as the one after its current block.
+  // in order (the CPU's does): the loops prefetch a worker's next block as the one after its current block. Worker
+  // indices stay below both max_workers() and the number of blocks (ATen's parallel_for numbers its tasks so).
   void (*for_each_block)(int64_t rows, int64_t step, BlockBody body);
   // Upper bound on the worker index + 1.
   int64_t (*max_workers)();
