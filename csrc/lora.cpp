@@ -175,6 +175,17 @@ void expand_in_blocks(const DeviceKernels& kernels, const SkinnyKernels* skinny,
   });
 }
 
+// out += p op(weight), op(weight) = weight^T if `transposed`: the base GEMM accumulating onto the LoRA term (beta =
+// 1: the sum rounded once, no temporary of out's size), on the skinny kernels' own where they take it.
+void accumulate_base(const SkinnyKernels* skinny, at::Tensor& out, const at::Tensor& p, const at::Tensor& weight,
+                     bool transposed) {
+  if (skinny != nullptr && skinny->accumulate_base != nullptr &&
+      skinny->accumulate_base(p, weight, transposed, out)) {
+    return;
+  }
+  out.addmm_(p, transposed ? weight.t() : weight);
+}
+
 // Rows [row0, row0 + n) of a contiguous 2-D tensor, as memory for the skinny kernels to prefetch.
 MemorySpan row_span(const at::Tensor& t2d, int64_t row0, int64_t n) {
   TORCH_INTERNAL_ASSERT_DEBUG_ONLY(t2d.dim() == 2 && t2d.is_contiguous());
@@ -484,8 +495,7 @@ at::Tensor lora_forward(const DeviceKernels& kernels, const at::Tensor& x, const
     write_lora_term_blocks(kernels, x2d, lora_A, lora_B, bias_in_lora ? *bias : at::Tensor(), scale, dropout, spec,
                            skinny, y);
   }
-  // The base GEMM accumulates into the LoRA part (beta = 1): no N x out temporary.
-  y.addmm_(x2d, weight.t());
+  accumulate_base(skinny, y, x2d, weight, /*transposed=*/true);
   if (f.defined()) {
     y.mul_(f.t());
     if (has_bias) {
@@ -557,7 +567,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels
     }
     at::mm_out(grad_x, gy, folded);
   } else if (need_grad_x) {
-    grad_x.addmm_(gy, weight);  // the base GEMM accumulates into the LoRA part (beta = 1)
+    accumulate_base(skinny, grad_x, gy, weight, /*transposed=*/false);
   }
   return {need_grad_x ? grad_x.view(x.sizes()) : grad_x, grad_A, grad_B};
 }

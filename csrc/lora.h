@@ -27,10 +27,10 @@ struct MemorySpan {
   int64_t bytes = 0;
 };
 
-// Faster GEMMs for the skinny products (xa = x A^T in both passes, the backward's other three) and for the fold
-// W + s B A. In the products one operand is a panel of rp columns (r rounded up to a multiple of panel_width, with
-// zero columns), and p is a block of rows of x or dy (row stride free, columns contiguous); q and acc are contiguous.
-// The sums of accumulate are in float32 for the 16-bit dtypes.
+// Faster GEMMs for the skinny products (xa = x A^T in both passes, the backward's other three), for the fold
+// W + s B A, and for the base GEMM onto the LoRA term. In the products one operand is a panel of rp columns (r rounded
+// up to a multiple of panel_width, with zero columns), and p is a block of rows of x or dy (row stride free, columns
+// contiguous); q and acc are contiguous. The sums of accumulate are in float32 for the 16-bit dtypes.
 struct SkinnyKernels {
   int64_t panel_width;
   // Rows per block of the backward when these kernels run it, and of expand_in_blocks's LoRA term: about this many
@@ -67,6 +67,10 @@ struct SkinnyKernels {
   // out = weight + scale B A, for out of weight's shape (the fold; no panels involved); nullptr: ATen's addmm.
   void (*fold)(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
                const at::Tensor& out);
+  // out (n x width) += p op(weight), the base GEMM onto the LoRA term that out holds (rounded once), with op(weight)
+  // = weight^T if `transposed`, else weight. Returns false, having done nothing, where it does not take these operands
+  // (ATen's addmm_ runs instead); nullptr: ATen's addmm_ always.
+  bool (*accumulate_base)(const at::Tensor& p, const at::Tensor& weight, bool transposed, const at::Tensor& out);
 };
 
 // What differs between devices. In the mask passes every tensor is 2-D and row-major contiguous, and `row0` is the

@@ -25,6 +25,7 @@
 #include <cstring>
 #include <vector>
 
+#include "bf16_base_gemm.h"
 #include "bf16_operands.h"
 #include "vec_kernels.h"
 
@@ -294,14 +295,15 @@ const SkinnyKernels kAvx512Bf16SkinnyKernels{kLanes,
                                              kMaxExpandDepth,
                                              pack_expand,
                                              expand,
-                                             /*fold=*/nullptr};
+                                             /*fold=*/nullptr,
+                                             bf16_accumulate_base};
 
 #else  // not x86-64 with GCC 10 or Clang 9 and later
 
 bool avx512_bf16_available() { return false; }
 
-const SkinnyKernels kAvx512Bf16SkinnyKernels{16,      1 << 17, 16, 1, false, true, nullptr, nullptr, nullptr, 0,
-                                             nullptr, nullptr, nullptr};
+const SkinnyKernels kAvx512Bf16SkinnyKernels{16,      1 << 17, 16,      1,      false, true, nullptr, nullptr, nullptr,
+                                             0,       nullptr, nullptr, nullptr, nullptr};
 
 #endif
 

@@ -125,7 +125,8 @@ const SkinnyKernels kFloatSkinnyKernels{
     /*expand_max_depth=*/0,
     nullptr,
     nullptr,
-    fold};
+    fold,
+    /*accumulate_base=*/nullptr};
 
 // The bfloat16 kernels that run here (see cpu_bf16_kernels), or nullptr for ATen's GEMMs.
 const SkinnyKernels* bf16_kernels() {

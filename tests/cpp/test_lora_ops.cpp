@@ -10,6 +10,8 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/avx512_bf16_gemm.h"
+#include "cpu/bf16_base_gemm.h"
 #include "cpu/vec_kernels.h"
 #include "dropout_mask.h"
 
@@ -292,6 +294,59 @@ TEST(VecKernels, EveryBuildMatchesAten) {
       }
     }
   }
+}
+
+// The bfloat16 base GEMM of AVX512_BF16 CPUs (bf16_base_gemm.cpp): out += a op(W) rounded once, at shapes with a short
+// last tile of rows, for both layouts of W.
+TEST(Bf16BaseGemm, AddsTheProductRoundedOnce) {
+  if (!d9d::avx512_bf16_available()) {
+    GTEST_SKIP() << "no AVX512_BF16 under ATen's AVX512 capability here";
+  }
+  torch::manual_seed(0);
+  for (const bool transposed : {true, false}) {
+    for (const auto& [m, k, n] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{1100, 1024, 96}, {1024, 48, 64}}) {
+      SCOPED_TRACE(std::to_string(m) + " x " + std::to_string(k) + " x " + std::to_string(n) +
+                   (transposed ? ", W^T" : ", W"));
+      const at::Tensor a = torch::randn({m, k}).to(at::kBFloat16);
+      const at::Tensor w = (transposed ? torch::randn({n, k}) : torch::randn({k, n})).to(at::kBFloat16);
+      const at::Tensor start = torch::randn({m, n}).mul_(4).to(at::kBFloat16);
+      const at::Tensor out = start.clone();
+      ASSERT_TRUE(d9d::bf16_accumulate_base(a, w, transposed, out));
+      const at::Tensor op_w = (transposed ? w.t() : w).to(at::kDouble);
+      const at::Tensor exact = start.to(at::kDouble) + at::mm(a.to(at::kDouble), op_w);
+      // Within half a bfloat16 ulp of the exact sum (one rounding), plus float32's accumulation error over k terms.
+      const at::Tensor half_ulp = at::exp2(at::floor(at::log2(exact.abs())) - 8);
+      const at::Tensor accumulation = at::mm(a.to(at::kDouble).abs(), op_w.abs()) * (k * std::ldexp(1.0, -24));
+      const at::Tensor excess = (out.to(at::kDouble) - exact).abs() - half_ulp - accumulation;
+      EXPECT_LE(excess.max().item<double>(), 0.0);
+      EXPECT_GT((out != start).sum().item<int64_t>(), m * n / 2);  // the product did land
+    }
+  }
+}
+
+TEST(Bf16BaseGemm, LeavesWhatItDoesNotTakeToAtenUntouched) {
+  if (!d9d::avx512_bf16_available()) {
+    GTEST_SKIP() << "no AVX512_BF16 under ATen's AVX512 capability here";
+  }
+  const auto refuses = [](int64_t m, int64_t k, int64_t n, at::ScalarType dtype) {
+    const at::Tensor a = torch::randn({m, k}).to(dtype);
+    const at::Tensor w = torch::randn({n, k}).to(dtype);
+    const at::Tensor start = torch::randn({m, n}).to(dtype);
+    const at::Tensor out = start.clone();
+    const bool taken = d9d::bf16_accumulate_base(a, w, /*transposed=*/true, out);
+    return !taken && at::equal(out, start);
+  };
+  EXPECT_TRUE(d9d::bf16_accumulate_base(torch::randn({1024, 64}).to(at::kBFloat16),
+                                        torch::randn({64, 64}).to(at::kBFloat16), true,
+                                        torch::zeros({1024, 64}).to(at::kBFloat16)));
+  EXPECT_TRUE(refuses(512, 64, 64, at::kBFloat16));   // too few rows
+  EXPECT_TRUE(refuses(1024, 40, 64, at::kBFloat16));  // k not a multiple of 16
+  EXPECT_TRUE(refuses(1024, 64, 48, at::kBFloat16));  // n not a multiple of 32
+  EXPECT_TRUE(refuses(1024, 64, 64, at::kFloat));
+  at::globalContext().setUserEnabledMkldnn(false);  // ATen's brgemm runs on oneDNN
+  const bool refused_without_onednn = refuses(1024, 64, 64, at::kBFloat16);
+  at::globalContext().setUserEnabledMkldnn(true);
+  EXPECT_TRUE(refused_without_onednn);
 }
 
 }  // namespace
