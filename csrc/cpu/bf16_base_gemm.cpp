@@ -1,5 +1,5 @@
-// The base GEMM of the bfloat16 LoRA ops on AVX512_BF16 without AMX: out += a op(W) onto the LoRA term that out
-// already holds, rounded once.
+// The base GEMM of the bfloat16 LoRA ops where the AVX512_BF16 kernels run (CPUs without AMX, or capped with
+// D9D_CPU_BF16_KERNELS): out += a op(W) onto the LoRA term that out already holds, rounded once.
 //
 // ATen's addmm_ does this through oneDNN's matmul with a sum post-op, which on the Zen 4 of BENCHMARKS.md ran 2 to 5%
 // slower than the plain GEMM (mm) at the LoRA model's shapes, where in = 1024. Here the same micro-kernel (brgemm,
@@ -114,6 +114,12 @@ void add_tile(const float* sums, int64_t rows, uint16_t* out, int64_t ldo) {
 #pragma GCC pop_options
 #endif
 
+// Releases brgemm's hardware context (AMX's tile state, where brgemm runs on AMX) when a worker leaves, also by an
+// exception.
+struct ReleaseBrgemm {
+  ~ReleaseBrgemm() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }
+};
+
 // out += a op(W) for operands already checked; may throw where ATen's brgemm cannot run on bfloat16 here.
 void accumulate(const at::Tensor& a, const at::Tensor& weight, bool transposed, const at::Tensor& out) {
   const int64_t m = a.size(0);
@@ -122,8 +128,9 @@ void accumulate(const at::Tensor& a, const at::Tensor& weight, bool transposed, 
   const int64_t lda = a.stride(0);
   const int64_t panels = n / kTileColumns;
   const int64_t panel_words = k / 2 * kTileColumns;
-  // The packed W, kept per calling thread and grown to the largest W so far: a fresh buffer per call would fault in
-  // its pages again where the allocator returns them to the system (glibc's, for large blocks).
+  // The packed W, kept per calling thread and grown to the largest W so far (as the float32 fold's scratch is): a
+  // fresh buffer per call would fault in its pages again where the allocator returns them to the system (glibc's,
+  // for large blocks). It holds one more copy of the largest adapted weight per thread that runs the ops.
   thread_local std::vector<uint32_t> packed;
   if (static_cast<int64_t>(packed.size()) < panels * panel_words) {
     packed.resize(panels * panel_words);
@@ -140,6 +147,7 @@ void accumulate(const at::Tensor& a, const at::Tensor& weight, bool transposed, 
   const int64_t row_tiles = (m + kTileRows - 1) / kTileRows;
   // Tiles in row-major order, consecutive ones to a thread: a block of rows of a stays in its cache over the panels.
   at::parallel_for(0, row_tiles * panels, 1, [&](int64_t begin, int64_t end) {
+    const ReleaseBrgemm release;
     alignas(64) float sums[kTileRows * kTileColumns];
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t row0 = tile / panels * kTileRows;
@@ -150,7 +158,6 @@ void accumulate(const at::Tensor& a, const at::Tensor& weight, bool transposed, 
                                   sums, /*is_vnni=*/true);
       add_tile(sums, rows, out_data + row0 * n + j * kTileColumns, n);
     }
-    at::native::cpublas::brgemm_release(/*is_vnni=*/true);
   });
 }
 
@@ -168,7 +175,7 @@ bool brgemm_works() {
       accumulate(a.to(at::kBFloat16), op_w.to(at::kBFloat16), transposed, out);
       const at::Tensor expected = at::addmm(base.to(at::kBFloat16).to(at::kDouble), a.to(at::kBFloat16).to(at::kDouble),
                                             w.to(at::kBFloat16).to(at::kDouble).t());
-      // Rounded once to bfloat16: within 2^-8 of the largest magnitude, with room for float32 sums.
+      // A wrong layout of W or a lost tile is off by about the magnitude itself; one rounding, by 2^-9 of it.
       if (!at::allclose(out.to(at::kDouble), expected, 0.0, expected.abs().max().item<double>() / 128)) {
         return false;
       }
@@ -185,29 +192,34 @@ bool bf16_accumulate_base(const at::Tensor& a, const at::Tensor& weight, bool tr
   const auto bf16_cpu = [](const at::Tensor& t) {
     return t.scalar_type() == at::kBFloat16 && t.device().is_cpu() && t.dim() == 2;
   };
-  if (!bf16_cpu(a) || !bf16_cpu(weight) || !bf16_cpu(out) || !avx512_bf16_available() ||
-      !at::globalContext().userEnabledMkldnn()) {  // ATen's brgemm runs on oneDNN
+  if (!bf16_cpu(a) || !bf16_cpu(weight) || !bf16_cpu(out)) {
     return false;
   }
   const int64_t m = a.size(0);
   const int64_t k = a.size(1);
   const int64_t n = out.size(1);
-  if (m < kMinRows || k % 16 != 0 || n % kTileColumns != 0 || out.size(0) != m || a.stride(1) != 1 ||
-      !weight.is_contiguous() || !out.is_contiguous() || weight.size(transposed ? 0 : 1) != n ||
-      weight.size(transposed ? 1 : 0) != k) {
-    return false;
-  }
-  static const bool works = brgemm_works();
-  if (!works) {
+  if (m < kMinRows || k == 0 || k % 16 != 0 || n % kTileColumns != 0 || out.size(0) != m || a.stride(1) != 1 ||
+      a.stride(0) < k || !weight.is_contiguous() || !out.is_contiguous() || weight.size(transposed ? 0 : 1) != n ||
+      weight.size(transposed ? 1 : 0) != k || !bf16_base_gemm_runs()) {
     return false;
   }
   accumulate(a, weight, transposed, out);
   return true;
 }
 
+bool bf16_base_gemm_runs() {
+  if (!avx512_bf16_available() || !at::globalContext().userEnabledMkldnn()) {  // ATen's brgemm runs on oneDNN
+    return false;
+  }
+  static const bool works = brgemm_works();
+  return works;
+}
+
 #else  // not x86-64, or a compiler or torch without what this needs
 
 bool bf16_accumulate_base(const at::Tensor&, const at::Tensor&, bool, const at::Tensor&) { return false; }
+
+bool bf16_base_gemm_runs() { return false; }
 
 #endif
 

@@ -1,4 +1,4 @@
-// The base GEMM of the bfloat16 LoRA ops on AVX512_BF16 CPUs without AMX (SkinnyKernels::accumulate_base).
+// The base GEMM of the bfloat16 LoRA ops where the AVX512_BF16 kernels run (SkinnyKernels::accumulate_base).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -9,5 +9,10 @@ namespace d9d {
 // (k x n), the sum rounded to bfloat16 once, on oneDNN's brgemm micro-kernel (ATen's cpublas::brgemm). Returns false,
 // having touched nothing, where it does not take these operands or cannot run here: then ATen's addmm_ runs.
 bool bf16_accumulate_base(const at::Tensor& a, const at::Tensor& weight, bool transposed, const at::Tensor& out);
+
+// Whether bf16_accumulate_base runs here at all (for operands it takes): AVX512_BF16 under ATen's AVX512 capability,
+// oneDNN enabled (torch.backends.mkldnn), and ATen's brgemm present and agreeing with a float64 reference on small
+// operands of both layouts of W, checked once per process. a and out must not overlap.
+bool bf16_base_gemm_runs();
 
 }  // namespace d9d

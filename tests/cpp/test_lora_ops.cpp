@@ -299,8 +299,8 @@ TEST(VecKernels, EveryBuildMatchesAten) {
 // The bfloat16 base GEMM of AVX512_BF16 CPUs (bf16_base_gemm.cpp): out += a op(W) rounded once, at shapes with a short
 // last tile of rows, for both layouts of W.
 TEST(Bf16BaseGemm, AddsTheProductRoundedOnce) {
-  if (!d9d::avx512_bf16_available()) {
-    GTEST_SKIP() << "no AVX512_BF16 under ATen's AVX512 capability here";
+  if (!d9d::bf16_base_gemm_runs()) {
+    GTEST_SKIP() << "the driver does not run here (no AVX512_BF16 under ATen's AVX512 capability, or no brgemm)";
   }
   torch::manual_seed(0);
   for (const bool transposed : {true, false}) {
@@ -325,8 +325,8 @@ TEST(Bf16BaseGemm, AddsTheProductRoundedOnce) {
 }
 
 TEST(Bf16BaseGemm, LeavesWhatItDoesNotTakeToAtenUntouched) {
-  if (!d9d::avx512_bf16_available()) {
-    GTEST_SKIP() << "no AVX512_BF16 under ATen's AVX512 capability here";
+  if (!d9d::bf16_base_gemm_runs()) {
+    GTEST_SKIP() << "the driver does not run here (no AVX512_BF16 under ATen's AVX512 capability, or no brgemm)";
   }
   const auto refuses = [](int64_t m, int64_t k, int64_t n, at::ScalarType dtype) {
     const at::Tensor a = torch::randn({m, k}).to(dtype);
@@ -343,9 +343,11 @@ TEST(Bf16BaseGemm, LeavesWhatItDoesNotTakeToAtenUntouched) {
   EXPECT_TRUE(refuses(1024, 40, 64, at::kBFloat16));  // k not a multiple of 16
   EXPECT_TRUE(refuses(1024, 64, 48, at::kBFloat16));  // n not a multiple of 32
   EXPECT_TRUE(refuses(1024, 64, 64, at::kFloat));
+  EXPECT_TRUE(refuses(1024, 0, 64, at::kBFloat16));
+  const bool onednn = at::globalContext().userEnabledMkldnn();
   at::globalContext().setUserEnabledMkldnn(false);  // ATen's brgemm runs on oneDNN
   const bool refused_without_onednn = refuses(1024, 64, 64, at::kBFloat16);
-  at::globalContext().setUserEnabledMkldnn(true);
+  at::globalContext().setUserEnabledMkldnn(onednn);
   EXPECT_TRUE(refused_without_onednn);
 }
 
