@@ -62,14 +62,7 @@ bool avx512_bf16_available() {
 
 namespace {
 
-// The kernels below are compiled for AVX-512 with AVX512_BF16 and run only where avx512_bf16_available().
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma"))), \
-                             apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")
-#endif
+D9D_AVX512_BF16_TARGET_BEGIN
 
 #include "bf16_pairs.h"
 
@@ -244,11 +237,7 @@ void bf16_expand(const uint16_t* p, int64_t ldp, int64_t n, int64_t depth, const
   }
 }
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+D9D_AVX512_BF16_TARGET_END
 
 void mm(const at::Tensor& p, const at::Tensor& q, const at::Tensor& out, MemorySpan /*ahead*/) {
   call_bf16_mm("avx512_bf16 mm", bf16_mm, p, q, out);

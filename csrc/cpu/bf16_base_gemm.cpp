@@ -38,13 +38,7 @@ constexpr int64_t kTileColumns = 32;  // columns of a tile and of a panel of pac
 // Fewer rows leave W's repacking too large a share of the GEMM for the faster sum to pay for it.
 constexpr int64_t kMinRows = 1024;
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma"))), \
-                             apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")
-#endif
+D9D_AVX512_BF16_TARGET_BEGIN
 
 #include "bf16_pairs.h"
 
@@ -108,11 +102,7 @@ void add_tile(const float* sums, int64_t rows, uint16_t* out, int64_t ldo) {
   }
 }
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+D9D_AVX512_BF16_TARGET_END
 
 // Releases brgemm's hardware context (AMX's tile state, where brgemm runs on AMX) when a worker leaves, also by an
 // exception.
