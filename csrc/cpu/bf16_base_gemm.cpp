@@ -17,9 +17,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <exception>
-#include <vector>
 
 #include "avx512_bf16_gemm.h"
+#include "skinny_gemm.h"
 
 // The AVX512_BF16 target needs GCC 10 or Clang 9; brgemm on bfloat16 came with torch's CPUBLAS_BRGEMM_* macros.
 #if defined(__x86_64__) && defined(CPUBLAS_BRGEMM_BF16BF16F32) && \
@@ -118,15 +118,10 @@ void accumulate(const at::Tensor& a, const at::Tensor& weight, bool transposed, 
   const int64_t lda = a.stride(0);
   const int64_t panels = n / kTileColumns;
   const int64_t panel_words = k / 2 * kTileColumns;
-  // The packed W, kept per calling thread and grown to the largest W so far (as the float32 fold's scratch is): a
-  // fresh buffer per call would fault in its pages again where the allocator returns them to the system (glibc's,
-  // for large blocks). It holds one more copy of the largest adapted weight per thread that runs the ops.
-  thread_local std::vector<uint32_t> packed;
-  if (static_cast<int64_t>(packed.size()) < panels * panel_words) {
-    packed.resize(panels * panel_words);
-  }
+  // The packed W (k n bfloat16, as many as W's) in the CPU's weight scratch, which bfloat16's ops use for nothing else.
+  const at::Tensor packed = cpu_weight_scratch(weight);
   const auto* w = static_cast<const uint16_t*>(weight.const_data_ptr());
-  uint32_t* panel0 = packed.data();
+  auto* panel0 = static_cast<uint32_t*>(packed.mutable_data_ptr());
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       pack_panel(w, k, n, transposed, j, panel0 + j * panel_words);
@@ -156,15 +151,13 @@ void accumulate(const at::Tensor& a, const at::Tensor& weight, bool transposed, 
 bool brgemm_works() {
   try {
     const auto options = at::TensorOptions().dtype(at::kDouble);
-    const at::Tensor a = at::arange(70 * 32, options).mul(0.37).sin().view({70, 32});
-    const at::Tensor w = at::arange(64 * 32, options).mul(0.61).cos().view({64, 32});
-    const at::Tensor base = at::arange(70 * 64, options).mul(0.13).sin().view({70, 64});
+    const at::Tensor a = at::arange(70 * 32, options).mul(0.37).sin().view({70, 32}).to(at::kBFloat16);
+    const at::Tensor w = at::arange(64 * 32, options).mul(0.61).cos().view({64, 32}).to(at::kBFloat16);
+    const at::Tensor base = at::arange(70 * 64, options).mul(0.13).sin().view({70, 64}).to(at::kBFloat16);
+    const at::Tensor expected = at::addmm(base.to(at::kDouble), a.to(at::kDouble), w.to(at::kDouble).t());
     for (const bool transposed : {true, false}) {
-      const at::Tensor op_w = transposed ? w : w.t().contiguous();  // stored n x k, or k x n
-      at::Tensor out = base.to(at::kBFloat16);
-      accumulate(a.to(at::kBFloat16), op_w.to(at::kBFloat16), transposed, out);
-      const at::Tensor expected = at::addmm(base.to(at::kBFloat16).to(at::kDouble), a.to(at::kBFloat16).to(at::kDouble),
-                                            w.to(at::kBFloat16).to(at::kDouble).t());
+      const at::Tensor out = base.clone();
+      accumulate(a, transposed ? w : w.t().contiguous(), transposed, out);  // W stored n x k, or k x n
       // A wrong layout of W or a lost tile is off by about the magnitude itself; one rounding, by 2^-9 of it.
       if (!at::allclose(out.to(at::kDouble), expected, 0.0, expected.abs().max().item<double>() / 128)) {
         return false;

@@ -86,6 +86,22 @@ void dropout_backward_span(const c10::BFloat16* x, c10::BFloat16* out, c10::BFlo
 
 }  // namespace
 
+// The CPU has no caching allocator: a fresh weight-sized tensor per call would fault in every page of it again (on
+// the benchmark's 16 MiB weight, as long as the fold itself). Like MKL's packing buffers, the scratch is kept per
+// thread and per dtype, grown to the largest weight so far.
+at::Tensor cpu_weight_scratch(const at::Tensor& weight) {
+  thread_local std::array<at::Tensor, static_cast<size_t>(at::ScalarType::NumOptions)> scratch;
+  at::Tensor& buffer = scratch[static_cast<size_t>(weight.scalar_type())];
+  if (!buffer.defined() || buffer.numel() < weight.numel()) {
+    buffer = at::Tensor();  // free the old one first
+    // A normal tensor even when this call runs under inference mode: an inference tensor could not be written by
+    // later calls outside it.
+    const c10::InferenceMode normal_tensors(false);
+    buffer = at::empty({weight.numel()}, weight.options());
+  }
+  return buffer.narrow(0, 0, weight.numel()).view(weight.sizes());
+}
+
 void dropout_rows_cpu(const at::Tensor& x, const at::Tensor& out, int64_t row0, const DropoutSpec& spec) {
   const int64_t cols = x.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dropout_rows_cpu", [&] {
@@ -155,29 +171,13 @@ int64_t max_workers_cpu() {
   return at::get_num_threads();
 }
 
-// The CPU has no caching allocator: a fresh weight-sized tensor per call would fault in every page of it again (on
-// the benchmark's 16 MiB weight, as long as the fold itself). Like MKL's packing buffers, the scratch is kept per
-// thread and per dtype, grown to the largest weight folded so far.
-at::Tensor fold_scratch_cpu(const at::Tensor& weight) {
-  thread_local std::array<at::Tensor, static_cast<size_t>(at::ScalarType::NumOptions)> scratch;
-  at::Tensor& buffer = scratch[static_cast<size_t>(weight.scalar_type())];
-  if (!buffer.defined() || buffer.numel() < weight.numel()) {
-    buffer = at::Tensor();  // free the old one first
-    // A normal tensor even when this call runs under inference mode: an inference tensor could not be written by
-    // later calls outside it.
-    const c10::InferenceMode normal_tensors(false);
-    buffer = at::empty({weight.numel()}, weight.options());
-  }
-  return buffer.narrow(0, 0, weight.numel()).view(weight.sizes());
-}
-
 // Blocks of 512 KiB of float32: a block of x and one of dy fit a core's L2 cache together (the skinny kernels take
 // smaller ones; see skinny_gemm.cpp). bfloat16 blocks hold 4x the elements, 1 MiB: each of its library GEMMs (oneDNN
 // on AMX) costs more per call than MKL's float32 one, and the larger blocks ran the bfloat16 LoRA step with dropout
 // 9-18% (forward) and 15-27% (backward) faster on the AVX-512 Xeon of BENCHMARKS.md; float32 did not change.
 constexpr DeviceKernels kCpuKernels{dropout_rows_cpu,   dropout_rows_backward_cpu, mask_rows_cpu, 1 << 17,
                                     /*bf16=*/1 << 19,   for_each_block_cpu,        max_workers_cpu,
-                                    cpu_skinny_kernels_for, fold_scratch_cpu,          /*whole_products=*/true};
+                                    cpu_skinny_kernels_for, cpu_weight_scratch,        /*whole_products=*/true};
 
 at::Tensor lora_forward_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout,

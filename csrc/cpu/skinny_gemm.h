@@ -15,4 +15,8 @@ const SkinnyKernels* cpu_skinny_kernels_for(const at::Tensor& x);
 // reach each kernel family on a CPU that runs more than one; unset, the best one here runs. Decided once per process.
 const char* cpu_bf16_kernels();
 
+// Scratch of weight's shape and dtype, kept per thread and dtype and valid until the next call on this thread (the
+// float32 fold's folded weight, the bfloat16 base GEMM's packed weight; see lora_cpu.cpp).
+at::Tensor cpu_weight_scratch(const at::Tensor& weight);
+
 }  // namespace d9d
