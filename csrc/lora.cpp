@@ -186,6 +186,14 @@ void accumulate_base(const SkinnyKernels* skinny, at::Tensor& out, const at::Ten
   out.addmm_(p, transposed ? weight.t() : weight);
 }
 
+// Whether the skinny kernels' base GEMM takes a LoRA term of `depth` columns as extra depth of its sums here (see
+// SkinnyKernels::base_with_term): then the term is computed for it and never written into y or dx.
+bool term_rides_base(const SkinnyKernels* skinny, const at::Tensor& p, const at::Tensor& weight, bool transposed,
+                     int64_t depth) {
+  return skinny != nullptr && skinny->base_takes_term != nullptr &&
+         skinny->base_takes_term(p, weight, transposed, depth);
+}
+
 // Rows [row0, row0 + n) of a contiguous 2-D tensor, as memory for the skinny kernels to prefetch.
 MemorySpan row_span(const at::Tensor& t2d, int64_t row0, int64_t n) {
   TORCH_INTERNAL_ASSERT_DEBUG_ONLY(t2d.dim() == 2 && t2d.is_contiguous());
@@ -226,10 +234,12 @@ at::Tensor row_scale_column(const char* op, const at::Tensor& row_scale, const a
 
 // y = dropout(x) A^T (s B)^T [+ bias], block by block: each block of x is read once (and dropped out once, in a
 // per-worker buffer), and xa = dropout(x) A^T of a block runs on the skinny kernels where they take x, with A^T as a
-// panel of rp columns.
+// panel of rp columns. Where xa_rows is defined (rows x rp, for the base GEMM's term), xa goes there and y is left
+// alone.
 void write_lora_term_blocks(const DeviceKernels& kernels, const at::Tensor& x2d, const at::Tensor& lora_A,
                             const at::Tensor& lora_B, const at::Tensor& bias, double scale, double dropout,
-                            const DropoutSpec& spec, const SkinnyKernels* skinny, const at::Tensor& y) {
+                            const DropoutSpec& spec, const SkinnyKernels* skinny, const at::Tensor& y,
+                            const at::Tensor& xa_rows) {
   const int64_t rows = x2d.size(0);
   const int64_t in = x2d.size(1);
   const int64_t out = y.size(1);
@@ -239,19 +249,22 @@ void write_lora_term_blocks(const DeviceKernels& kernels, const at::Tensor& x2d,
   const int64_t workers = loop_workers(kernels, rows, step);
   const int64_t rp = panel_columns(skinny, r);
   const at::Tensor At = skinny != nullptr ? as_panel(lora_A.t(), rp) : lora_A.t();
+  const bool only_xa = xa_rows.defined();
+  TORCH_INTERNAL_ASSERT(!only_xa || (skinny != nullptr && xa_rows.size(0) == rows && xa_rows.size(1) == rp));
   // The skinny kernels' expand takes the bias and scale itself. For ATen's GEMMs the bias rides along the expansion
   // as an extra column of ones, y = [xa, 1] [s B, bias]^T.
-  const bool expanded = expands(skinny, rp);
+  const bool expanded = !only_xa && expands(skinny, rp);
   const at::Tensor packed_B = expanded ? skinny->pack_expand(lora_B, rp) : at::Tensor();
   const at::Tensor bias32 = expanded && bias.defined() ? bias.to(at::kFloat).contiguous() : at::Tensor();
-  const bool bias_in_blocks = bias.defined() && !expanded;
-  const at::Tensor B_rows = expanded         ? at::Tensor()
-                            : bias_in_blocks ? at::cat({as_panel(lora_B * scale, rp), bias.unsqueeze(1)}, 1)
-                                             : as_panel(lora_B, rp);
+  const bool bias_in_blocks = !only_xa && bias.defined() && !expanded;
+  const at::Tensor B_rows = only_xa || expanded ? at::Tensor()
+                            : bias_in_blocks    ? at::cat({as_panel(lora_B * scale, rp), bias.unsqueeze(1)}, 1)
+                                                : as_panel(lora_B, rp);
   // Per-worker buffers: [xa, 1] of one block, and with dropout the block's dropped-out copy of x (the mask is
   // regenerated in backward).
-  const at::Tensor xa_buffers = bias_in_blocks ? at::ones({workers, step, rp + 1}, x2d.options())
-                                               : at::empty({workers, step, rp}, x2d.options());
+  const at::Tensor xa_buffers = only_xa          ? at::Tensor()
+                                : bias_in_blocks ? at::ones({workers, step, rp + 1}, x2d.options())
+                                                 : at::empty({workers, step, rp}, x2d.options());
   const at::Tensor dropped_buffers =
       dropout > 0.0 ? at::empty({workers, step, in}, x2d.options()) : at::empty({0}, x2d.options());
   kernels.for_each_block(rows, step, [&](int64_t row0, int64_t n, int64_t worker) {
@@ -261,13 +274,16 @@ void write_lora_term_blocks(const DeviceKernels& kernels, const at::Tensor& x2d,
       kernels.dropout_rows(source, dropped, row0, spec);
       source = dropped;
     }
-    const at::Tensor xa_1 = xa_buffers[worker].narrow(0, 0, n);
-    at::Tensor xa_block = xa_1.narrow(1, 0, rp);
+    const at::Tensor xa_1 = only_xa ? at::Tensor() : xa_buffers[worker].narrow(0, 0, n);
+    at::Tensor xa_block = only_xa ? xa_rows.narrow(0, row0, n) : xa_1.narrow(1, 0, rp);
     if (skinny != nullptr) {
       // Fetches the worker's next block of x, which its next block reads first (the dropout pass, or this product).
       skinny->mm(source, At, xa_block, next_rows(x2d, row0, n, step));
     } else {
       at::mm_out(xa_block, source, At);
+    }
+    if (only_xa) {
+      return;
     }
     at::Tensor y_block = y.narrow(0, row0, n);
     if (expanded) {
@@ -283,13 +299,14 @@ void write_lora_term_blocks(const DeviceKernels& kernels, const at::Tensor& x2d,
 // The backward's LoRA products block by block, for blocks of rows small enough to stay in cache, so that each block
 // of dy and x is read from memory once: g = dy s B, xa = dropout(x) A^T (recomputed rather than saved by the
 // forward; with dropout the mask of a block is drawn again, never stored), dB / s = dy^T xa and dA = g^T dropout(x),
-// summed per worker (in float32 for the 16-bit dtypes). With grad_x defined, also its LoRA part g A, masked.
+// summed per worker (in float32 for the 16-bit dtypes). With grad_x defined, also its LoRA part g A, masked. With
+// g_rows defined (rows x rp, for the base GEMM's term), g of every block goes there.
 // Returns (dA, dB / s), in the accumulation dtype.
 std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& kernels, const at::Tensor& gy,
                                                           const at::Tensor& x2d, const at::Tensor& lora_A,
                                                           const at::Tensor& Bs, double dropout,
                                                           const DropoutSpec& spec, const SkinnyKernels* skinny,
-                                                          const at::Tensor& grad_x) {
+                                                          const at::Tensor& grad_x, const at::Tensor& g_rows) {
   const int64_t rows = x2d.size(0);
   const int64_t in = x2d.size(1);
   const int64_t out = gy.size(1);
@@ -363,8 +380,11 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
   const bool dx_after_loop = lora_grad_x && !packed_A.defined() && dropout == 0.0 && kernels.whole_products &&
                              x2d.scalar_type() == at::kBFloat16;
   const at::Tensor xa_buffers = at::empty({workers, step, rp}, x2d.options());
-  const at::Tensor g_buffers =
-      dx_after_loop ? at::empty({rows, rp}, x2d.options()) : at::empty({workers, step, rp}, x2d.options());
+  TORCH_INTERNAL_ASSERT(!g_rows.defined() || (g_rows.size(0) == rows && g_rows.size(1) == rp));
+  const bool g_of_all_rows = dx_after_loop || g_rows.defined();
+  const at::Tensor g_buffers = g_rows.defined() ? g_rows
+                               : dx_after_loop  ? at::empty({rows, rp}, x2d.options())
+                                                : at::empty({workers, step, rp}, x2d.options());
   const auto lora_part_of_dx = [&](at::Tensor dx_block, const at::Tensor& g_block) {
     if (packed_A.defined()) {
       skinny->expand(g_block, packed_A, 1.0, at::Tensor(), dx_block);
@@ -380,7 +400,7 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
   std::vector<WorkerViews> views;
   views.reserve(workers);
   for (int64_t w = 0; w < workers; ++w) {
-    views.push_back({xa_buffers[w], dx_after_loop ? at::Tensor() : g_buffers[w],
+    views.push_back({xa_buffers[w], g_of_all_rows ? at::Tensor() : g_buffers[w],
                      dropout > 0.0 ? dropped_buffers[w] : at::Tensor(), grad_A_acc[w], grad_B_acc[w]});
   }
   const auto first_rows = [](const at::Tensor& buffer, int64_t n) {
@@ -391,7 +411,7 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
     const at::Tensor gy_block = gy.narrow(0, row0, n);
     const at::Tensor x_block = x2d.narrow(0, row0, n);
     // g = s dy B is the gradient w.r.t. xa; dB = dy^T xa (times s, applied once at the end); dA^T = dropout(x)^T g.
-    const at::Tensor g_block = dx_after_loop ? g_buffers.narrow(0, row0, n) : first_rows(own.g, n);
+    const at::Tensor g_block = g_of_all_rows ? g_buffers.narrow(0, row0, n) : first_rows(own.g, n);
     const at::Tensor xa_block = first_rows(own.xa, n);
     const at::Tensor& grad_A_sums = own.grad_A_sums;
     const at::Tensor& grad_B_sums = own.grad_B_sums;
@@ -482,20 +502,37 @@ at::Tensor lora_forward(const DeviceKernels& kernels, const at::Tensor& x, const
   // The bias rides along the LoRA term, so it costs no pass of its own; with a row scale it is added after the
   // scaling.
   const bool bias_in_lora = has_bias && !f.defined();
-  if (products_in_whole_gemms(kernels, skinny, dropout, rows, in, out, /*forward=*/true)) {
-    const at::Tensor xa = at::mm(x2d, lora_A.t());  // N x r
-    if (expands(skinny, r)) {
-      expand_in_blocks(kernels, skinny, xa, lora_B, scale, bias_in_lora ? *bias : at::Tensor(), y);
-    } else if (bias_in_lora) {
-      at::addmm_out(y, *bias, xa, lora_B.t(), /*beta=*/1, /*alpha=*/scale);
+  const bool whole_products = products_in_whole_gemms(kernels, skinny, dropout, rows, in, out, /*forward=*/true);
+  const int64_t xa_columns = whole_products ? r : panel_columns(skinny, r);  // the blocks' xa: a panel, zero beyond r
+  if (term_rides_base(skinny, x2d, weight, /*transposed=*/true, xa_columns)) {
+    // y = x W^T + xa (s B)^T (+ bias) in the base GEMM's sums, rounded once; s goes into B's 16 bits, rounded once from
+    // the adapters as given (exact where s is a power of two).
+    at::Tensor xa;
+    if (whole_products) {
+      xa = at::mm(x2d, lora_A.t());
     } else {
-      at::addmm_out(y, y, xa, lora_B.t(), /*beta=*/0, /*alpha=*/scale);  // ignores y's contents
+      xa = at::empty({rows, xa_columns}, x2d.options());
+      write_lora_term_blocks(kernels, x2d, lora_A, lora_B, at::Tensor(), scale, dropout, spec, skinny, y, xa);
     }
+    const at::Tensor scaled_B = as_panel((given_B.to(at::kFloat) * scale).to(x2d.scalar_type()), xa_columns);
+    skinny->base_with_term(x2d, weight, /*transposed=*/true, xa, scaled_B,
+                           bias_in_lora ? bias->to(at::kFloat).contiguous() : at::Tensor(), y);
   } else {
-    write_lora_term_blocks(kernels, x2d, lora_A, lora_B, bias_in_lora ? *bias : at::Tensor(), scale, dropout, spec,
-                           skinny, y);
+    if (whole_products) {
+      const at::Tensor xa = at::mm(x2d, lora_A.t());  // N x r
+      if (expands(skinny, r)) {
+        expand_in_blocks(kernels, skinny, xa, lora_B, scale, bias_in_lora ? *bias : at::Tensor(), y);
+      } else if (bias_in_lora) {
+        at::addmm_out(y, *bias, xa, lora_B.t(), /*beta=*/1, /*alpha=*/scale);
+      } else {
+        at::addmm_out(y, y, xa, lora_B.t(), /*beta=*/0, /*alpha=*/scale);  // ignores y's contents
+      }
+    } else {
+      write_lora_term_blocks(kernels, x2d, lora_A, lora_B, bias_in_lora ? *bias : at::Tensor(), scale, dropout,
+                             spec, skinny, y, /*xa_rows=*/at::Tensor());
+    }
+    accumulate_base(skinny, y, x2d, weight, /*transposed=*/true);
   }
-  accumulate_base(skinny, y, x2d, weight, /*transposed=*/true);
   if (f.defined()) {
     y.mul_(f.t());
     if (has_bias) {
@@ -543,16 +580,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels
   at::Tensor grad_x = need_grad_x ? at::empty({rows, in}, x2d.options()) : at::empty({0}, x.options());
   at::Tensor grad_A;
   at::Tensor grad_B;  // without its factor s (and f)
-  if (products_in_whole_gemms(kernels, skinny, dropout, rows, in, out, /*forward=*/false)) {
+  const bool whole_products = products_in_whole_gemms(kernels, skinny, dropout, rows, in, out, /*forward=*/false);
+  // Without dropout (which masks dx's LoRA part alone), that part g A can ride the base GEMM as extra depth: g of all
+  // rows is then kept for it (the blocks' g: a panel, zero beyond r).
+  const int64_t g_columns = whole_products ? r : panel_columns(skinny, r);
+  const bool dx_term_in_base =
+      lora_grad_x && dropout == 0.0 && term_rides_base(skinny, gy, weight, /*transposed=*/false, g_columns);
+  at::Tensor g_rows;
+  if (whole_products) {
     const at::Tensor g = at::mm(gy, Bs);  // N x r: the gradient w.r.t. xa = x A^T
-    if (lora_grad_x) {
+    if (dx_term_in_base) {
+      g_rows = g;
+    } else if (lora_grad_x) {
       at::mm_out(grad_x, g, lora_A);  // the LoRA part of dx; the base GEMM accumulates onto it below
     }
     grad_A = at::mm(g.t(), x2d);
     grad_B = at::mm(gy.t(), at::mm(x2d, lora_A.t()));
   } else {
+    g_rows = dx_term_in_base ? at::empty({rows, g_columns}, x2d.options()) : at::Tensor();
     std::tie(grad_A, grad_B) = lora_products_in_blocks(kernels, gy, x2d, lora_A, Bs, dropout, spec, skinny,
-                                                       lora_grad_x ? grad_x : at::Tensor());
+                                                       lora_grad_x && !dx_term_in_base ? grad_x : at::Tensor(), g_rows);
   }
   grad_A = grad_A.to(grad_dtype).contiguous();
   // s and f multiply dB in float32 for the 16-bit dtypes: f * s rounded to 16 bits would bias whole rows of dB.
@@ -566,6 +613,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels
       folded.mul_(f);
     }
     at::mm_out(grad_x, gy, folded);
+  } else if (dx_term_in_base) {
+    const at::Tensor A_rows = g_columns == r ? lora_A : at::constant_pad_nd(lora_A, {0, 0, 0, g_columns - r});
+    skinny->base_with_term(gy, weight, /*transposed=*/false, g_rows, A_rows.contiguous(), at::Tensor(), grad_x);
   } else if (need_grad_x) {
     accumulate_base(skinny, grad_x, gy, weight, /*transposed=*/false);
   }

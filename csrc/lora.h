@@ -71,6 +71,13 @@ struct SkinnyKernels {
   // = weight^T if `transposed`, else weight. Returns false, having done nothing, where it does not take these operands
   // (ATen's addmm_ runs instead); nullptr: ATen's addmm_ always.
   bool (*accumulate_base)(const at::Tensor& p, const at::Tensor& weight, bool transposed, const at::Tensor& out);
+  // out (n x width) = p op(weight) + t op(term_weight) (+ bias): the base GEMM with the LoRA term (y's from xa and
+  // s B, dx's part from g and A) as extra depth of its sums, rounded once, out's contents ignored; t (n x depth),
+  // term_weight in weight's layout, bias float32 (width) or undefined. Only where base_takes_term(p, weight,
+  // transposed, depth) said so, asked before the term is computed; nullptr: never (the term is written into out first).
+  bool (*base_takes_term)(const at::Tensor& p, const at::Tensor& weight, bool transposed, int64_t depth);
+  void (*base_with_term)(const at::Tensor& p, const at::Tensor& weight, bool transposed, const at::Tensor& t,
+                         const at::Tensor& term_weight, const at::Tensor& bias, const at::Tensor& out);
 };
 
 // What differs between devices. In the mask passes every tensor is 2-D and row-major contiguous, and `row0` is the

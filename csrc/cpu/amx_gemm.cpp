@@ -378,14 +378,16 @@ const SkinnyKernels kAmxSkinnyKernels{kTile,
                                       pack_expand,
                                       expand,
                                       /*fold=*/nullptr,
-                                      /*accumulate_base=*/nullptr};
+                                      /*accumulate_base=*/nullptr,
+                                      /*base_takes_term=*/nullptr,
+                                      /*base_with_term=*/nullptr};
 
 #else  // not x86-64 Linux with GCC 11 or Clang 12 and later
 
 bool amx_bf16_available() { return false; }
 
-const SkinnyKernels kAmxSkinnyKernels{16,      1 << 18, 32,      1,      false, true, nullptr, nullptr, nullptr, 0,
-                                      nullptr, nullptr, nullptr, nullptr};
+const SkinnyKernels kAmxSkinnyKernels{16,      1 << 18, 32,      1,       false,  true,   nullptr, nullptr,
+                                      nullptr, 0,       nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
 
 #endif
 

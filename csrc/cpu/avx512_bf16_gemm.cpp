@@ -270,8 +270,9 @@ void mm_accumulate(const at::Tensor& p, const at::Tensor& q, const at::Tensor& o
 
 // Blocks of 256 KiB of bfloat16: a block of x and one of dy fit a Zen 4 core's 1 MiB of L2 together. As on AMX,
 // without dropout the backward takes these kernels from one block per worker, and the forward computes xa in one
-// oneDNN GEMM (on these kernels, block by block, it ran 0.15 ms faster at in = 1024 and 0.09 ms slower at 2816) and
-// writes its LoRA term with expand where r is even.
+// oneDNN GEMM (on these kernels, block by block, it ran 0.15 ms faster at in = 1024 and 0.09 ms slower at 2816).
+// The LoRA terms of y, and of dx without dropout, ride the base GEMM as extra depth where it takes them
+// (bf16_base_gemm.h); elsewhere expand writes them where r is even.
 const SkinnyKernels kAvx512Bf16SkinnyKernels{kLanes,
                                              1 << 17,
                                              kRows,
@@ -285,14 +286,16 @@ const SkinnyKernels kAvx512Bf16SkinnyKernels{kLanes,
                                              pack_expand,
                                              expand,
                                              /*fold=*/nullptr,
-                                             bf16_accumulate_base};
+                                             bf16_accumulate_base,
+                                             bf16_base_takes_term,
+                                             bf16_base_with_term};
 
 #else  // not x86-64 with GCC 10 or Clang 9 and later
 
 bool avx512_bf16_available() { return false; }
 
-const SkinnyKernels kAvx512Bf16SkinnyKernels{16,      1 << 17, 16,      1,      false, true, nullptr, nullptr, nullptr,
-                                             0,       nullptr, nullptr, nullptr, nullptr};
+const SkinnyKernels kAvx512Bf16SkinnyKernels{16,      1 << 17, 16,      1,       false,   true,    nullptr, nullptr,
+                                             nullptr, 0,       nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
 
 #endif
 

@@ -1,12 +1,17 @@
 // The base GEMM of the bfloat16 LoRA ops where the AVX512_BF16 kernels run (CPUs without AMX, or capped with
-// D9D_CPU_BF16_KERNELS): out += a op(W) onto the LoRA term that out already holds, rounded once.
+// D9D_CPU_BF16_KERNELS): out += a op(W) onto the LoRA term that out already holds, or out = a op(W) + the term taken
+// as extra depth, rounded once either way.
 //
-// ATen's addmm_ does this through oneDNN's matmul with a sum post-op, which on the Zen 4 of BENCHMARKS.md ran 2 to 5%
-// slower than the plain GEMM (mm) at the LoRA model's shapes, where in = 1024. Here the same micro-kernel (brgemm,
-// which oneDNN's matmul also runs) writes each 64 x 32 tile in float32 to a buffer in L1, and the tile is added to
-// out's bfloat16 and rounded there: as fast as mm at those shapes (paired repeats, 2 threads). W is repacked per call
-// into the pairs of rows that vdpbf16ps takes (oneDNN's matmul repacks it too), 1 to 2% of the GEMM at 2048 rows,
-// hence the minimum of rows below.
+// ATen's addmm_ does the first through oneDNN's matmul with a sum post-op, which on the Zen 4 of BENCHMARKS.md ran 2
+// to 5% slower than the plain GEMM (mm) at the LoRA model's shapes, where in = 1024. Here the same micro-kernel
+// (brgemm, which oneDNN's matmul also runs) writes each 64 x 32 tile in float32 to a buffer in L1, and the tile is
+// added to out's bfloat16 and rounded there: as fast as mm at those shapes (paired repeats, 2 threads). W is repacked
+// per call into the pairs of rows that vdpbf16ps takes (oneDNN's matmul repacks it too), 1 to 2% of the GEMM at 2048
+// rows, hence the minimum of rows below.
+//
+// With the term as extra depth (a second brgemm call per tile, over the r columns of xa or g, onto the same sums),
+// the LoRA term is never written to out and read back: the forward then costs the base GEMM plus xa, 0.4 to 0.8 ms
+// less per 2048-row layer than writing the term first (1024 and 2816 wide, paired repeats).
 #include "bf16_base_gemm.h"
 
 #include <ATen/ATen.h>
@@ -89,14 +94,20 @@ void pack_panel(const uint16_t* w, int64_t k, int64_t n, bool transposed, int64_
   }
 }
 
-// Rows [0, rows) of a tile: out = round(out + sums), sums rows kTileColumns apart.
-void add_tile(const float* sums, int64_t rows, uint16_t* out, int64_t ldo) {
+// Rows [0, rows) of a tile: out = round(sums (+ bias) (+ out)), sums rows kTileColumns apart, bias the tile's
+// kTileColumns or nullptr.
+void store_tile(const float* sums, int64_t rows, const float* bias, bool add_out, uint16_t* out, int64_t ldo) {
   for (int64_t i = 0; i < rows; ++i) {
     uint16_t* row = out + i * ldo;
     for (int64_t c = 0; c < kTileColumns; c += kLanes) {
-      const __m256i old = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c));
-      const __m512 sum = _mm512_add_ps(_mm512_loadu_ps(sums + i * kTileColumns + c),
-                                       _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(old), 16)));
+      __m512 sum = _mm512_loadu_ps(sums + i * kTileColumns + c);
+      if (bias != nullptr) {
+        sum = _mm512_add_ps(sum, _mm512_loadu_ps(bias + c));
+      }
+      if (add_out) {
+        const __m256i old = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c));
+        sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(old), 16)));
+      }
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + c), to_bf16(sum));
     }
   }
@@ -110,14 +121,26 @@ struct ReleaseBrgemm {
   ~ReleaseBrgemm() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }
 };
 
-// out += a op(W) for operands already checked; may throw where ATen's brgemm cannot run on bfloat16 here.
-void accumulate(const at::Tensor& a, const at::Tensor& weight, bool transposed, const at::Tensor& out) {
+// The LoRA term as extra depth of the tiles: t (m x depth, rows ldt apart) times op(term weight), packed as W's panels
+// (panel j at j * depth * kTileColumns / 2 words).
+struct Term {
+  const at::BFloat16* t = nullptr;
+  int64_t ldt = 0;
+  int64_t depth = 0;
+  const uint32_t* panels = nullptr;
+};
+
+// out = a op(W) (+ term) (+ bias) (+ out if add_out) for operands already checked; may throw where ATen's brgemm
+// cannot run on bfloat16 here.
+void gemm(const at::Tensor& a, const at::Tensor& weight, bool transposed, const Term& term, const float* bias,
+          bool add_out, const at::Tensor& out) {
   const int64_t m = a.size(0);
   const int64_t k = a.size(1);
   const int64_t n = out.size(1);
   const int64_t lda = a.stride(0);
   const int64_t panels = n / kTileColumns;
   const int64_t panel_words = k / 2 * kTileColumns;
+  const int64_t term_panel_words = term.depth / 2 * kTileColumns;
   // The packed W (k n bfloat16, as many as W's) in the CPU's weight scratch, which bfloat16's ops use for nothing else.
   const at::Tensor packed = cpu_weight_scratch(weight);
   const auto* w = static_cast<const uint16_t*>(weight.const_data_ptr());
@@ -141,9 +164,33 @@ void accumulate(const at::Tensor& a, const at::Tensor& weight, bool transposed, 
       at::native::cpublas::brgemm(rows, kTileColumns, k, lda, kTileColumns, kTileColumns, /*add_C=*/false,
                                   a_data + row0 * lda, reinterpret_cast<const at::BFloat16*>(panel0 + j * panel_words),
                                   sums, /*is_vnni=*/true);
-      add_tile(sums, rows, out_data + row0 * n + j * kTileColumns, n);
+      if (term.depth > 0) {
+        at::native::cpublas::brgemm(rows, kTileColumns, term.depth, term.ldt, kTileColumns, kTileColumns,
+                                    /*add_C=*/true, term.t + row0 * term.ldt,
+                                    reinterpret_cast<const at::BFloat16*>(term.panels + j * term_panel_words), sums,
+                                    /*is_vnni=*/true);
+      }
+      store_tile(sums, rows, bias == nullptr ? nullptr : bias + j * kTileColumns, add_out,
+                 out_data + row0 * n + j * kTileColumns, n);
     }
   });
+}
+
+// op(term_weight) (depth x n) as brgemm's panels: for panel j, depth / 2 rows of 32 pairs (rows 2i and 2i + 1 of a
+// column), the layout that pack_panel writes for W. The term is r columns deep, too small for the kernels above to pay.
+at::Tensor pack_term(const at::Tensor& term_weight, bool transposed, int64_t n) {
+  const at::Tensor op = transposed ? term_weight.t() : term_weight;
+  const int64_t depth = op.size(0);
+  return op.reshape({depth / 2, 2, n / kTileColumns, kTileColumns}).permute({2, 0, 3, 1}).contiguous();
+}
+
+// out = a op(W) + t op(term_weight) (+ bias), operands checked.
+void gemm_with_term(const at::Tensor& a, const at::Tensor& weight, bool transposed, const at::Tensor& t,
+                    const at::Tensor& term_weight, const at::Tensor& bias, const at::Tensor& out) {
+  const at::Tensor term_panels = pack_term(term_weight, transposed, out.size(1));
+  const Term term{static_cast<const at::BFloat16*>(t.const_data_ptr()), t.stride(0), t.size(1),
+                  static_cast<const uint32_t*>(term_panels.const_data_ptr())};
+  gemm(a, weight, transposed, term, bias.defined() ? bias.const_data_ptr<float>() : nullptr, /*add_out=*/false, out);
 }
 
 // Whether brgemm runs here and agrees with a float64 reference, tried once on small operands of both layouts (a torch
@@ -155,11 +202,24 @@ bool brgemm_works() {
     const at::Tensor w = at::arange(64 * 32, options).mul(0.61).cos().view({64, 32}).to(at::kBFloat16);
     const at::Tensor base = at::arange(70 * 64, options).mul(0.13).sin().view({70, 64}).to(at::kBFloat16);
     const at::Tensor expected = at::addmm(base.to(at::kDouble), a.to(at::kDouble), w.to(at::kDouble).t());
+    const at::Tensor t = at::arange(70 * 16, options).mul(0.29).cos().view({70, 16}).to(at::kBFloat16);
+    const at::Tensor tw = at::arange(64 * 16, options).mul(0.53).sin().view({64, 16}).to(at::kBFloat16);
+    const at::Tensor bias = at::arange(64, options).mul(0.71).cos().to(at::kFloat);
+    const at::Tensor with_term = at::addmm(a.to(at::kDouble).mm(w.to(at::kDouble).t()) + bias.to(at::kDouble),
+                                           t.to(at::kDouble), tw.to(at::kDouble).t());
+    // A wrong layout of W or a lost tile is off by about the magnitude itself; one rounding, by 2^-9 of it.
+    const auto close = [](const at::Tensor& out, const at::Tensor& reference) {
+      return at::allclose(out.to(at::kDouble), reference, 0.0, reference.abs().max().item<double>() / 128);
+    };
     for (const bool transposed : {true, false}) {
+      // W and the term's weight stored n x k, or k x n
+      const at::Tensor weight = transposed ? w : w.t().contiguous();
+      const at::Tensor term_weight = transposed ? tw : tw.t().contiguous();
       const at::Tensor out = base.clone();
-      accumulate(a, transposed ? w : w.t().contiguous(), transposed, out);  // W stored n x k, or k x n
-      // A wrong layout of W or a lost tile is off by about the magnitude itself; one rounding, by 2^-9 of it.
-      if (!at::allclose(out.to(at::kDouble), expected, 0.0, expected.abs().max().item<double>() / 128)) {
+      gemm(a, weight, transposed, Term{}, nullptr, /*add_out=*/true, out);
+      const at::Tensor out_with_term = at::empty_like(base);
+      gemm_with_term(a, weight, transposed, t, term_weight, bias, out_with_term);
+      if (!close(out, expected) || !close(out_with_term, with_term)) {
         return false;
       }
     }
@@ -171,23 +231,57 @@ bool brgemm_works() {
 
 }  // namespace
 
-bool bf16_accumulate_base(const at::Tensor& a, const at::Tensor& weight, bool transposed, const at::Tensor& out) {
-  const auto bf16_cpu = [](const at::Tensor& t) {
-    return t.scalar_type() == at::kBFloat16 && t.device().is_cpu() && t.dim() == 2;
-  };
-  if (!bf16_cpu(a) || !bf16_cpu(weight) || !bf16_cpu(out)) {
+namespace {
+
+bool bf16_cpu_matrix(const at::Tensor& t) {
+  return t.defined() && t.scalar_type() == at::kBFloat16 && t.device().is_cpu() && t.dim() == 2;
+}
+
+// Whether the driver takes a (m x k) op(weight) (k x n) here: shapes that its tiles and brgemm's pairs divide, rows
+// enough to pay for packing W, and a CPU where it runs.
+bool takes(const at::Tensor& a, const at::Tensor& weight, bool transposed) {
+  if (!bf16_cpu_matrix(a) || !bf16_cpu_matrix(weight)) {
     return false;
   }
-  const int64_t m = a.size(0);
   const int64_t k = a.size(1);
-  const int64_t n = out.size(1);
-  if (m < kMinRows || k == 0 || k % 16 != 0 || n % kTileColumns != 0 || out.size(0) != m || a.stride(1) != 1 ||
-      a.stride(0) < k || !weight.is_contiguous() || !out.is_contiguous() || weight.size(transposed ? 0 : 1) != n ||
-      weight.size(transposed ? 1 : 0) != k || !bf16_base_gemm_runs()) {
+  const int64_t n = weight.size(transposed ? 0 : 1);
+  return a.size(0) >= kMinRows && k > 0 && k % 16 == 0 && n % kTileColumns == 0 && a.stride(1) == 1 &&
+         a.stride(0) >= k && weight.is_contiguous() && weight.size(transposed ? 1 : 0) == k && bf16_base_gemm_runs();
+}
+
+}  // namespace
+
+bool bf16_accumulate_base(const at::Tensor& a, const at::Tensor& weight, bool transposed, const at::Tensor& out) {
+  if (!takes(a, weight, transposed) || !bf16_cpu_matrix(out) || !out.is_contiguous() || out.size(0) != a.size(0) ||
+      out.size(1) != weight.size(transposed ? 0 : 1)) {
     return false;
   }
-  accumulate(a, weight, transposed, out);
+  gemm(a, weight, transposed, Term{}, nullptr, /*add_out=*/true, out);
   return true;
+}
+
+bool bf16_base_takes_term(const at::Tensor& a, const at::Tensor& weight, bool transposed, int64_t depth) {
+  return depth > 0 && depth % 2 == 0 && takes(a, weight, transposed);
+}
+
+void bf16_base_with_term(const at::Tensor& a, const at::Tensor& weight, bool transposed, const at::Tensor& t,
+                         const at::Tensor& term_weight, const at::Tensor& bias, const at::Tensor& out) {
+  constexpr const char* op = "bf16_base_with_term";
+  const int64_t m = a.size(0);
+  const int64_t n = weight.size(transposed ? 0 : 1);
+  const int64_t depth = t.size(1);
+  TORCH_CHECK(bf16_base_takes_term(a, weight, transposed, depth), op, ": operands it does not take");
+  TORCH_CHECK(bf16_cpu_matrix(t) && t.size(0) == m && t.stride(1) == 1 && t.stride(0) >= depth, op,
+              ": t must be bfloat16 ", m, " x depth with contiguous rows, got ", t.sizes());
+  TORCH_CHECK(bf16_cpu_matrix(term_weight) && term_weight.size(transposed ? 0 : 1) == n &&
+                  term_weight.size(transposed ? 1 : 0) == depth,
+              op, ": term_weight must be bfloat16 in weight's layout, got ", term_weight.sizes());
+  TORCH_CHECK(!bias.defined() || (bias.scalar_type() == at::kFloat && bias.dim() == 1 && bias.size(0) == n &&
+                                  bias.is_contiguous() && bias.device().is_cpu()),
+              op, ": bias must be a contiguous float32 vector of ", n);
+  TORCH_CHECK(bf16_cpu_matrix(out) && out.is_contiguous() && out.size(0) == m && out.size(1) == n, op,
+              ": out must be contiguous bfloat16 ", m, " x ", n, ", got ", out.sizes());
+  gemm_with_term(a, weight, transposed, t, term_weight, bias, out);
 }
 
 bool bf16_base_gemm_runs() {
@@ -201,6 +295,13 @@ bool bf16_base_gemm_runs() {
 #else  // not x86-64, or a compiler or torch without what this needs
 
 bool bf16_accumulate_base(const at::Tensor&, const at::Tensor&, bool, const at::Tensor&) { return false; }
+
+bool bf16_base_takes_term(const at::Tensor&, const at::Tensor&, bool, int64_t) { return false; }
+
+void bf16_base_with_term(const at::Tensor&, const at::Tensor&, bool, const at::Tensor&, const at::Tensor&,
+                         const at::Tensor&, const at::Tensor&) {
+  TORCH_CHECK(false, "bf16_base_with_term: not built here (bf16_base_takes_term is false)");
+}
 
 bool bf16_base_gemm_runs() { return false; }
 

@@ -126,7 +126,9 @@ const SkinnyKernels kFloatSkinnyKernels{
     nullptr,
     nullptr,
     fold,
-    /*accumulate_base=*/nullptr};
+    /*accumulate_base=*/nullptr,
+    /*base_takes_term=*/nullptr,
+    /*base_with_term=*/nullptr};
 
 // The bfloat16 kernels that run here (see cpu_bf16_kernels), or nullptr for ATen's GEMMs.
 const SkinnyKernels* bf16_kernels() {

@@ -324,6 +324,65 @@ TEST(Bf16BaseGemm, AddsTheProductRoundedOnce) {
   }
 }
 
+// The same driver with the LoRA term as extra depth (bf16_base_with_term): out = a op(W) + t op(T) (+ bias), out's
+// contents ignored, rounded once; t's rows strided, T in W's layout, depths of one pair, one panel and three.
+TEST(Bf16BaseGemm, TakesTheTermAsExtraDepthRoundedOnce) {
+  if (!d9d::bf16_base_gemm_runs()) {
+    GTEST_SKIP() << "the driver does not run here (no AVX512_BF16 under ATen's AVX512 capability, or no brgemm)";
+  }
+  torch::manual_seed(1);
+  for (const bool transposed : {true, false}) {
+    for (const auto& [m, k, n, depth] : std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>>{
+             {1100, 1024, 96, 16}, {1024, 48, 64, 2}, {1030, 64, 32, 48}}) {
+      const bool with_bias = depth != 2;
+      SCOPED_TRACE(std::to_string(m) + " x " + std::to_string(k) + " x " + std::to_string(n) + ", depth " +
+                   std::to_string(depth) + (transposed ? ", W^T" : ", W"));
+      const at::Tensor a = torch::randn({m, k}).to(at::kBFloat16);
+      const at::Tensor w = (transposed ? torch::randn({n, k}) : torch::randn({k, n})).to(at::kBFloat16);
+      const at::Tensor t = torch::randn({m, depth + 6}).mul_(3).to(at::kBFloat16).narrow(1, 0, depth);
+      const at::Tensor tw = (transposed ? torch::randn({n, depth}) : torch::randn({depth, n})).to(at::kBFloat16);
+      const at::Tensor bias = with_bias ? torch::randn({n}).mul_(8) : at::Tensor();
+      const at::Tensor out = torch::full({m, n}, std::nan("")).to(at::kBFloat16);
+      ASSERT_TRUE(d9d::bf16_base_takes_term(a, w, transposed, depth));
+      d9d::bf16_base_with_term(a, w, transposed, t, tw, bias, out);
+      const at::Tensor op_w = (transposed ? w.t() : w).to(at::kDouble);
+      const at::Tensor op_t = (transposed ? tw.t() : tw).to(at::kDouble);
+      at::Tensor exact = at::mm(a.to(at::kDouble), op_w) + at::mm(t.to(at::kDouble), op_t);
+      at::Tensor magnitude = at::mm(a.to(at::kDouble).abs(), op_w.abs()) + at::mm(t.to(at::kDouble).abs(), op_t.abs());
+      if (with_bias) {
+        exact = exact + bias.to(at::kDouble);
+        magnitude = magnitude + bias.to(at::kDouble).abs();
+      }
+      // Within half a bfloat16 ulp of the exact sum (one rounding), plus float32's accumulation error over its terms.
+      const at::Tensor half_ulp = at::exp2(at::floor(at::log2(exact.abs())) - 8);
+      const at::Tensor accumulation = magnitude * ((k + depth + 1) * std::ldexp(1.0, -24));
+      const at::Tensor excess = (out.to(at::kDouble) - exact).abs() - half_ulp - accumulation;
+      EXPECT_LE(excess.max().item<double>(), 0.0);
+    }
+  }
+}
+
+TEST(Bf16BaseGemm, TakesNoTermItCannotPairAndChecksItsOperands) {
+  if (!d9d::bf16_base_gemm_runs()) {
+    GTEST_SKIP() << "the driver does not run here (no AVX512_BF16 under ATen's AVX512 capability, or no brgemm)";
+  }
+  const at::Tensor a = torch::randn({1024, 64}).to(at::kBFloat16);
+  const at::Tensor w = torch::randn({96, 64}).to(at::kBFloat16);
+  EXPECT_TRUE(d9d::bf16_base_takes_term(a, w, /*transposed=*/true, 16));
+  EXPECT_FALSE(d9d::bf16_base_takes_term(a, w, true, 0));
+  EXPECT_FALSE(d9d::bf16_base_takes_term(a, w, true, 7));  // brgemm pairs the depth
+  EXPECT_FALSE(d9d::bf16_base_takes_term(a.narrow(0, 0, 1000), w, true, 16));  // too few rows
+  EXPECT_FALSE(d9d::bf16_base_takes_term(a.to(at::kFloat), w.to(at::kFloat), true, 16));
+  const at::Tensor out = torch::zeros({1024, 96}).to(at::kBFloat16);
+  const at::Tensor t = torch::randn({1024, 16}).to(at::kBFloat16);
+  const at::Tensor tw = torch::randn({96, 16}).to(at::kBFloat16);
+  EXPECT_THROW(d9d::bf16_base_with_term(a, w, true, t.narrow(0, 0, 1000), tw, at::Tensor(), out), c10::Error);
+  EXPECT_THROW(d9d::bf16_base_with_term(a, w, true, t, tw.t().contiguous(), at::Tensor(), out), c10::Error);
+  EXPECT_THROW(d9d::bf16_base_with_term(a, w, true, t, tw, torch::zeros({95}), out), c10::Error);
+  EXPECT_THROW(d9d::bf16_base_with_term(a, w, true, t, tw, at::Tensor(), out.narrow(1, 0, 64)), c10::Error);
+  EXPECT_TRUE(at::equal(out, torch::zeros({1024, 96}).to(at::kBFloat16)));  // nothing written by the refusals
+}
+
 TEST(Bf16BaseGemm, LeavesWhatItDoesNotTakeToAtenUntouched) {
   if (!d9d::bf16_base_gemm_runs()) {
     GTEST_SKIP() << "the driver does not run here (no AVX512_BF16 under ATen's AVX512 capability, or no brgemm)";

@@ -338,6 +338,33 @@ def test_bfloat16_products_at_every_tile_edge_match_reference(dropout, rows, in_
         torch.set_num_threads(previous)
 
 
+# bfloat16 at shapes that the base GEMM driver of AVX512_BF16 CPUs takes (csrc/cpu/bf16_base_gemm.h: at least 1024
+# rows, in a multiple of 16 and out of 32). There y's LoRA term (xa from one GEMM without dropout, from the blocks with
+# it) and dx's without dropout (g) ride the base GEMM's sums as extra depth: r as it is (16), or padded to the panels'
+# 16 (8, 40); the bias in the driver's epilogue (the first shape) or none; s not a power of two, rounded into B from
+# bfloat16 or float32 adapters. Other CPUs run their own paths against the same reference.
+@pytest.mark.parametrize("adapters", [torch.bfloat16, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+@pytest.mark.parametrize("rank", [8, 16, 40])
+@pytest.mark.parametrize(
+    ("rows", "in_features", "out_features", "bias"), [(1030, 256, 96, True), (1100, 160, 256, False)]
+)
+def test_bfloat16_lora_terms_in_the_base_gemm_match_reference(
+    adapters, dropout, rank, rows, in_features, out_features, bias
+):
+    x, weight, b, lora_A, lora_B = make_inputs((rows,), in_features, out_features, rank, dtype=torch.bfloat16,
+                                               bias=bias)
+    lora_A, lora_B = lora_A.to(adapters), lora_B.to(adapters)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert_op_matches_reference(
+            x, weight, b, lora_A, lora_B, 1.3, dropout, torch.tensor([9]), TOLERANCES[torch.bfloat16]
+        )
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("rows", [3000, 7000])
