@@ -28,9 +28,9 @@ struct MemorySpan {
 };
 
 // Faster GEMMs for the skinny products (xa = x A^T in both passes, the backward's other three), for the fold
-// W + s B A, and for the base GEMM onto the LoRA term. In the products one operand is a panel of rp columns (r rounded
-// up to a multiple of panel_width, with zero columns), and p is a block of rows of x or dy (row stride free, columns
-// contiguous); q and acc are contiguous. The sums of accumulate are in float32 for the 16-bit dtypes.
+// W + s B A, and for the base GEMM onto the LoRA term or with it as extra depth. In the products one operand is a
+// panel of rp columns (r rounded up to a multiple of panel_width, with zero columns), and p is a block of rows of x or
+// dy (row stride free, columns contiguous); q and acc are contiguous. The sums of accumulate are in float32 for the 16-bit dtypes.
 struct SkinnyKernels {
   int64_t panel_width;
   // Rows per block of the backward when these kernels run it, and of expand_in_blocks's LoRA term: about this many

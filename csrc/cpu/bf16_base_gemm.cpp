@@ -9,9 +9,9 @@
 // per call into the pairs of rows that vdpbf16ps takes (oneDNN's matmul repacks it too), 1 to 2% of the GEMM at 2048
 // rows, hence the minimum of rows below.
 //
-// With the term as extra depth (a second brgemm call per tile, over the r columns of xa or g, onto the same sums),
-// the LoRA term is never written to out and read back: the forward then costs the base GEMM plus xa, 0.4 to 0.8 ms
-// less per 2048-row layer than writing the term first (1024 and 2816 wide, paired repeats).
+// With the term as extra depth (a second brgemm call per tile, over the columns of xa or g: r, or the panels'
+// zero-padded rp, onto the same sums), the LoRA term is never written to out and read back: 0.3 to 1.0 ms less per
+// 2048-row layer's forward or backward than writing the term first (1024 and 2816 wide; BENCHMARKS.md).
 #include "bf16_base_gemm.h"
 
 #include <ATen/ATen.h>
@@ -193,34 +193,57 @@ void gemm_with_term(const at::Tensor& a, const at::Tensor& weight, bool transpos
   gemm(a, weight, transposed, term, bias.defined() ? bias.const_data_ptr<float>() : nullptr, /*add_out=*/false, out);
 }
 
-// Whether brgemm runs here and agrees with a float64 reference, tried once on small operands of both layouts (a torch
-// built without oneDNN's micro-kernels, or a brgemm that wants another layout of W, turns this path off).
+// Small operands for the self-checks, the same in every process.
+at::Tensor check_operand(int64_t rows, int64_t cols, double step, at::ScalarType dtype = at::kBFloat16) {
+  return at::arange(rows * cols, at::TensorOptions().dtype(at::kDouble)).mul(step).sin().view({rows, cols}).to(dtype);
+}
+
+// out within one rounding of reference: a wrong layout or a lost tile is off by about the magnitude itself; one
+// rounding, by 2^-9 of it.
+bool close_to(const at::Tensor& out, const at::Tensor& reference) {
+  return at::allclose(out.to(at::kDouble), reference, 0.0, reference.abs().max().item<double>() / 128);
+}
+
+// Whether brgemm runs here and agrees with a float64 reference, tried once on small operands of both layouts of W (a
+// torch built without oneDNN's micro-kernels, or a brgemm that wants another layout of W, turns this path off).
 bool brgemm_works() {
   try {
-    const auto options = at::TensorOptions().dtype(at::kDouble);
-    const at::Tensor a = at::arange(70 * 32, options).mul(0.37).sin().view({70, 32}).to(at::kBFloat16);
-    const at::Tensor w = at::arange(64 * 32, options).mul(0.61).cos().view({64, 32}).to(at::kBFloat16);
-    const at::Tensor base = at::arange(70 * 64, options).mul(0.13).sin().view({70, 64}).to(at::kBFloat16);
+    const at::Tensor a = check_operand(70, 32, 0.37);
+    const at::Tensor w = check_operand(64, 32, 0.61);
+    const at::Tensor base = check_operand(70, 64, 0.13);
     const at::Tensor expected = at::addmm(base.to(at::kDouble), a.to(at::kDouble), w.to(at::kDouble).t());
-    const at::Tensor t = at::arange(70 * 16, options).mul(0.29).cos().view({70, 16}).to(at::kBFloat16);
-    const at::Tensor tw = at::arange(64 * 16, options).mul(0.53).sin().view({64, 16}).to(at::kBFloat16);
-    const at::Tensor bias = at::arange(64, options).mul(0.71).cos().to(at::kFloat);
-    const at::Tensor with_term = at::addmm(a.to(at::kDouble).mm(w.to(at::kDouble).t()) + bias.to(at::kDouble),
-                                           t.to(at::kDouble), tw.to(at::kDouble).t());
-    // A wrong layout of W or a lost tile is off by about the magnitude itself; one rounding, by 2^-9 of it.
-    const auto close = [](const at::Tensor& out, const at::Tensor& reference) {
-      return at::allclose(out.to(at::kDouble), reference, 0.0, reference.abs().max().item<double>() / 128);
-    };
     for (const bool transposed : {true, false}) {
-      // W and the term's weight stored n x k, or k x n
-      const at::Tensor weight = transposed ? w : w.t().contiguous();
-      const at::Tensor term_weight = transposed ? tw : tw.t().contiguous();
       const at::Tensor out = base.clone();
+      const at::Tensor weight = transposed ? w : w.t().contiguous();  // stored n x k, or k x n
       gemm(a, weight, transposed, Term{}, nullptr, /*add_out=*/true, out);
-      const at::Tensor out_with_term = at::empty_like(base);
-      gemm_with_term(a, weight, transposed, t, term_weight, bias, out_with_term);
-      if (!close(out, expected) || !close(out_with_term, with_term)) {
+      if (!close_to(out, expected)) {
         return false;
+      }
+    }
+    return true;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
+// The same for the term as extra depth (brgemm onto its own sums, add_C), with depths of one pair and of one panel.
+bool brgemm_takes_terms() {
+  try {
+    const at::Tensor a = check_operand(70, 32, 0.37);
+    const at::Tensor w = check_operand(64, 32, 0.61);
+    const at::Tensor bias = check_operand(1, 64, 0.71, at::kFloat).view({64});
+    for (const int64_t depth : {2, 16}) {
+      const at::Tensor t = check_operand(70, depth, 0.29);
+      const at::Tensor tw = check_operand(64, depth, 0.53);
+      const at::Tensor expected = at::addmm(at::addmm(bias.to(at::kDouble), a.to(at::kDouble), w.to(at::kDouble).t()),
+                                            t.to(at::kDouble), tw.to(at::kDouble).t());
+      for (const bool transposed : {true, false}) {
+        const at::Tensor out = at::empty({70, 64}, a.options());
+        gemm_with_term(a, transposed ? w : w.t().contiguous(), transposed, t, transposed ? tw : tw.t().contiguous(),
+                       bias, out);
+        if (!close_to(out, expected)) {
+          return false;
+        }
       }
     }
     return true;
@@ -237,23 +260,32 @@ bool bf16_cpu_matrix(const at::Tensor& t) {
   return t.defined() && t.scalar_type() == at::kBFloat16 && t.device().is_cpu() && t.dim() == 2;
 }
 
-// Whether the driver takes a (m x k) op(weight) (k x n) here: shapes that its tiles and brgemm's pairs divide, rows
-// enough to pay for packing W, and a CPU where it runs.
-bool takes(const at::Tensor& a, const at::Tensor& weight, bool transposed) {
+// Whether the driver's tiles take a (m x k) op(weight) (k x n): shapes that its tiles and brgemm's pairs divide, and
+// rows enough to pay for packing W. Whether it runs on this CPU is asked apart.
+bool fits(const at::Tensor& a, const at::Tensor& weight, bool transposed) {
   if (!bf16_cpu_matrix(a) || !bf16_cpu_matrix(weight)) {
     return false;
   }
   const int64_t k = a.size(1);
   const int64_t n = weight.size(transposed ? 0 : 1);
   return a.size(0) >= kMinRows && k > 0 && k % 16 == 0 && n % kTileColumns == 0 && a.stride(1) == 1 &&
-         a.stride(0) >= k && weight.is_contiguous() && weight.size(transposed ? 1 : 0) == k && bf16_base_gemm_runs();
+         a.stride(0) >= k && weight.is_contiguous() && weight.size(transposed ? 1 : 0) == k;
+}
+
+// Whether the term as extra depth runs here: the driver runs, and its check of terms passed (once per process).
+bool terms_run() {
+  if (!bf16_base_gemm_runs()) {
+    return false;
+  }
+  static const bool works = brgemm_takes_terms();
+  return works;
 }
 
 }  // namespace
 
 bool bf16_accumulate_base(const at::Tensor& a, const at::Tensor& weight, bool transposed, const at::Tensor& out) {
-  if (!takes(a, weight, transposed) || !bf16_cpu_matrix(out) || !out.is_contiguous() || out.size(0) != a.size(0) ||
-      out.size(1) != weight.size(transposed ? 0 : 1)) {
+  if (!fits(a, weight, transposed) || !bf16_cpu_matrix(out) || !out.is_contiguous() || out.size(0) != a.size(0) ||
+      out.size(1) != weight.size(transposed ? 0 : 1) || !bf16_base_gemm_runs()) {
     return false;
   }
   gemm(a, weight, transposed, Term{}, nullptr, /*add_out=*/true, out);
@@ -261,7 +293,7 @@ bool bf16_accumulate_base(const at::Tensor& a, const at::Tensor& weight, bool tr
 }
 
 bool bf16_base_takes_term(const at::Tensor& a, const at::Tensor& weight, bool transposed, int64_t depth) {
-  return depth > 0 && depth % 2 == 0 && takes(a, weight, transposed);
+  return depth > 0 && depth % 2 == 0 && fits(a, weight, transposed) && terms_run();
 }
 
 void bf16_base_with_term(const at::Tensor& a, const at::Tensor& weight, bool transposed, const at::Tensor& t,
@@ -270,7 +302,9 @@ void bf16_base_with_term(const at::Tensor& a, const at::Tensor& weight, bool tra
   const int64_t m = a.size(0);
   const int64_t n = weight.size(transposed ? 0 : 1);
   const int64_t depth = t.size(1);
-  TORCH_CHECK(bf16_base_takes_term(a, weight, transposed, depth), op, ": operands it does not take");
+  // The shapes only: whether it runs here was asked before the term was computed (torch.backends.mkldnn may change
+  // since, and the op must not stop halfway).
+  TORCH_CHECK(depth > 0 && depth % 2 == 0 && fits(a, weight, transposed), op, ": operands it does not take");
   TORCH_CHECK(bf16_cpu_matrix(t) && t.size(0) == m && t.stride(1) == 1 && t.stride(0) >= depth, op,
               ": t must be bfloat16 ", m, " x depth with contiguous rows, got ", t.sizes());
   TORCH_CHECK(bf16_cpu_matrix(term_weight) && term_weight.size(transposed ? 0 : 1) == n &&

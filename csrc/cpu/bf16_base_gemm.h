@@ -23,7 +23,8 @@ void bf16_base_with_term(const at::Tensor& a, const at::Tensor& weight, bool tra
 
 // Whether bf16_accumulate_base runs here at all (for operands it takes): AVX512_BF16 under ATen's AVX512 capability,
 // oneDNN enabled (torch.backends.mkldnn), and ATen's brgemm present and agreeing with a float64 reference on small
-// operands of both layouts of W, checked once per process. a and out must not overlap.
+// operands of both layouts of W, checked once per process. The term as extra depth has its own such check, which
+// bf16_base_takes_term asks too. Neither a nor t may overlap out.
 bool bf16_base_gemm_runs();
 
 }  // namespace d9d

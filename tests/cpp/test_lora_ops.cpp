@@ -406,8 +406,11 @@ TEST(Bf16BaseGemm, LeavesWhatItDoesNotTakeToAtenUntouched) {
   const bool onednn = at::globalContext().userEnabledMkldnn();
   at::globalContext().setUserEnabledMkldnn(false);  // ATen's brgemm runs on oneDNN
   const bool refused_without_onednn = refuses(1024, 64, 64, at::kBFloat16);
+  const bool term_without_onednn = d9d::bf16_base_takes_term(torch::randn({1024, 64}).to(at::kBFloat16),
+                                                             torch::randn({64, 64}).to(at::kBFloat16), true, 16);
   at::globalContext().setUserEnabledMkldnn(onednn);
   EXPECT_TRUE(refused_without_onednn);
+  EXPECT_FALSE(term_without_onednn);
 }
 
 }  // namespace

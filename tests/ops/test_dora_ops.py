@@ -135,6 +135,31 @@ def test_dora_linear_matches_reference_forward_and_backward(bias, shape, dropout
         torch.testing.assert_close(leaf.grad.double(), ref.grad, rtol=1e-4, atol=1e-4)
 
 
+# bfloat16 at a shape that the base GEMM driver of AVX512_BF16 CPUs takes (see test_lora_apply_op.py): there the LoRA
+# term of y, and of dx without dropout, rides the base GEMM's sums, and the factor scales y and dy around it.
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_bfloat16_dora_linear_on_many_rows_matches_reference(dropout):
+    x, weight, b, lora_A, lora_B, magnitude = dora_inputs((1030,), 256, 96, 8, dtype=torch.bfloat16)
+    torch.manual_seed(7)
+    got = dora_linear(x, weight, b, lora_A, lora_B, magnitude, 0.8, dropout, training=True)
+    torch.manual_seed(7)
+    mask = F.dropout(torch.ones_like(x.detach()), dropout, training=True).double() if dropout else None
+    leaves = [x, b, lora_A, lora_B, magnitude]
+    refs = [t.detach().double().requires_grad_() for t in leaves]
+    ref_x, ref_b, ref_A, ref_B, ref_m = refs
+    want = reference_dora(ref_x, weight, ref_b, ref_A, ref_B, ref_m, 0.8, None if mask is None else ref_x * mask)
+
+    def assert_close_scaled(got, want):  # within bfloat16's tolerance of the reference's largest magnitude
+        assert (got.double() - want).abs().max() <= TOLERANCES[torch.bfloat16] * want.abs().max()
+
+    assert_close_scaled(got, want)
+    grad = torch.randn_like(got)
+    got.backward(grad)
+    want.backward(grad.double())
+    for leaf, ref in zip(leaves, refs, strict=True):
+        assert_close_scaled(leaf.grad, ref.grad)
+
+
 def test_the_norm_is_a_constant_for_autograd():
     """PEFT detaches the norm: B's gradient has no term through it (it would with a differentiable norm)."""
     x, weight, _, lora_A, lora_B, magnitude = dora_inputs((5,), dtype=torch.float64, bias=False)
