@@ -1,5 +1,6 @@
 """The fused LoRA apply op (``lora_linear`` / ``d9d::lora_forward`` / ``d9d::lora_backward``) against references."""
 
+import contextlib
 import os
 import platform
 import re
@@ -50,6 +51,17 @@ def assert_close_scaled(got, want, tol):
     assert got.shape == want.shape
     error = (got.double() - want).abs().max().item()
     assert error <= tol * max(want.abs().max().item(), 1.0), f"error {error} over {tol} x max |reference|"
+
+
+@contextlib.contextmanager
+def two_threads():
+    """Two CPU threads, whatever the test process has: the kernels' blocks spread over two workers."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def assert_op_matches_reference(x, weight, b, lora_A, lora_B, scale, dropout, seed, tol, grad_y=None):
@@ -328,14 +340,10 @@ def test_bfloat16_products_at_every_tile_edge_match_reference(dropout, rows, in_
     x, weight, b, lora_A, lora_B = make_inputs((rows,), in_features, out_features, rank, dtype=torch.bfloat16)
     if rank == 40:  # and a lora_B whose columns are strided (a transposed parameter)
         lora_B = lora_B.t().contiguous().t()
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with two_threads():
         assert_op_matches_reference(
             x, weight, b, lora_A, lora_B, 0.5, dropout, torch.tensor([5]), TOLERANCES[torch.bfloat16]
         )
-    finally:
-        torch.set_num_threads(previous)
 
 
 # bfloat16 at shapes that the base GEMM driver of AVX512_BF16 CPUs takes (csrc/cpu/bf16_base_gemm.h: at least 1024
@@ -358,14 +366,10 @@ def test_bfloat16_lora_terms_in_the_base_gemm_match_reference(
     x, weight, b, lora_A, lora_B = make_inputs((rows,), in_features, out_features, rank, dtype=torch.bfloat16,
                                                bias=bias)
     lora_A, lora_B = lora_A.to(adapters), lora_B.to(adapters)
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with two_threads():
         assert_op_matches_reference(
             x, weight, b, lora_A, lora_B, 1.3, dropout, torch.tensor([9]), TOLERANCES[torch.bfloat16]
         )
-    finally:
-        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
@@ -381,12 +385,8 @@ def test_inputs_spanning_many_blocks_and_threads_match_reference(dtype, dropout,
     # forward and dx at both sizes, and its dA and dB run block by block only from 8 backward blocks per thread (7000
     # rows: 32 blocks of 216 rows, and a short one, on 2 threads), as whole GEMMs below that (3000 rows).
     x, weight, b, lora_A, lora_B = make_inputs((rows,), in_features, out_features, 4, dtype=dtype)
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with two_threads():
         assert_op_matches_reference(x, weight, b, lora_A, lora_B, 0.5, dropout, torch.tensor([11]), TOLERANCES[dtype])
-    finally:
-        torch.set_num_threads(previous)
 
 
 def test_dy_carrying_both_products_with_a_lora_dx_matches_reference():
@@ -394,13 +394,9 @@ def test_dy_carrying_both_products_with_a_lora_dx_matches_reference():
     # threads. dy is the wider operand, so its pass carries g and dB while dx gets its LoRA part g A; r = 17 makes
     # two panels.
     x, weight, b, lora_A, lora_B = make_inputs((1000,), 1024, 2048, 17)
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with two_threads():
         tol = TOLERANCES[torch.float32]
         assert_op_matches_reference(x, weight, b, lora_A, lora_B, 0.5, 0.0, torch.tensor([2]), tol)
-    finally:
-        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("device", DEVICES)
