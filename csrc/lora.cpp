@@ -505,8 +505,8 @@ at::Tensor lora_forward(const DeviceKernels& kernels, const at::Tensor& x, const
   const bool whole_products = products_in_whole_gemms(kernels, skinny, dropout, rows, in, out, /*forward=*/true);
   const int64_t xa_columns = whole_products ? r : panel_columns(skinny, r);  // the blocks' xa: a panel, zero beyond r
   if (term_rides_base(skinny, x2d, weight, /*transposed=*/true, xa_columns)) {
-    // y = x W^T + xa (s B)^T (+ bias) in the base GEMM's sums, rounded once; s goes into B's 16 bits, rounded once from
-    // the adapters as given (exact where s is a power of two).
+    // y = x W^T + xa (s B)^T (+ bias) in the base GEMM's sums, rounded once; s B is rounded to 16 bits once from the
+    // adapters as given (nothing beyond B's own rounding where s is a power of two).
     at::Tensor xa;
     if (whole_products) {
       xa = at::mm(x2d, lora_A.t());
