@@ -300,13 +300,15 @@ void write_lora_term_blocks(const DeviceKernels& kernels, const at::Tensor& x2d,
 // of dy and x is read from memory once: g = dy s B, xa = dropout(x) A^T (recomputed rather than saved by the
 // forward; with dropout the mask of a block is drawn again, never stored), dB / s = dy^T xa and dA = g^T dropout(x),
 // summed per worker (in float32 for the 16-bit dtypes). With grad_x defined, also its LoRA part g A, masked. With
-// g_rows defined (rows x rp, for the base GEMM's term), g of every block goes there.
+// g_rows defined (rows x rp, for the base GEMM's term), g of every block goes there, and with keep_rows defined
+// (rows x in / 8 bytes, with dropout) the mask's bits (DeviceKernels::dropout_rows_keep).
 // Returns (dA, dB / s), in the accumulation dtype.
 std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& kernels, const at::Tensor& gy,
                                                           const at::Tensor& x2d, const at::Tensor& lora_A,
                                                           const at::Tensor& Bs, double dropout,
                                                           const DropoutSpec& spec, const SkinnyKernels* skinny,
-                                                          const at::Tensor& grad_x, const at::Tensor& g_rows) {
+                                                          const at::Tensor& grad_x, const at::Tensor& g_rows,
+                                                          const at::Tensor& keep_rows) {
   const int64_t rows = x2d.size(0);
   const int64_t in = x2d.size(1);
   const int64_t out = gy.size(1);
@@ -368,7 +370,8 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
   // Where the skinny kernels fuse (float32 on AVX512), three passes over a block instead of four: one of dy and x
   // carries both of its products (g and dB on dy, or xa and dA on x), the other takes its two in turn. The carrier's
   // second pass is the one saved, so the wider of the two carries. But with dropout and a LoRA part of dx, x goes
-  // second and carries: g A must exist before the pass that regenerates the mask of dropout(x), which masks g A too.
+  // second and carries: g A must exist before the pass that regenerates the mask of dropout(x), which masks g A too
+  // (not so where dx's LoRA part rides the base GEMM, which masks it from the mask's bits).
   const bool dy_carries_both = skinny != nullptr && out > in && !(dropout > 0.0 && lora_grad_x);
   const at::Tensor dropped_buffers =
       dropout > 0.0 ? at::empty({workers, step, in}, x2d.options()) : at::empty({0}, x2d.options());
@@ -406,6 +409,15 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
   const auto first_rows = [](const at::Tensor& buffer, int64_t n) {
     return n == buffer.size(0) ? buffer : buffer.narrow(0, 0, n);
   };
+  TORCH_INTERNAL_ASSERT(!keep_rows.defined() || (dropout > 0.0 && g_rows.defined() && !lora_grad_x));
+  // dropped = dropout(x) of a block, with the mask's bits where the base GEMM masks dx's LoRA part.
+  const auto drop = [&](const at::Tensor& x_block, const at::Tensor& dropped, int64_t row0, int64_t n) {
+    if (keep_rows.defined()) {
+      kernels.dropout_rows_keep(x_block, dropped, keep_rows.narrow(0, row0, n), row0, spec);
+    } else {
+      kernels.dropout_rows(x_block, dropped, row0, spec);
+    }
+  };
   kernels.for_each_block(rows, step, [&](int64_t row0, int64_t n, int64_t worker) {
     const WorkerViews& own = views.at(worker);  // checked: see DeviceKernels::for_each_block
     const at::Tensor gy_block = gy.narrow(0, row0, n);
@@ -422,7 +434,7 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
     if (dy_carries_both) {  // dx's LoRA part, if any, is not masked here
       if (dropout > 0.0) {
         source = first_rows(own.dropped, n);
-        kernels.dropout_rows(x_block, source, row0, spec);
+        drop(x_block, source, row0, n);
       }
       product(xa_block, source, At, row_span(gy, row0, n));
       product_and_accumulate(g_block, gy_block, Bp, grad_B_sums, xa_block, next_rows(x2d, row0, n, step));
@@ -443,7 +455,7 @@ std::pair<at::Tensor, at::Tensor> lora_products_in_blocks(const DeviceKernels& k
       if (lora_grad_x) {
         kernels.dropout_rows_backward(x_block, source, dx_block, row0, spec);
       } else {
-        kernels.dropout_rows(x_block, source, row0, spec);
+        drop(x_block, source, row0, n);
       }
     }
     product_and_accumulate(xa_block, source, At, grad_A_sums, g_block, next_rows(gy, row0, n, step));
@@ -516,7 +528,8 @@ at::Tensor lora_forward(const DeviceKernels& kernels, const at::Tensor& x, const
     }
     const at::Tensor scaled_B = as_panel((given_B.to(at::kFloat) * scale).to(x2d.scalar_type()), xa_columns);
     skinny->base_with_term(x2d, weight, /*transposed=*/true, xa, scaled_B,
-                           bias_in_lora ? bias->to(at::kFloat).contiguous() : at::Tensor(), y);
+                           bias_in_lora ? bias->to(at::kFloat).contiguous() : at::Tensor(), /*keep=*/at::Tensor(),
+                           1.0, y);
   } else {
     if (whole_products) {
       const at::Tensor xa = at::mm(x2d, lora_A.t());  // N x r
@@ -581,11 +594,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels
   at::Tensor grad_A;
   at::Tensor grad_B;  // without its factor s (and f)
   const bool whole_products = products_in_whole_gemms(kernels, skinny, dropout, rows, in, out, /*forward=*/false);
-  // Without dropout (which masks dx's LoRA part alone), that part g A can ride the base GEMM as extra depth: g of all
-  // rows is then kept for it (the blocks' g: a panel, zero beyond r).
+  // dx's LoRA part g A can ride the base GEMM as extra depth: g of all rows is then kept for it (the blocks' g: a
+  // panel, zero beyond r). With dropout, which masks that part alone, the loop's dropout pass also writes the mask as
+  // bits (in / 8 bytes a row; the base GEMM takes in as a multiple of 32), and the base GEMM applies them.
   const int64_t g_columns = whole_products ? r : panel_columns(skinny, r);
-  const bool dx_term_in_base =
-      lora_grad_x && dropout == 0.0 && term_rides_base(skinny, gy, weight, /*transposed=*/false, g_columns);
+  const bool dx_term_in_base = lora_grad_x && (dropout == 0.0 || kernels.dropout_rows_keep != nullptr) &&
+                               term_rides_base(skinny, gy, weight, /*transposed=*/false, g_columns);
+  const at::Tensor keep = dx_term_in_base && dropout > 0.0 ? at::empty({rows, in / 8}, x2d.options().dtype(at::kByte))
+                                                           : at::Tensor();
   at::Tensor g_rows;
   if (whole_products) {
     const at::Tensor g = at::mm(gy, Bs);  // N x r: the gradient w.r.t. xa = x A^T
@@ -598,8 +614,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels
     grad_B = at::mm(gy.t(), at::mm(x2d, lora_A.t()));
   } else {
     g_rows = dx_term_in_base ? at::empty({rows, g_columns}, x2d.options()) : at::Tensor();
-    std::tie(grad_A, grad_B) = lora_products_in_blocks(kernels, gy, x2d, lora_A, Bs, dropout, spec, skinny,
-                                                       lora_grad_x && !dx_term_in_base ? grad_x : at::Tensor(), g_rows);
+    std::tie(grad_A, grad_B) =
+        lora_products_in_blocks(kernels, gy, x2d, lora_A, Bs, dropout, spec, skinny,
+                                lora_grad_x && !dx_term_in_base ? grad_x : at::Tensor(), g_rows, keep);
   }
   grad_A = grad_A.to(grad_dtype).contiguous();
   // s and f multiply dB in float32 for the 16-bit dtypes: f * s rounded to 16 bits would bias whole rows of dB.
@@ -615,7 +632,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(const DeviceKernels
     at::mm_out(grad_x, gy, folded);
   } else if (dx_term_in_base) {
     const at::Tensor A_rows = g_columns == r ? lora_A : at::constant_pad_nd(lora_A, {0, 0, 0, g_columns - r});
-    skinny->base_with_term(gy, weight, /*transposed=*/false, g_rows, A_rows.contiguous(), at::Tensor(), grad_x);
+    skinny->base_with_term(gy, weight, /*transposed=*/false, g_rows, A_rows.contiguous(), /*bias=*/at::Tensor(), keep,
+                           spec.scale, grad_x);
   } else if (need_grad_x) {
     accumulate_base(skinny, grad_x, gy, weight, /*transposed=*/false);
   }

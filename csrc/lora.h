@@ -73,11 +73,14 @@ struct SkinnyKernels {
   bool (*accumulate_base)(const at::Tensor& p, const at::Tensor& weight, bool transposed, const at::Tensor& out);
   // out (n x width) = p op(weight) + t op(term_weight) (+ bias): the base GEMM with the LoRA term (y's from xa and
   // s B, dx's part from g and A) as extra depth of its sums, rounded once, out's contents ignored; t (n x depth),
-  // term_weight in weight's layout, bias float32 (width) or undefined. Only where base_takes_term(p, weight,
-  // transposed, depth) said so, asked before the term is computed; nullptr: never (the term is written into out first).
+  // term_weight in weight's layout, bias float32 (width) or undefined. With `keep` defined (dx's part under dropout:
+  // n x width / 8 bytes of keep bits, as DeviceKernels::dropout_rows_keep writes them), the term is masked: keep *
+  // keep_scale * t op(term_weight). Only where base_takes_term(p, weight, transposed, depth) said so, asked before
+  // the term is computed; nullptr: never (the term is written into out first).
   bool (*base_takes_term)(const at::Tensor& p, const at::Tensor& weight, bool transposed, int64_t depth);
   void (*base_with_term)(const at::Tensor& p, const at::Tensor& weight, bool transposed, const at::Tensor& t,
-                         const at::Tensor& term_weight, const at::Tensor& bias, const at::Tensor& out);
+                         const at::Tensor& term_weight, const at::Tensor& bias, const at::Tensor& keep,
+                         double keep_scale, const at::Tensor& out);
 };
 
 // What differs between devices. In the mask passes every tensor is 2-D and row-major contiguous, and `row0` is the
@@ -90,6 +93,11 @@ struct DeviceKernels {
                                 const DropoutSpec& spec);
   // mask = keep (bool), for the whole input starting at row 0.
   void (*mask_rows)(const at::Tensor& mask, const DropoutSpec& spec);
+  // out = x * keep * scale, and keep as bits: bit c % 8 of byte c / 8 of a row of `keep` (x's rows, cols / 8 bytes;
+  // cols a multiple of 8), for a base GEMM that masks dx's LoRA part itself (SkinnyKernels::base_with_term).
+  // nullptr: none (dx's LoRA part is then masked in place by dropout_rows_backward).
+  void (*dropout_rows_keep)(const at::Tensor& x, const at::Tensor& out, const at::Tensor& keep, int64_t row0,
+                            const DropoutSpec& spec);
   // Rows are processed in blocks of about this many elements (of the widest operand): small enough for a block of
   // dy and x to stay in cache between the LoRA GEMMs that read it, and for the dropped-out copy of x to exist for
   // one block only. The backward takes SkinnyKernels::block_elements instead when those kernels run it.

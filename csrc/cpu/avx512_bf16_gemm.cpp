@@ -271,8 +271,8 @@ void mm_accumulate(const at::Tensor& p, const at::Tensor& q, const at::Tensor& o
 // Blocks of 256 KiB of bfloat16: a block of x and one of dy fit a Zen 4 core's 1 MiB of L2 together. As on AMX,
 // without dropout the backward takes these kernels from one block per worker, and the forward computes xa in one
 // oneDNN GEMM (on these kernels, block by block, it ran 0.15 ms faster at in = 1024 and 0.09 ms slower at 2816).
-// The LoRA terms of y, and of dx without dropout, ride the base GEMM as extra depth where it takes them
-// (bf16_base_gemm.h); elsewhere expand writes them where r is even.
+// The LoRA terms of y and of dx ride the base GEMM as extra depth where it takes them (bf16_base_gemm.h; dx's under
+// dropout with the keep bits of its mask); elsewhere expand writes them where r is even.
 const SkinnyKernels kAvx512Bf16SkinnyKernels{kLanes,
                                              1 << 17,
                                              kRows,

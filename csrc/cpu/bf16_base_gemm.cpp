@@ -20,7 +20,9 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <exception>
 
 #include "avx512_bf16_gemm.h"
@@ -94,6 +96,22 @@ void pack_panel(const uint16_t* w, int64_t k, int64_t n, bool transposed, int64_
   }
 }
 
+// Rows [0, rows) of a tile of sums (rows kTileColumns apart) times keep * scale, in place: the LoRA term of dx under
+// dropout, before the base GEMM adds onto it. keep: the tile's bits, rows ldk bytes apart (bit c % 8 of byte c / 8
+// keeps column c).
+void mask_tile(float* sums, int64_t rows, const uint8_t* keep, int64_t ldk, float scale) {
+  const __m512 factor = _mm512_set1_ps(scale);
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t c = 0; c < kTileColumns; c += kLanes) {
+      __mmask16 bits;
+      std::memcpy(&bits, keep + i * ldk + c / 8, sizeof(bits));
+      float* sum = sums + i * kTileColumns + c;
+      // times 0 where dropped, as the dropout passes do (a NaN stays NaN)
+      _mm512_storeu_ps(sum, _mm512_mul_ps(_mm512_loadu_ps(sum), _mm512_maskz_mov_ps(bits, factor)));
+    }
+  }
+}
+
 // Rows [0, rows) of a tile: out = round(sums (+ bias) (+ out)), sums rows kTileColumns apart, bias the tile's
 // kTileColumns or nullptr.
 void store_tile(const float* sums, int64_t rows, const float* bias, bool add_out, uint16_t* out, int64_t ldo) {
@@ -122,12 +140,15 @@ struct ReleaseBrgemm {
 };
 
 // The LoRA term as extra depth of the tiles: t (m x depth, rows ldt apart) times op(term weight), packed as W's panels
-// (panel j at j * depth * kTileColumns / 2 words).
+// (panel j at j * depth * kTileColumns / 2 words). With keep bits (m rows, ldk = n / 8 bytes apart), it is summed
+// apart and added as keep * keep_scale * term.
 struct Term {
   const at::BFloat16* t = nullptr;
   int64_t ldt = 0;
   int64_t depth = 0;
   const uint32_t* panels = nullptr;
+  const uint8_t* keep = nullptr;
+  float keep_scale = 1;
 };
 
 // out = a op(W) (+ term) (+ bias) (+ out if add_out) for operands already checked; may throw where ATen's brgemm
@@ -157,18 +178,28 @@ void gemm(const at::Tensor& a, const at::Tensor& weight, bool transposed, const 
   at::parallel_for(0, row_tiles * panels, 1, [&](int64_t begin, int64_t end) {
     const ReleaseBrgemm release;
     alignas(64) float sums[kTileRows * kTileColumns];
+    // A term under a mask goes first, is masked in place, and the base GEMM adds onto it; else the term adds onto the
+    // base GEMM's sums. Either way one tile of sums in L1.
+    const bool masked_term = term.depth > 0 && term.keep != nullptr;
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t row0 = tile / panels * kTileRows;
       const int64_t rows = std::min(kTileRows, m - row0);
       const int64_t j = tile % panels;
-      at::native::cpublas::brgemm(rows, kTileColumns, k, lda, kTileColumns, kTileColumns, /*add_C=*/false,
-                                  a_data + row0 * lda, reinterpret_cast<const at::BFloat16*>(panel0 + j * panel_words),
-                                  sums, /*is_vnni=*/true);
-      if (term.depth > 0) {
-        at::native::cpublas::brgemm(rows, kTileColumns, term.depth, term.ldt, kTileColumns, kTileColumns,
-                                    /*add_C=*/true, term.t + row0 * term.ldt,
+      const auto add_term = [&](bool add_C) {
+        at::native::cpublas::brgemm(rows, kTileColumns, term.depth, term.ldt, kTileColumns, kTileColumns, add_C,
+                                    term.t + row0 * term.ldt,
                                     reinterpret_cast<const at::BFloat16*>(term.panels + j * term_panel_words), sums,
                                     /*is_vnni=*/true);
+      };
+      if (masked_term) {
+        add_term(/*add_C=*/false);
+        mask_tile(sums, rows, term.keep + row0 * (n / 8) + j * kTileColumns / 8, n / 8, term.keep_scale);
+      }
+      at::native::cpublas::brgemm(rows, kTileColumns, k, lda, kTileColumns, kTileColumns, /*add_C=*/masked_term,
+                                  a_data + row0 * lda, reinterpret_cast<const at::BFloat16*>(panel0 + j * panel_words),
+                                  sums, /*is_vnni=*/true);
+      if (term.depth > 0 && !masked_term) {
+        add_term(/*add_C=*/true);
       }
       store_tile(sums, rows, bias == nullptr ? nullptr : bias + j * kTileColumns, add_out,
                  out_data + row0 * n + j * kTileColumns, n);
@@ -184,12 +215,17 @@ at::Tensor pack_term(const at::Tensor& term_weight, bool transposed, int64_t n) 
   return op.reshape({depth / 2, 2, n / kTileColumns, kTileColumns}).permute({2, 0, 3, 1}).contiguous();
 }
 
-// out = a op(W) + t op(term_weight) (+ bias), operands checked.
+// out = a op(W) + [keep * keep_scale *] t op(term_weight) (+ bias), operands checked.
 void gemm_with_term(const at::Tensor& a, const at::Tensor& weight, bool transposed, const at::Tensor& t,
-                    const at::Tensor& term_weight, const at::Tensor& bias, const at::Tensor& out) {
+                    const at::Tensor& term_weight, const at::Tensor& bias, const at::Tensor& keep, double keep_scale,
+                    const at::Tensor& out) {
   const at::Tensor term_panels = pack_term(term_weight, transposed, out.size(1));
-  const Term term{static_cast<const at::BFloat16*>(t.const_data_ptr()), t.stride(0), t.size(1),
-                  static_cast<const uint32_t*>(term_panels.const_data_ptr())};
+  const Term term{static_cast<const at::BFloat16*>(t.const_data_ptr()),
+                  t.stride(0),
+                  t.size(1),
+                  static_cast<const uint32_t*>(term_panels.const_data_ptr()),
+                  keep.defined() ? keep.const_data_ptr<uint8_t>() : nullptr,
+                  static_cast<float>(keep_scale)};
   gemm(a, weight, transposed, term, bias.defined() ? bias.const_data_ptr<float>() : nullptr, /*add_out=*/false, out);
 }
 
@@ -226,23 +262,30 @@ bool brgemm_works() {
   }
 }
 
-// The same for the term as extra depth (brgemm onto its own sums, add_C), with depths of one pair and of one panel.
+// The same for the term as extra depth (brgemm onto its own sums, add_C), with depths of one pair and of one panel,
+// and for the term summed apart and added under keep bits.
 bool brgemm_takes_terms() {
   try {
     const at::Tensor a = check_operand(70, 32, 0.37);
     const at::Tensor w = check_operand(64, 32, 0.61);
     const at::Tensor bias = check_operand(1, 64, 0.71, at::kFloat).view({64});
+    const at::Tensor keep = check_operand(70, 64, 0.43, at::kDouble) > 0;
+    const at::Tensor keep_bits =
+        at::bitwise_left_shift(keep.to(at::kInt).view({70, 8, 8}), at::arange(8, at::kInt)).sum(-1).to(at::kByte);
     for (const int64_t depth : {2, 16}) {
       const at::Tensor t = check_operand(70, depth, 0.29);
       const at::Tensor tw = check_operand(64, depth, 0.53);
-      const at::Tensor expected = at::addmm(at::addmm(bias.to(at::kDouble), a.to(at::kDouble), w.to(at::kDouble).t()),
-                                            t.to(at::kDouble), tw.to(at::kDouble).t());
-      for (const bool transposed : {true, false}) {
-        const at::Tensor out = at::empty({70, 64}, a.options());
-        gemm_with_term(a, transposed ? w : w.t().contiguous(), transposed, t, transposed ? tw : tw.t().contiguous(),
-                       bias, out);
-        if (!close_to(out, expected)) {
-          return false;
+      const at::Tensor base = at::addmm(bias.to(at::kDouble), a.to(at::kDouble), w.to(at::kDouble).t());
+      const at::Tensor term = at::mm(t.to(at::kDouble), tw.to(at::kDouble).t());
+      for (const bool masked : {false, true}) {
+        const at::Tensor expected = masked ? base + term * keep * 1.25 : base + term;
+        for (const bool transposed : {true, false}) {
+          const at::Tensor out = at::empty({70, 64}, a.options());
+          gemm_with_term(a, transposed ? w : w.t().contiguous(), transposed, t, transposed ? tw : tw.t().contiguous(),
+                         bias, masked ? keep_bits : at::Tensor(), 1.25, out);
+          if (!close_to(out, expected)) {
+            return false;
+          }
         }
       }
     }
@@ -297,7 +340,8 @@ bool bf16_base_takes_term(const at::Tensor& a, const at::Tensor& weight, bool tr
 }
 
 void bf16_base_with_term(const at::Tensor& a, const at::Tensor& weight, bool transposed, const at::Tensor& t,
-                         const at::Tensor& term_weight, const at::Tensor& bias, const at::Tensor& out) {
+                         const at::Tensor& term_weight, const at::Tensor& bias, const at::Tensor& keep,
+                         double keep_scale, const at::Tensor& out) {
   constexpr const char* op = "bf16_base_with_term";
   const int64_t m = a.size(0);
   const int64_t n = weight.size(transposed ? 0 : 1);
@@ -313,9 +357,13 @@ void bf16_base_with_term(const at::Tensor& a, const at::Tensor& weight, bool tra
   TORCH_CHECK(!bias.defined() || (bias.scalar_type() == at::kFloat && bias.dim() == 1 && bias.size(0) == n &&
                                   bias.is_contiguous() && bias.device().is_cpu()),
               op, ": bias must be a contiguous float32 vector of ", n);
+  TORCH_CHECK(!keep.defined() || (keep.scalar_type() == at::kByte && keep.dim() == 2 && keep.size(0) == m &&
+                                  keep.size(1) == n / 8 && keep.is_contiguous() && keep.device().is_cpu()),
+              op, ": keep must be contiguous uint8 ", m, " x ", n / 8, " (bits), got ", keep.sizes());
+  TORCH_CHECK(std::isfinite(keep_scale), op, ": keep_scale must be finite, got ", keep_scale);
   TORCH_CHECK(bf16_cpu_matrix(out) && out.is_contiguous() && out.size(0) == m && out.size(1) == n, op,
               ": out must be contiguous bfloat16 ", m, " x ", n, ", got ", out.sizes());
-  gemm_with_term(a, weight, transposed, t, term_weight, bias, out);
+  gemm_with_term(a, weight, transposed, t, term_weight, bias, keep, keep_scale, out);
 }
 
 bool bf16_base_gemm_runs() {
@@ -333,7 +381,7 @@ bool bf16_accumulate_base(const at::Tensor&, const at::Tensor&, bool, const at::
 bool bf16_base_takes_term(const at::Tensor&, const at::Tensor&, bool, int64_t) { return false; }
 
 void bf16_base_with_term(const at::Tensor&, const at::Tensor&, bool, const at::Tensor&, const at::Tensor&,
-                         const at::Tensor&, const at::Tensor&) {
+                         const at::Tensor&, const at::Tensor&, double, const at::Tensor&) {
   TORCH_CHECK(false, "bf16_base_with_term: not built here (bf16_base_takes_term is false)");
 }
 

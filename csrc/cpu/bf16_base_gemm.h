@@ -17,9 +17,13 @@ bool bf16_base_takes_term(const at::Tensor& a, const at::Tensor& weight, bool tr
 
 // out (m x n, bfloat16) = a op(weight) + t op(term_weight) (+ bias), the LoRA term (t m x depth, term_weight in
 // weight's layout: n x depth if `transposed`, else depth x n) as extra depth of the same brgemm sums, with bias float32
-// (n) or undefined; out's contents are ignored, and the sum is rounded once. Only where bf16_base_takes_term said so.
+// (n) or undefined; out's contents are ignored, and the sum is rounded once. With `keep` defined (m x n / 8 uint8: bit
+// c % 8 of byte c / 8 of a row keeps column c), the term is keep * keep_scale * t op(term_weight) (dx's LoRA part
+// under dropout): summed first, masked in the tile's float32 sums, and the base GEMM adds onto it, still rounded
+// once. Only where bf16_base_takes_term said so.
 void bf16_base_with_term(const at::Tensor& a, const at::Tensor& weight, bool transposed, const at::Tensor& t,
-                         const at::Tensor& term_weight, const at::Tensor& bias, const at::Tensor& out);
+                         const at::Tensor& term_weight, const at::Tensor& bias, const at::Tensor& keep,
+                         double keep_scale, const at::Tensor& out);
 
 // Whether bf16_accumulate_base runs here at all (for operands it takes): AVX512_BF16 under ATen's AVX512 capability,
 // oneDNN enabled (torch.backends.mkldnn), and ATen's brgemm present and agreeing with a float64 reference on small

@@ -151,6 +151,26 @@ void mask_rows_cpu(const at::Tensor& mask, const DropoutSpec& spec) {
   });
 }
 
+void dropout_rows_keep_cpu(const at::Tensor& x, const at::Tensor& out, const at::Tensor& keep, int64_t row0,
+                           const DropoutSpec& spec) {
+  const int64_t cols = x.size(1);
+  TORCH_INTERNAL_ASSERT(cols % 8 == 0 && keep.scalar_type() == at::kByte && keep.is_contiguous() &&
+                        keep.size(0) == x.size(0) && keep.size(1) == cols / 8);
+  const cpu::VecKernels& vec = cpu::vec_kernels();
+  uint8_t* bits = keep.mutable_data_ptr<uint8_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dropout_rows_keep_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* src = x.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    const acc_t scale = static_cast<acc_t>(spec.scale);
+    const uint32_t threshold = spec.threshold;
+    for_each_block(x.size(0), cols, row0, spec.seed, [&](int64_t row, int64_t col0, int64_t n, const uint16_t* draws) {
+      dropout_span(src + row * cols + col0, dst + row * cols + col0, draws, n, threshold, scale);
+      vec.keep_bits(draws, n, threshold, bits + (row * cols + col0) / 8);  // col0: a multiple of 8 columns
+    });
+  });
+}
+
 // One parallel region for all blocks: each thread runs its share of blocks with single-threaded GEMMs (MKL and
 // oneDNN do not nest inside a parallel region), which keeps a block in that core's cache and avoids a fork/join per
 // block.
@@ -175,9 +195,17 @@ int64_t max_workers_cpu() {
 // smaller ones; see skinny_gemm.cpp). bfloat16 blocks hold 4x the elements, 1 MiB: each of its library GEMMs (oneDNN
 // on AMX) costs more per call than MKL's float32 one, and the larger blocks ran the bfloat16 LoRA step with dropout
 // 9-18% (forward) and 15-27% (backward) faster on the AVX-512 Xeon of BENCHMARKS.md; float32 did not change.
-constexpr DeviceKernels kCpuKernels{dropout_rows_cpu,   dropout_rows_backward_cpu, mask_rows_cpu, 1 << 17,
-                                    /*bf16=*/1 << 19,   for_each_block_cpu,        max_workers_cpu,
-                                    cpu_skinny_kernels_for, cpu_weight_scratch,        /*whole_products=*/true};
+constexpr DeviceKernels kCpuKernels{dropout_rows_cpu,
+                                    dropout_rows_backward_cpu,
+                                    mask_rows_cpu,
+                                    dropout_rows_keep_cpu,
+                                    1 << 17,
+                                    /*bf16=*/1 << 19,
+                                    for_each_block_cpu,
+                                    max_workers_cpu,
+                                    cpu_skinny_kernels_for,
+                                    cpu_weight_scratch,
+                                    /*whole_products=*/true};
 
 at::Tensor lora_forward_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout,

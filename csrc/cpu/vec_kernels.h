@@ -75,6 +75,8 @@ struct VecKernels {
                             uint32_t threshold, float scale);
   void (*dropout_backward_span_bf16)(const c10::BFloat16* x, c10::BFloat16* out, c10::BFloat16* grad,
                                      const uint16_t* draws, int64_t n, uint32_t threshold, float scale);
+  // Bit c % 8 of bits[c / 8] = keep[c] (draws[c] >= threshold), for c < n, n a multiple of 8.
+  void (*keep_bits)(const uint16_t* draws, int64_t n, uint32_t threshold, uint8_t* bits);
 };
 
 // The build for the running CPU (and ATEN_CPU_CAPABILITY), chosen once per process.

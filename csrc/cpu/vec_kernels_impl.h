@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "vec_kernels.h"
@@ -526,6 +527,26 @@ void dropout_backward_span(const T* __restrict__ x, T* __restrict__ out, T* __re
   }
 }
 
+void keep_bits(const uint16_t* __restrict__ draws, int64_t n, uint32_t threshold, uint8_t* __restrict__ bits) {
+  int64_t c = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  if (threshold <= 0xFFFF) {  // 65536 (p within 2^-17 of 1) keeps nothing, which the loop below says
+    const __m512i level = _mm512_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(threshold)));
+    for (; c + 32 <= n; c += 32) {
+      const __mmask32 keep = _mm512_cmpge_epu16_mask(_mm512_loadu_si512(draws + c), level);
+      std::memcpy(bits + c / 8, &keep, sizeof(keep));  // little-endian: column c + i is bit i
+    }
+  }
+#endif
+  for (; c < n; c += 8) {
+    uint8_t byte = 0;
+    for (int64_t i = 0; i < 8; ++i) {
+      byte |= static_cast<uint8_t>(draws[c + i] >= threshold) << i;
+    }
+    bits[c / 8] = byte;
+  }
+}
+
 }  // namespace
 
 // Constant-initialized (function addresses only): no code of this build runs before the dispatch picks it.
@@ -538,7 +559,8 @@ extern const VecKernels kVecKernels{D9D_STRINGIFY(CPU_CAPABILITY),
                                     dropout_span<float>,
                                     dropout_backward_span<float>,
                                     dropout_span<c10::BFloat16>,
-                                    dropout_backward_span<c10::BFloat16>};
+                                    dropout_backward_span<c10::BFloat16>,
+                                    keep_bits};
 
 }  // namespace CPU_CAPABILITY
 }  // namespace d9d::cpu

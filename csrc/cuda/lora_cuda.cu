@@ -129,9 +129,17 @@ at::Tensor fold_scratch_cuda(const at::Tensor& weight) {
 }
 
 // Blocks of 16 Mi elements: large enough that the per-block GEMMs fill the GPU, small next to x itself.
-constexpr DeviceKernels kCudaKernels{dropout_rows_cuda,   dropout_rows_backward_cuda, mask_rows_cuda, 1 << 24,
-                                     /*bf16=*/1 << 24,    for_each_block_cuda,        max_workers_cuda,
-                                     nullptr,             fold_scratch_cuda,          /*whole_products=*/false};
+constexpr DeviceKernels kCudaKernels{dropout_rows_cuda,
+                                     dropout_rows_backward_cuda,
+                                     mask_rows_cuda,
+                                     /*dropout_rows_keep=*/nullptr,
+                                     1 << 24,
+                                     /*bf16=*/1 << 24,
+                                     for_each_block_cuda,
+                                     max_workers_cuda,
+                                     nullptr,
+                                     fold_scratch_cuda,
+                                     /*whole_products=*/false};
 
 at::Tensor lora_forward_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout,

@@ -261,6 +261,23 @@ TEST(VecKernels, EveryBuildMatchesAten) {
     build->dropout_span(x.data(), dropped.data(), draws.data(), 6, 100, 0.5f);
     EXPECT_EQ(dropped, (std::vector<float>{0, 1, 1.5, 2, 2.5, 0}));
 
+    // Keep bits: bit c % 8 of byte c / 8 says whether draw c >= threshold; 72 columns leave a tail after 32-bit
+    // words. Thresholds 0 and 65536 keep all and none.
+    std::vector<uint16_t> bit_draws(72);
+    for (int64_t c = 0; c < 72; ++c) {
+      bit_draws[c] = static_cast<uint16_t>((c * 40503 + 7) % 65536);
+    }
+    bit_draws[5] = 65535;
+    bit_draws[6] = 0;
+    for (const uint32_t threshold : {0u, 1u, 3277u, 30000u, 65535u, 65536u}) {
+      SCOPED_TRACE(threshold);
+      std::vector<uint8_t> bits(9, 0xA5);
+      build->keep_bits(bit_draws.data(), 72, threshold, bits.data());
+      for (int64_t c = 0; c < 72; ++c) {
+        EXPECT_EQ((bits[c / 8] >> (c % 8)) & 1, bit_draws[c] >= threshold ? 1 : 0) << c;
+      }
+    }
+
     // bfloat16: x * keep in float32, rounded as c10::BFloat16 rounds. Random values (times 1.5 their products have
     // up to 10 significant bits, so many round on a tie), and bit patterns that rounding treats apart, each once kept
     // and once dropped: NaNs of either sign and other payloads, infinities, the largest finite value (times
@@ -324,6 +341,13 @@ TEST(Bf16BaseGemm, AddsTheProductRoundedOnce) {
   }
 }
 
+// keep (bool, m x n) as the driver's keep bits: bit c % 8 of byte c / 8 of a row says whether column c is kept.
+at::Tensor keep_bits_of(const at::Tensor& keep) {
+  const int64_t m = keep.size(0);
+  const int64_t n = keep.size(1);
+  return at::bitwise_left_shift(keep.to(at::kInt).view({m, n / 8, 8}), at::arange(8, at::kInt)).sum(-1).to(at::kByte);
+}
+
 // The same driver with the LoRA term as extra depth (bf16_base_with_term): out = a op(W) + t op(T) (+ bias), out's
 // contents ignored, rounded once; t's rows strided, T in W's layout, depths of one pair, one panel and three.
 TEST(Bf16BaseGemm, TakesTheTermAsExtraDepthRoundedOnce) {
@@ -342,22 +366,32 @@ TEST(Bf16BaseGemm, TakesTheTermAsExtraDepthRoundedOnce) {
       const at::Tensor t = torch::randn({m, depth + 6}).mul_(3).to(at::kBFloat16).narrow(1, 0, depth);
       const at::Tensor tw = (transposed ? torch::randn({n, depth}) : torch::randn({depth, n})).to(at::kBFloat16);
       const at::Tensor bias = with_bias ? torch::randn({n}).mul_(8) : at::Tensor();
-      const at::Tensor out = torch::full({m, n}, std::nan("")).to(at::kBFloat16);
       ASSERT_TRUE(d9d::bf16_base_takes_term(a, w, transposed, depth));
-      d9d::bf16_base_with_term(a, w, transposed, t, tw, bias, out);
-      const at::Tensor op_w = (transposed ? w.t() : w).to(at::kDouble);
-      const at::Tensor op_t = (transposed ? tw.t() : tw).to(at::kDouble);
-      at::Tensor exact = at::mm(a.to(at::kDouble), op_w) + at::mm(t.to(at::kDouble), op_t);
-      at::Tensor magnitude = at::mm(a.to(at::kDouble).abs(), op_w.abs()) + at::mm(t.to(at::kDouble).abs(), op_t.abs());
-      if (with_bias) {
-        exact = exact + bias.to(at::kDouble);
-        magnitude = magnitude + bias.to(at::kDouble).abs();
+      // Also under a keep mask (dx's LoRA part with dropout): the term summed apart, added as keep * scale * term.
+      const at::Tensor keep = torch::rand({m, n}) > 0.3;
+      const at::Tensor keep_bits = keep_bits_of(keep);
+      for (const bool masked : {false, true}) {
+        SCOPED_TRACE(masked ? "masked" : "unmasked");
+        const double keep_scale = masked ? 1 / 0.7 : 1.0;
+        const at::Tensor out = torch::full({m, n}, std::nan("")).to(at::kBFloat16);
+        d9d::bf16_base_with_term(a, w, transposed, t, tw, bias, masked ? keep_bits : at::Tensor(), keep_scale, out);
+        const at::Tensor op_w = (transposed ? w.t() : w).to(at::kDouble);
+        const at::Tensor op_t = (transposed ? tw.t() : tw).to(at::kDouble);
+        const at::Tensor term_factor = masked ? keep.to(at::kDouble) * keep_scale : torch::ones({m, n}, at::kDouble);
+        at::Tensor exact = at::mm(a.to(at::kDouble), op_w) + at::mm(t.to(at::kDouble), op_t) * term_factor;
+        at::Tensor magnitude =
+            at::mm(a.to(at::kDouble).abs(), op_w.abs()) + at::mm(t.to(at::kDouble).abs(), op_t.abs()) * term_factor;
+        if (with_bias) {
+          exact = exact + bias.to(at::kDouble);
+          magnitude = magnitude + bias.to(at::kDouble).abs();
+        }
+        // Within half a bfloat16 ulp of the exact sum (one rounding), plus float32's accumulation error over its
+        // terms.
+        const at::Tensor half_ulp = at::exp2(at::floor(at::log2(exact.abs())) - 8);
+        const at::Tensor accumulation = magnitude * ((k + depth + 2) * std::ldexp(1.0, -24));
+        const at::Tensor excess = (out.to(at::kDouble) - exact).abs() - half_ulp - accumulation;
+        EXPECT_LE(excess.max().item<double>(), 0.0);
       }
-      // Within half a bfloat16 ulp of the exact sum (one rounding), plus float32's accumulation error over its terms.
-      const at::Tensor half_ulp = at::exp2(at::floor(at::log2(exact.abs())) - 8);
-      const at::Tensor accumulation = magnitude * ((k + depth + 1) * std::ldexp(1.0, -24));
-      const at::Tensor excess = (out.to(at::kDouble) - exact).abs() - half_ulp - accumulation;
-      EXPECT_LE(excess.max().item<double>(), 0.0);
     }
   }
 }
@@ -376,10 +410,15 @@ TEST(Bf16BaseGemm, TakesNoTermItCannotPairAndChecksItsOperands) {
   const at::Tensor out = torch::zeros({1024, 96}).to(at::kBFloat16);
   const at::Tensor t = torch::randn({1024, 16}).to(at::kBFloat16);
   const at::Tensor tw = torch::randn({96, 16}).to(at::kBFloat16);
-  EXPECT_THROW(d9d::bf16_base_with_term(a, w, true, t.narrow(0, 0, 1000), tw, at::Tensor(), out), c10::Error);
-  EXPECT_THROW(d9d::bf16_base_with_term(a, w, true, t, tw.t().contiguous(), at::Tensor(), out), c10::Error);
-  EXPECT_THROW(d9d::bf16_base_with_term(a, w, true, t, tw, torch::zeros({95}), out), c10::Error);
-  EXPECT_THROW(d9d::bf16_base_with_term(a, w, true, t, tw, at::Tensor(), out.narrow(1, 0, 64)), c10::Error);
+  const at::Tensor none;
+  const at::Tensor keep = torch::zeros({1024, 12}, at::kByte);
+  EXPECT_THROW(d9d::bf16_base_with_term(a, w, true, t.narrow(0, 0, 1000), tw, none, none, 1, out), c10::Error);
+  EXPECT_THROW(d9d::bf16_base_with_term(a, w, true, t, tw.t().contiguous(), none, none, 1, out), c10::Error);
+  EXPECT_THROW(d9d::bf16_base_with_term(a, w, true, t, tw, torch::zeros({95}), none, 1, out), c10::Error);
+  EXPECT_THROW(d9d::bf16_base_with_term(a, w, true, t, tw, none, none, 1, out.narrow(1, 0, 64)), c10::Error);
+  EXPECT_THROW(d9d::bf16_base_with_term(a, w, true, t, tw, none, keep.narrow(1, 0, 11), 1, out), c10::Error);
+  EXPECT_THROW(d9d::bf16_base_with_term(a, w, true, t, tw, none, keep.to(at::kInt), 1, out), c10::Error);
+  EXPECT_THROW(d9d::bf16_base_with_term(a, w, true, t, tw, none, keep, std::nan(""), out), c10::Error);
   EXPECT_TRUE(at::equal(out, torch::zeros({1024, 96}).to(at::kBFloat16)));  // nothing written by the refusals
 }
 

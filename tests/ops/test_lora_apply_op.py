@@ -347,9 +347,10 @@ def test_bfloat16_products_at_every_tile_edge_match_reference(dropout, rows, in_
 
 
 # bfloat16 at shapes that the base GEMM driver of AVX512_BF16 CPUs takes (csrc/cpu/bf16_base_gemm.h: at least 1024
-# rows, in a multiple of 16 and out of 32). There y's LoRA term and dx's without dropout ride the base GEMM's sums as
-# extra depth: xa and g from one GEMM each with r columns (the forward without dropout; the backward where x makes one
-# block per worker or fewer, as at 1024 x 64 -> 96), or from the blocks with r padded to the panels' 16 (8 -> 16,
+# rows, in a multiple of 16 and out of 32). There y's LoRA term and dx's ride the base GEMM's sums as extra depth (dx's
+# under dropout summed apart and masked by the bits that the backward's dropout pass writes): xa and g from one GEMM
+# each with r columns (the forward without dropout; the backward without dropout where x makes one block per worker
+# or fewer, as at 1024 x 64 -> 96), or from the blocks with r padded to the panels' 16 (8 -> 16,
 # 40 -> 48; zero columns, so only a NaN in the padding would show); the bias in the driver's epilogue or none; s not
 # a power of two, rounded into B from bfloat16 or float32 adapters. test_every_bf16_kernel_family_matches_reference
 # runs this under each kernel family that the CPU has; other CPUs run their own paths against the same reference.
