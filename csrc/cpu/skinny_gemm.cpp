@@ -85,6 +85,38 @@ void skinny_mm_accumulate(const at::Tensor& p, const at::Tensor& q, const at::Te
                               acc.mutable_data_ptr<float>(), prefetch_of(ahead));
 }
 
+// The LoRA terms as expand writes them (y's from xa and s B, dx's part from g and A): r up to this many columns.
+constexpr int64_t kMaxExpandDepth = 64;
+
+// q (width x r) as panel_expand's panels of op(q) = q^T (depth x width): ceil(width / kPanel) panels of depth x kPanel,
+// zero in the rows past r and the columns past width.
+at::Tensor pack_expand(const at::Tensor& q, int64_t depth) {
+  const int64_t width = q.size(0);
+  const int64_t r = q.size(1);
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kFloat && r <= depth && depth <= kMaxExpandDepth,
+              "float32 pack_expand: internal error, q ", q.sizes(), " for depth ", depth);
+  const int64_t panels = (width + cpu::kPanel - 1) / cpu::kPanel;
+  const at::Tensor padded = at::constant_pad_nd(q.t(), {0, panels * cpu::kPanel - width, 0, depth - r});
+  return padded.reshape({depth, panels, cpu::kPanel}).permute({1, 0, 2}).contiguous();
+}
+
+// out = scale p q^T + bias for q packed by pack_expand(q, p.size(1)); out's rows may be strided.
+void expand(const at::Tensor& p, const at::Tensor& packed, double scale, const at::Tensor& bias,
+            const at::Tensor& out) {
+  const int64_t depth = p.size(1);
+  const int64_t width = out.size(1);
+  TORCH_CHECK(p.dim() == 2 && p.scalar_type() == at::kFloat && (depth <= 1 || p.stride(1) == 1) &&
+                  packed.is_contiguous() && packed.dim() == 3 && packed.size(1) == depth &&
+                  packed.size(0) == (width + cpu::kPanel - 1) / cpu::kPanel && out.dim() == 2 &&
+                  out.size(0) == p.size(0) && out.stride(1) == 1 && out.scalar_type() == at::kFloat &&
+                  (!bias.defined() || (bias.is_contiguous() && bias.numel() == width)),
+              "float32 expand: internal error, operands ", p.sizes(), " ", packed.sizes(), " ", out.sizes());
+  cpu::vec_kernels().panel_expand(p.const_data_ptr<float>(), p.stride(0), p.size(0), depth,
+                                  packed.const_data_ptr<float>(), width, static_cast<float>(scale),
+                                  bias.defined() ? bias.const_data_ptr<float>() : nullptr,
+                                  out.mutable_data_ptr<float>(), out.stride(0));
+}
+
 // out = weight + scale B A, in parallel over blocks of rows. Each output element is written once, from one read of
 // weight: the memory traffic of a copy, with the r FMAs per element hidden under it.
 void fold(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
@@ -111,7 +143,9 @@ void fold(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& 
 
 // Blocks of 256 KiB of float32 for the backward's skinny products: a block of x and one of dy sit in a core's L2
 // with room to spare (on the AVX-512 Xeon of BENCHMARKS.md, 2^16 elements ran them about 5% faster than 2^17). The
-// ATen GEMMs elsewhere keep the larger blocks of lora_cpu.cpp, which need fewer library calls. Without dropout, MKL
+// ATen GEMMs elsewhere keep the larger blocks of lora_cpu.cpp, which need fewer library calls. expand writes the
+// LoRA terms of y and dx block by block, where MKL's calls on those small blocks (16 to 128 rows of N x r x out)
+// ran at a fraction of its rate. Without dropout, MKL
 // wins below 8 blocks per worker: on that Xeon (2 threads), 1024 x 1024 forward + backward ran 19% faster on MKL at
 // 16 rows, 8% at 128 and 2% at 512, and broke even at 8 blocks per worker.
 const SkinnyKernels kFloatSkinnyKernels{
@@ -122,9 +156,9 @@ const SkinnyKernels kFloatSkinnyKernels{
     /*transposed_sums=*/false,
     skinny_mm,         skinny_accumulate,
     skinny_mm_accumulate,
-    /*expand_max_depth=*/0,
-    nullptr,
-    nullptr,
+    kMaxExpandDepth,
+    pack_expand,
+    expand,
     fold,
     /*accumulate_base=*/nullptr,
     /*base_takes_term=*/nullptr,

@@ -77,6 +77,11 @@ struct VecKernels {
                                      const uint16_t* draws, int64_t n, uint32_t threshold, float scale);
   // Bit c % 8 of bits[c / 8] = keep[c] (draws[c] >= threshold), for c < n, n a multiple of 8.
   void (*keep_bits)(const uint16_t* draws, int64_t n, uint32_t threshold, uint8_t* bits);
+  // out (n x width) = scale p q + bias, for p (n x depth, rows ldp apart), bias (width) or nullptr, out's rows ldo
+  // apart, and q (depth x width) as `panels`: ceil(width / kPanel) contiguous panels of depth x kPanel, zero past
+  // width. The LoRA term's shape (the expand of SkinnyKernels).
+  void (*panel_expand)(const float* p, int64_t ldp, int64_t n, int64_t depth, const float* panels, int64_t width,
+                       float scale, const float* bias, float* out, int64_t ldo);
 };
 
 // The build for the running CPU (and ATEN_CPU_CAPABILITY), chosen once per process.

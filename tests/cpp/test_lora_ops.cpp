@@ -313,6 +313,36 @@ TEST(VecKernels, EveryBuildMatchesAten) {
   }
 }
 
+// panel_expand (the float32 LoRA terms of y and dx): out = scale p q + bias, q as panels of kPanel columns; p's and
+// out's rows strided, widths with a short last panel and none, depths odd and of a panel, rows leaving short tiles.
+TEST(VecKernels, EveryBuildExpandsAsAten) {
+  torch::manual_seed(4);
+  constexpr int64_t kPanel = d9d::cpu::kPanel;
+  for (const d9d::cpu::VecKernels* build : runnable_builds()) {
+    SCOPED_TRACE(build->capability);
+    for (const auto& [n, depth, width] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
+             {11, 5, 37}, {64, 16, 1024}, {3, 16, 16}, {19, 32, 40}}) {
+      SCOPED_TRACE(std::to_string(n) + " x " + std::to_string(depth) + " -> " + std::to_string(width));
+      const at::Tensor p = torch::randn({n, depth + 3}).narrow(1, 0, depth);
+      const at::Tensor q = torch::randn({depth, width});
+      const int64_t panels = (width + kPanel - 1) / kPanel;
+      const at::Tensor packed = at::constant_pad_nd(q, {0, panels * kPanel - width})
+                                    .reshape({depth, panels, kPanel})
+                                    .permute({1, 0, 2})
+                                    .contiguous();
+      for (const bool with_bias : {false, true}) {
+        const at::Tensor bias = torch::randn({width});
+        const float scale = with_bias ? 0.75f : 1.0f;
+        at::Tensor out = torch::full({n, width + 5}, std::nan("")).narrow(1, 0, width);
+        build->panel_expand(p.data_ptr<float>(), p.stride(0), n, depth, packed.data_ptr<float>(), width, scale,
+                            with_bias ? bias.data_ptr<float>() : nullptr, out.data_ptr<float>(), out.stride(0));
+        const at::Tensor expected = at::mm(p, q) * scale + (with_bias ? bias : torch::zeros({width}));
+        EXPECT_TRUE(at::allclose(out, expected, 1e-5, 1e-5)) << (out - expected).abs().max();
+      }
+    }
+  }
+}
+
 // The bfloat16 base GEMM of AVX512_BF16 CPUs (bf16_base_gemm.cpp): out += a op(W) rounded once, at shapes with a short
 // last tile of rows, for both layouts of W.
 TEST(Bf16BaseGemm, AddsTheProductRoundedOnce) {
