@@ -102,8 +102,12 @@ at::Tensor cpu_weight_scratch(const at::Tensor& weight) {
   return buffer.narrow(0, 0, weight.numel()).view(weight.sizes());
 }
 
-void dropout_rows_cpu(const at::Tensor& x, const at::Tensor& out, int64_t row0, const DropoutSpec& spec) {
+namespace {
+
+// out = x * keep * scale, and with `bits` (cols / 8 bytes a row, cols a multiple of 8) keep as bits too.
+void drop_rows(const at::Tensor& x, const at::Tensor& out, uint8_t* bits, int64_t row0, const DropoutSpec& spec) {
   const int64_t cols = x.size(1);
+  const cpu::VecKernels& vec = cpu::vec_kernels();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dropout_rows_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* src = x.const_data_ptr<scalar_t>();
@@ -111,11 +115,18 @@ void dropout_rows_cpu(const at::Tensor& x, const at::Tensor& out, int64_t row0, 
     const acc_t scale = static_cast<acc_t>(spec.scale);
     const uint32_t threshold = spec.threshold;
     for_each_block(x.size(0), cols, row0, spec.seed, [&](int64_t row, int64_t col0, int64_t n, const uint16_t* draws) {
-      const scalar_t* s = src + row * cols + col0;
-      scalar_t* d = dst + row * cols + col0;
-      dropout_span(s, d, draws, n, threshold, scale);
+      dropout_span(src + row * cols + col0, dst + row * cols + col0, draws, n, threshold, scale);
+      if (bits != nullptr) {
+        vec.keep_bits(draws, n, threshold, bits + (row * cols + col0) / 8);  // col0: a multiple of 8 columns
+      }
     });
   });
+}
+
+}  // namespace
+
+void dropout_rows_cpu(const at::Tensor& x, const at::Tensor& out, int64_t row0, const DropoutSpec& spec) {
+  drop_rows(x, out, /*bits=*/nullptr, row0, spec);
 }
 
 void dropout_rows_backward_cpu(const at::Tensor& x, const at::Tensor& out, const at::Tensor& grad, int64_t row0,
@@ -156,19 +167,7 @@ void dropout_rows_keep_cpu(const at::Tensor& x, const at::Tensor& out, const at:
   const int64_t cols = x.size(1);
   TORCH_INTERNAL_ASSERT(cols % 8 == 0 && keep.scalar_type() == at::kByte && keep.is_contiguous() &&
                         keep.size(0) == x.size(0) && keep.size(1) == cols / 8);
-  const cpu::VecKernels& vec = cpu::vec_kernels();
-  uint8_t* bits = keep.mutable_data_ptr<uint8_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dropout_rows_keep_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* src = x.const_data_ptr<scalar_t>();
-    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    const acc_t scale = static_cast<acc_t>(spec.scale);
-    const uint32_t threshold = spec.threshold;
-    for_each_block(x.size(0), cols, row0, spec.seed, [&](int64_t row, int64_t col0, int64_t n, const uint16_t* draws) {
-      dropout_span(src + row * cols + col0, dst + row * cols + col0, draws, n, threshold, scale);
-      vec.keep_bits(draws, n, threshold, bits + (row * cols + col0) / 8);  // col0: a multiple of 8 columns
-    });
-  });
+  drop_rows(x, out, keep.mutable_data_ptr<uint8_t>(), row0, spec);
 }
 
 // One parallel region for all blocks: each thread runs its share of blocks with single-threaded GEMMs (MKL and

@@ -91,10 +91,10 @@ constexpr int64_t kMaxExpandDepth = 64;
 // q (width x r) as panel_expand's panels of op(q) = q^T (depth x width): ceil(width / kPanel) panels of depth x kPanel,
 // zero in the rows past r and the columns past width.
 at::Tensor pack_expand(const at::Tensor& q, int64_t depth) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kFloat && q.size(1) <= depth && depth <= kMaxExpandDepth,
+              "float32 pack_expand: internal error, q ", q.sizes(), " for depth ", depth);
   const int64_t width = q.size(0);
   const int64_t r = q.size(1);
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kFloat && r <= depth && depth <= kMaxExpandDepth,
-              "float32 pack_expand: internal error, q ", q.sizes(), " for depth ", depth);
   const int64_t panels = (width + cpu::kPanel - 1) / cpu::kPanel;
   const at::Tensor padded = at::constant_pad_nd(q.t(), {0, panels * cpu::kPanel - width, 0, depth - r});
   return padded.reshape({depth, panels, cpu::kPanel}).permute({1, 0, 2}).contiguous();
@@ -109,7 +109,8 @@ void expand(const at::Tensor& p, const at::Tensor& packed, double scale, const a
                   packed.is_contiguous() && packed.dim() == 3 && packed.size(1) == depth &&
                   packed.size(0) == (width + cpu::kPanel - 1) / cpu::kPanel && out.dim() == 2 &&
                   out.size(0) == p.size(0) && out.stride(1) == 1 && out.scalar_type() == at::kFloat &&
-                  (!bias.defined() || (bias.is_contiguous() && bias.numel() == width)),
+                  (!bias.defined() ||
+                   (bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == width)),
               "float32 expand: internal error, operands ", p.sizes(), " ", packed.sizes(), " ", out.sizes());
   cpu::vec_kernels().panel_expand(p.const_data_ptr<float>(), p.stride(0), p.size(0), depth,
                                   packed.const_data_ptr<float>(), width, static_cast<float>(scale),
@@ -143,11 +144,10 @@ void fold(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& 
 
 // Blocks of 256 KiB of float32 for the backward's skinny products: a block of x and one of dy sit in a core's L2
 // with room to spare (on the AVX-512 Xeon of BENCHMARKS.md, 2^16 elements ran them about 5% faster than 2^17). The
-// ATen GEMMs elsewhere keep the larger blocks of lora_cpu.cpp, which need fewer library calls. expand writes the
-// LoRA terms of y and dx block by block, where MKL's calls on those small blocks (16 to 128 rows of N x r x out)
-// ran at a fraction of its rate. Without dropout, MKL
+// ATen GEMMs elsewhere keep the larger blocks of lora_cpu.cpp, which need fewer library calls. Without dropout, MKL
 // wins below 8 blocks per worker: on that Xeon (2 threads), 1024 x 1024 forward + backward ran 19% faster on MKL at
-// 16 rows, 8% at 128 and 2% at 512, and broke even at 8 blocks per worker.
+// 16 rows, 8% at 128 and 2% at 512, and broke even at 8 blocks per worker. expand writes the LoRA terms of y and dx
+// block by block, where MKL's call per block (16 to 128 rows, r deep) ran at half expand's rate.
 const SkinnyKernels kFloatSkinnyKernels{
     cpu::kPanel,       1 << 16,
     cpu::kBlockRowMultiple,

@@ -338,6 +338,8 @@ TEST(VecKernels, EveryBuildExpandsAsAten) {
                             with_bias ? bias.data_ptr<float>() : nullptr, out.data_ptr<float>(), out.stride(0));
         const at::Tensor expected = at::mm(p, q) * scale + (with_bias ? bias : torch::zeros({width}));
         EXPECT_TRUE(at::allclose(out, expected, 1e-5, 1e-5)) << (out - expected).abs().max();
+        EXPECT_TRUE(out.as_strided({n, 5}, {out.stride(0), 1}, width).isnan().all().item<bool>());  // nothing past
+
       }
     }
   }

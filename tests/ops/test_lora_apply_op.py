@@ -347,19 +347,20 @@ def test_bfloat16_products_at_every_tile_edge_match_reference(dropout, rows, in_
 
 
 # bfloat16 at shapes that the base GEMM driver of AVX512_BF16 CPUs takes (csrc/cpu/bf16_base_gemm.h: at least 1024
-# rows, in a multiple of 16 and out of 32). There y's LoRA term and dx's ride the base GEMM's sums as extra depth (dx's
-# under dropout summed apart and masked by the bits that the backward's dropout pass writes): xa and g from one GEMM
-# each with r columns (the forward without dropout; the backward without dropout where x makes one block per worker
-# or fewer, as at 1024 x 64 -> 96), or from the blocks with r padded to the panels' 16 (8 -> 16,
-# 40 -> 48; zero columns, so only a NaN in the padding would show); the bias in the driver's epilogue or none; s not
-# a power of two, rounded into B from bfloat16 or float32 adapters. test_every_bf16_kernel_family_matches_reference
-# runs this under each kernel family that the CPU has; other CPUs run their own paths against the same reference.
+# rows, the GEMM's depth a multiple of 16 and its width of 32: in and out for y, out and in for dx). There y's LoRA term
+# and dx's ride the base GEMM's sums as extra depth (dx's under dropout masked in the tile's sums by the bits that the
+# backward's dropout pass writes; at 2080 features that pass draws past its first batch of 2048 columns): xa and g from
+# one GEMM each with r columns (the forward without dropout; the backward without dropout where x makes one block per
+# worker or fewer, as at 1024 x 64 -> 96), or from the blocks with r padded to the panels' 16 (8 -> 16, 40 -> 48; zero
+# columns, so only a NaN in the padding would show); the bias in the driver's epilogue or none; s not a power of two,
+# rounded into B from bfloat16 or float32 adapters. test_every_bf16_kernel_family_matches_reference runs this under
+# each kernel family that the CPU has; other CPUs run their own paths against the same reference.
 @pytest.mark.parametrize("adapters", [torch.bfloat16, torch.float32], ids=dtype_id)
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 @pytest.mark.parametrize("rank", [8, 16, 40])
 @pytest.mark.parametrize(
     ("rows", "in_features", "out_features", "bias"),
-    [(1030, 256, 96, True), (1100, 160, 256, False), (1024, 64, 96, True)],
+    [(1030, 256, 96, True), (1100, 160, 256, False), (1024, 64, 96, True), (1024, 2080, 96, False)],
 )
 def test_bfloat16_lora_terms_in_the_base_gemm_match_reference(
     adapters, dropout, rank, rows, in_features, out_features, bias
