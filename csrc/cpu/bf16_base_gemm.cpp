@@ -11,7 +11,8 @@
 //
 // With the term as extra depth (a second brgemm call per tile, over the columns of xa or g: r, or the panels'
 // zero-padded rp, onto the same sums), the LoRA term is never written to out and read back: 0.3 to 1.0 ms less per
-// 2048-row layer's forward or backward than writing the term first (1024 and 2816 wide; BENCHMARKS.md).
+// 2048-row layer's forward or backward than writing the term first (1024 and 2816 wide; BENCHMARKS.md). dx's term
+// under dropout goes first instead, is masked in the tile's sums by the mask's bits, and the base GEMM adds onto it.
 #include "bf16_base_gemm.h"
 
 #include <ATen/ATen.h>
@@ -140,8 +141,8 @@ struct ReleaseBrgemm {
 };
 
 // The LoRA term as extra depth of the tiles: t (m x depth, rows ldt apart) times op(term weight), packed as W's panels
-// (panel j at j * depth * kTileColumns / 2 words). With keep bits (m rows, ldk = n / 8 bytes apart), it is summed
-// apart and added as keep * keep_scale * term.
+// (panel j at j * depth * kTileColumns / 2 words). With keep bits (m rows, n / 8 bytes apart), it is summed first and
+// masked in the tile's sums (keep * keep_scale * term) before the base GEMM adds onto them.
 struct Term {
   const at::BFloat16* t = nullptr;
   int64_t ldt = 0;
@@ -263,7 +264,7 @@ bool brgemm_works() {
 }
 
 // The same for the term as extra depth (brgemm onto its own sums, add_C), with depths of one pair and of one panel,
-// and for the term summed apart and added under keep bits.
+// and for the term masked by keep bits.
 bool brgemm_takes_terms() {
   try {
     const at::Tensor a = check_operand(70, 32, 0.37);
