@@ -123,12 +123,15 @@ def time_interleaved(
     device: torch.device | str | None = None,
     clock: Callable[[], float] = time.perf_counter,
     order: random.Random | None = None,
+    lead_in: int = 0,
 ) -> dict[Key, list[float]]:
     """Seconds of each step per repeat, as measured by ``clock``; each repeat runs every step once, in a shuffled order.
 
     First every step runs ``warmup`` times, untimed. The orders come from ``order.sample`` (by default
-    ``random.Random(0)``: the same orders on every run). On a CUDA ``device`` it is synchronized before and after
-    each timed step, so that the time covers the step's kernels.
+    ``random.Random(0)``: the same orders on every run). With ``lead_in``, each timed run of a step comes right after
+    that many untimed runs of the same step, so that it starts from the state (heap, caches) its own previous run
+    left, as in a loop of that step alone, rather than the state another step left. On a CUDA ``device`` it is
+    synchronized before and after each timed step, so that the time covers the step's kernels.
     """
     for step in steps.values():
         for _ in range(warmup):
@@ -141,6 +144,8 @@ def time_interleaved(
     times: dict[Key, list[float]] = {key: [] for key in keys}
     for _ in range(repeats):
         for key in order.sample(keys, len(keys)):
+            for _ in range(lead_in):
+                steps[key]()
             if cuda is not None:
                 torch.cuda.synchronize(cuda)
             start = clock()

@@ -7,7 +7,9 @@ adapter weights. Each step is forward (causal LM loss) + backward. The variants
   peft:    PEFT's LoRA, at each dropout rate,
   d9d:     d9d's LoRA (the fused ops), at each dropout rate,
 run interleaved, every variant once per repeat in a shuffled order; ratios are the median over repeats of the
-ratio within the same repeat, with the smallest and largest ratio as the spread. The bytes that autograd saves for
+ratio within the same repeat, with the smallest and largest ratio as the spread. Each timed step comes right after
+an untimed step of the same variant (``--lead-in``), so that it starts from the heap that its own previous step
+left, as in training, rather than from another variant's. The bytes that autograd saves for
 backward (``saved_tensors_hooks``, parameters excluded) are counted on one extra step, and the page faults of each
 timed step too.
 
@@ -165,7 +167,7 @@ def run(args: argparse.Namespace, dtype_name: str) -> str:
         steps[f"peft {p:g}"] = Step(peft_model, input_ids)
     difference = check_same_outputs(steps, dropouts)
     saved = {name: step.saved_bytes() for name, step in steps.items()}
-    times = time_interleaved(steps, args.repeats, args.warmup, device=args.device)
+    times = time_interleaved(steps, args.repeats, args.warmup, device=args.device, lead_in=args.lead_in)
 
     def ratio(a: str, b: str) -> tuple[float, float, float]:
         """Speed of a over b: median, min and max over repeats of b's time / a's time in the same repeat."""
@@ -177,9 +179,11 @@ def run(args: argparse.Namespace, dtype_name: str) -> str:
 
     def faults(name: str) -> str:
         """Median page faults of the timed steps (4 KiB each on x86-64 Linux)."""
-        return f"{statistics.median(steps[name].page_faults[-args.repeats:]):,.0f}"
+        timed = steps[name].page_faults[args.warmup :][args.lead_in :: args.lead_in + 1]  # each after its lead-in
+        return f"{statistics.median(timed):,.0f}"
 
     frozen_tps = args.tokens / statistics.median(times["frozen"])
+    lead_in = f", each timed step right after {args.lead_in} untimed one(s) of the same variant" if args.lead_in else ""
     lines = [
         f"### {dtype_name}",
         "",
@@ -189,8 +193,8 @@ def run(args: argparse.Namespace, dtype_name: str) -> str:
         f"{args.layers} layers, intermediate {args.intermediate}, {args.heads} heads, vocab {args.vocab}; "
         f"{args.tokens} tokens per step ({args.tokens // args.seq} x {args.seq}); LoRA r = {args.rank}, alpha = "
         f"{args.alpha:g} on {', '.join(PROJECTIONS)} (float32 adapters). {args.repeats} repeats after {args.warmup} "
-        f"warm-up step(s), every variant once per repeat in a shuffled order; ratios are medians of per-repeat "
-        f"ratios (smallest to largest in parentheses). PEFT and d9d eval-mode logits differ by at most "
+        f"warm-up step(s), every variant once per repeat in a shuffled order{lead_in}; ratios are medians of "
+        f"per-repeat ratios (smallest to largest in parentheses). PEFT and d9d eval-mode logits differ by at most "
         f"{difference:.1e} of their largest magnitude (same weights).",
         "",
         "| dropout | variant | tokens/s | speed vs PEFT | speed vs frozen | saved for backward "
@@ -235,6 +239,12 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.05)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--lead-in",
+        type=int,
+        default=1,
+        help="untimed steps of a variant right before each timed one (0: time it right after another variant)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (0: leave as is)")
     parser.add_argument("--write", type=Path, help="markdown file whose section gets the tables (e.g. BENCHMARKS.md)")
     args = parser.parse_args()
