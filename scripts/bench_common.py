@@ -125,7 +125,7 @@ def time_interleaved(
     order: random.Random | None = None,
     lead_in: int = 0,
 ) -> dict[Key, list[float]]:
-    """Seconds of each step per repeat, as measured by ``clock``; each repeat runs every step once, in a shuffled order.
+    """Seconds of each step per repeat, as measured by ``clock``; each repeat times every step once, shuffled.
 
     First every step runs ``warmup`` times, untimed. The orders come from ``order.sample`` (by default
     ``random.Random(0)``: the same orders on every run). With ``lead_in``, each timed run of a step comes right after
@@ -139,6 +139,8 @@ def time_interleaved(
     cuda = torch.device(device) if device is not None else None
     if cuda is not None and cuda.type != "cuda":
         cuda = None
+    if lead_in < 0:
+        raise ValueError(f"lead_in must be at least 0, got {lead_in}")
     order = random.Random(0) if order is None else order
     keys = list(steps)
     times: dict[Key, list[float]] = {key: [] for key in keys}

@@ -14,8 +14,9 @@ backward (``saved_tensors_hooks``, parameters excluded) are counted on one extra
 timed step too.
 
 On the CPU the memory allocator matters as much as the kernels. With glibc's malloc, every large tensor comes as
-fresh pages on every step, and their page faults took an eighth to a quarter of a step and most of the run-to-run
-noise here; tcmalloc keeps its pages, so a step faults almost never. The table names the allocator, and ``--write``
+fresh pages on every step: 200 to 330 thousand page faults per float32 step here, a sizeable share of the step and
+of the run-to-run noise (without the lead-in, more or fewer depending on the variant that ran before). tcmalloc
+keeps its pages, so a step faults about a thousand times. The table names the allocator, and ``--write``
 keeps a section per CPU and allocator (Debian's libtcmalloc-minimal4 has it):
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python scripts/bench_e2e.py
@@ -183,7 +184,8 @@ def run(args: argparse.Namespace, dtype_name: str) -> str:
         return f"{statistics.median(timed):,.0f}"
 
     frozen_tps = args.tokens / statistics.median(times["frozen"])
-    lead_in = f", each timed step right after {args.lead_in} untimed one(s) of the same variant" if args.lead_in else ""
+    untimed = "an untimed step" if args.lead_in == 1 else f"{args.lead_in} untimed steps"
+    lead_in = f", each timed step right after {untimed} of the same variant" if args.lead_in else ""
     lines = [
         f"### {dtype_name}",
         "",
@@ -248,6 +250,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (0: leave as is)")
     parser.add_argument("--write", type=Path, help="markdown file whose section gets the tables (e.g. BENCHMARKS.md)")
     args = parser.parse_args()
+    if args.lead_in < 0:
+        parser.error(f"--lead-in must be at least 0, got {args.lead_in}")
     if args.threads:
         torch.set_num_threads(args.threads)
     tables = []
