@@ -133,14 +133,14 @@ def time_interleaved(
     left, as in a loop of that step alone, rather than the state another step left. On a CUDA ``device`` it is
     synchronized before and after each timed step, so that the time covers the step's kernels.
     """
+    if lead_in < 0:
+        raise ValueError(f"lead_in must be at least 0, got {lead_in}")
     for step in steps.values():
         for _ in range(warmup):
             step()
     cuda = torch.device(device) if device is not None else None
     if cuda is not None and cuda.type != "cuda":
         cuda = None
-    if lead_in < 0:
-        raise ValueError(f"lead_in must be at least 0, got {lead_in}")
     order = random.Random(0) if order is None else order
     keys = list(steps)
     times: dict[Key, list[float]] = {key: [] for key in keys}

@@ -339,7 +339,6 @@ TEST(VecKernels, EveryBuildExpandsAsAten) {
         const at::Tensor expected = at::mm(p, q) * scale + (with_bias ? bias : torch::zeros({width}));
         EXPECT_TRUE(at::allclose(out, expected, 1e-5, 1e-5)) << (out - expected).abs().max();
         EXPECT_TRUE(out.as_strided({n, 5}, {out.stride(0), 1}, width).isnan().all().item<bool>());  // nothing past
-
       }
     }
   }
