@@ -4,9 +4,11 @@ A typo in a path is then reported in about the time it takes to import torch, na
 after the model and tokenizer libraries loaded and every rank joined.
 """
 
+import os
 from pathlib import Path
 
 from d9d.finetune.config import FinetuneConfig, LocalModelSource
+from d9d.parallel import ParallelDims
 from d9d.peft.lora.peft_format import ADAPTER_WEIGHTS, read_adapter_config
 
 # Any one of these makes a folder a tokenizer that transformers' AutoTokenizer can load.
@@ -26,11 +28,13 @@ def check_tokenizer_dir(path: Path, field: str) -> None:
 
 
 def check_inputs(cfg: FinetuneConfig) -> None:
-    """Checks every input path of ``cfg``: the local model folder and its tokenizer, the text files, the adapter.
+    """Checks ``cfg`` against this launch and the disk: the mesh sizes against torchrun's world size, then every
+    input path (the local model folder and its tokenizer, the text files, the adapter).
 
     Raises:
-        ValueError: On the first problem; the message names the config field and the path.
+        ValueError: On the first problem; the message names the config field (and the path).
     """
+    ParallelDims(int(os.environ.get("WORLD_SIZE", "1")), cfg.parallel.dp_replicate, cfg.parallel.tp)
     source = cfg.model
     if isinstance(source, LocalModelSource):
         if not (source.path / "config.json").is_file():

@@ -1,6 +1,7 @@
 """Config validation and the CLI's error reporting: unknown keys and bad values are named, no traceback."""
 
 import importlib.util
+import json
 
 import pytest
 from pydantic import ValidationError
@@ -58,6 +59,16 @@ def test_cli_reports_missing_and_malformed_files(tmp_path):
     assert "not valid JSON" in proc.stderr
 
 
+def test_configs_default_json_spells_out_the_defaults():
+    """docs/finetune.md says configs/default.json is the default run; only its work_dir differs."""
+    def resolved(cfg: FinetuneConfig) -> dict:  # as --print-config shows it: peft null is the default stack
+        return json.loads(cfg.model_copy(update={"peft": cfg.peft_config()}).model_dump_json(exclude={"work_dir"}))
+
+    spelled = load_config(REPO_ROOT / "configs" / "default.json", {})
+    assert resolved(spelled) == resolved(FinetuneConfig())
+    assert str(spelled.work_dir) == "runs/default"
+
+
 def test_overrides_apply_to_nested_fields(tmp_path):
     cfg = load_config(write_config(tmp_path / "c.json", {"steps": 5}), {"checkpoint.resume": True, "steps": 7})
     assert cfg.steps == 7
@@ -77,10 +88,20 @@ def test_override_through_a_non_object_field_is_a_clean_error(tmp_path, capsys):
 def test_parallel_sizes_that_do_not_divide_the_world_are_named(tmp_path):
     """A plain python run is a world of one: tp=2 cannot divide it, and the run says so before building anything."""
     config = write_config(tmp_path / "c.json", {"work_dir": str(tmp_path / "w"), "parallel": {"tp": 2}})
-    proc = finetune(config, nproc=None, expect_rc=1)
-    assert "parallel.tp (2)" in proc.stderr
-    assert "must divide the world size 1" in proc.stderr
-    assert not (tmp_path / "w" / "base_model").exists()
+    proc = finetune(config, nproc=None, expect_rc=2)
+    assert "error: parallel.dp_replicate (1) x parallel.tp (2) = 2 must divide the world size 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_parallel_sizes_are_checked_against_torchrun_world_before_the_group(tmp_path, capsys):
+    """Under torchrun the world size comes from the launch: a config error, status 2, printed once."""
+    config = write_config(tmp_path / "c.json", {"work_dir": str(tmp_path / "w"), "parallel": {"tp": 3}})
+    cmd = torchrun_command(["-m", "d9d.finetune", "--config", str(config)], nproc=2)
+    assert _load_script("demo").run_quietly(cmd) == 2
+    err = capsys.readouterr().err
+    assert err.count("parallel.tp (3) = 3 must divide the world size 2") == 1, err
+    assert "Traceback" not in err
 
 
 def test_model_folder_without_tokenizer_files_names_them_and_tokenizer_path(tmp_path):

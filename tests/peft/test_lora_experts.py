@@ -173,6 +173,27 @@ def test_d9d_expert_adapter_loads_in_peft_with_identical_logits(tmp_path):
         torch.testing.assert_close(peft_model(input_ids=_ids()).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_expert_rank_and_alpha_unlike_attention_go_through_patterns_that_peft_applies(tmp_path):
+    """Experts at r=4, alpha=3 beside attention at r=2, alpha=6: the experts' rank_pattern / alpha_pattern keys name
+    parameters, which PEFT applies (while warning that they match no module: its check looks at modules only)."""
+    model = _tiny_moe()
+    inject_peft_and_freeze(peft_method_from_config(PeftStackConfig(methods=[
+        LoRAConfig(module_name_pattern=re.compile(EXPERTS), params=LoRAParameters(r=4, alpha=3.0)),
+        LoRAConfig(module_name_pattern=re.compile(r".*\.(q_proj|v_proj)"), params=LoRAParameters(r=2, alpha=6.0)),
+    ])), model)
+    _perturb(model)
+    adapter = save_peft_adapter(model, tmp_path / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (2, 6)  # attention's: four modules against two expert ones
+    assert set(config["rank_pattern"].values()) == {4}
+    assert set(config["alpha_pattern"].values()) == {3}
+    assert all(key.endswith(("gate_up_proj", "down_proj")) for key in config["alpha_pattern"])
+    with torch.no_grad():
+        expected = model(input_ids=_ids()).logits
+        peft_model = peft.PeftModel.from_pretrained(_tiny_moe(), str(adapter)).eval()
+        torch.testing.assert_close(peft_model(input_ids=_ids()).logits, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_peft_made_expert_adapter_imports_into_d9d(tmp_path):
     config = peft.LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
                              target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
