@@ -1,14 +1,14 @@
-"""Checks of a run's inputs on disk, made before the heavy imports (transformers) and the process group.
+"""Checks of a run's inputs, made before the heavy imports (transformers) and the process group: the mesh sizes
+against the launch's world size, and the paths on disk.
 
 A typo in a path is then reported in about the time it takes to import torch, naming the config field, instead of
 after the model and tokenizer libraries loaded and every rank joined.
 """
 
-import os
 from pathlib import Path
 
 from d9d.finetune.config import FinetuneConfig, LocalModelSource
-from d9d.parallel import ParallelDims
+from d9d.parallel import ParallelDims, launch_world_size
 from d9d.peft.lora.peft_format import ADAPTER_WEIGHTS, read_adapter_config
 
 # Any one of these makes a folder a tokenizer that transformers' AutoTokenizer can load.
@@ -34,7 +34,7 @@ def check_inputs(cfg: FinetuneConfig) -> None:
     Raises:
         ValueError: On the first problem; the message names the config field (and the path).
     """
-    ParallelDims(int(os.environ.get("WORLD_SIZE", "1")), cfg.parallel.dp_replicate, cfg.parallel.tp)
+    ParallelDims(launch_world_size(), cfg.parallel.dp_replicate, cfg.parallel.tp)
     source = cfg.model
     if isinstance(source, LocalModelSource):
         if not (source.path / "config.json").is_file():

@@ -142,7 +142,7 @@ def distributed_session(timeout_s: float, dp_replicate: int = 1, tp: int = 1) ->
     """
     created = not dist.is_initialized()
     timeout = timedelta(seconds=timeout_s)
-    if created and "RANK" not in os.environ:
+    if created and "RANK" not in os.environ:  # a plain python run: a world of one, as launch_world_size says
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     try:

@@ -36,6 +36,23 @@ def init_distributed(timeout: timedelta = timedelta(minutes=10)) -> DeviceMesh:
     return init_device_mesh(device_type, (dist.get_world_size(),))
 
 
+def launch_world_size() -> int:
+    """The world size this process runs in, known before any process group: the group's once there is one, torchrun's
+    ``WORLD_SIZE`` where torchrun launched it (``RANK`` set), else 1 (a plain ``python`` run is a world of one).
+
+    Raises:
+        ValueError: If torchrun's ``WORLD_SIZE`` is not a positive integer.
+    """
+    if dist.is_initialized():
+        return dist.get_world_size()
+    if "RANK" not in os.environ:
+        return 1
+    value = os.environ.get("WORLD_SIZE", "")
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"WORLD_SIZE (set by torchrun, with RANK) must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def is_main_rank() -> bool:
     """True on rank 0, and in a process that is not part of a process group."""
     return not dist.is_initialized() or dist.get_rank() == 0
